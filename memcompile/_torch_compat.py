@@ -1,0 +1,90 @@
+"""Every private torch API memcompile uses, in one place.
+
+These hooks are not covered by torch's compatibility promise; keeping them here means a torch upgrade
+touches one file. Checked on torch 2.11 and 2.13 (see the design notes).
+"""
+from __future__ import annotations
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = [
+    "CustomPartitionerFn",
+    "FakeTensor",
+    "FakeTensorMode",
+    "aot_autograd",
+    "compile_fx",
+    "default_partition",
+    "fake_mode_of",
+    "get_hash_for_files",
+    "inductor_decompositions",
+    "make_boxed_func",
+    "make_fx",
+    "min_cut_rematerialization_partition",
+    "partitioner_tag",
+]
+
+FORWARD_TAG = "is_forward"
+BACKWARD_TAG = "is_backward"
+
+
+def partitioner_tag(node: torch.fx.Node) -> str | None:
+    """``"is_forward"``/``"is_backward"``: where AOTAutograd's joint graph places a node."""
+    return node.meta.get("partitioner_tag")
+
+
+def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    raise ValueError("graph has no FakeTensor metadata; trace it with make_fx or AOTAutograd first")
+
+
+def inductor_decompositions() -> dict:
+    """Inductor's decomposition table: nodes we insert into its graphs must already be in this IR."""
+    return select_decomp_table()
+
+
+
+
+def dynamo_input_names(gm: torch.fx.GraphModule) -> list[str]:
+    """Dotted names of a Dynamo graph's inputs (``model.layers.0.self_attn.q_proj.weight``).
+
+    Dynamo records each input's source (``L['self']._modules['model']...._parameters['weight']``) in
+    ``meta["grapharg"]``; inputs without one keep their placeholder name.
+    """
+    import re
+
+    names = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        source = getattr(n.meta.get("grapharg"), "source", None)
+        text = source.name if source is not None and hasattr(source, "name") else None
+        if not isinstance(text, str):
+            names.append(n.name)
+            continue
+        parts = re.findall(r"\[\s*'([^']*)'\s*\]|\[(\d+)\]|\.([A-Za-z_]\w*)", text)
+        tokens = [a or b or c for a, b, c in parts]
+        tokens = [t for t in tokens if t not in ("_modules", "_parameters", "_buffers", "__dict__")]
+        names.append(".".join(tokens[1:]) if len(tokens) > 1 else n.name)
+    return names
+
+
+def autograd_cache_disabled(disabled: bool = True):
+    """A context that turns AOTAutograd's compile cache off (a cache hit skips our partitioner)."""
+    import contextlib
+
+    import torch._functorch.config as functorch_config
+
+    if not disabled:
+        return contextlib.nullcontext()
+    return functorch_config.patch(enable_autograd_cache=False)

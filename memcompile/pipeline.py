@@ -1,0 +1,140 @@
+"""The order of memtrain's passes, one function per stage. Nothing else decides pass order.
+
+    Dynamo graph ─ pre_aot ─▶ AOTAutograd joint graph ─ joint_passes ─▶ partition ─▶ forward / backward
+                                                                                      └ compile (Inductor or Python)
+
+Ordering constraints, each stated where it binds:
+* The "before" report partitions an untouched copy of the joint graph, so it must run before any
+  joint pass changes the graph.
+* Activation compression needs the forward and the backward of a layer in one graph (it rewrites the
+  weight-gradient matmul of the backward to use what the forward saves), so it runs on the joint
+  graph, before partitioning decides what is saved.
+* It runs after Inductor's own joint-graph passes (we are called from inside its partitioner hook),
+  so inserted nodes are traced with Inductor's decomposition table.
+* Partitioning runs last on the joint graph: min-cut then sees the compressed tensors as the cheap
+  thing to save and recomputes cheap pointwise ops around them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from memcompile import _torch_compat as tc
+from memcompile import reporting as report_mod
+from memcompile.config import MemtrainConfig
+from memcompile.marks import mark_grad_approximation
+from memcompile.passes import activation_compression
+from memcompile.passes._graph import dump_graph
+
+log = logging.getLogger(__name__)
+
+
+class CompileContext:
+    """What the stages of one graph's compile share: names of its inputs, the report, options."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig):
+        self.config = config
+        self.example_inputs = list(example_inputs)
+        self.input_names = tc.dynamo_input_names(gm)
+        self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
+                                            activation=config.activation)
+        self.dump_prefix = f"graph{self.report.graph_id}"
+
+    def dump(self, stage: str, gm) -> None:
+        dump_graph(self.config.dump_dir, f"{self.dump_prefix}_{stage}", gm)
+
+
+def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Stage 1, on Dynamo's graph: nothing rewrites here yet; dumps the graph on request.
+
+    Module-level swaps (NF4 weights, LoRA adapters) are done by ``memcompile.prepare`` before
+    ``torch.compile`` instead: parameters created inside a backend would be invisible to the optimizer.
+    """
+    ctx.dump("dynamo", gm)
+    return gm
+
+
+def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dict | None) -> None:
+    """Stage 2, on the joint forward+backward graph: activation compression."""
+    ctx.dump("joint_before", joint)
+    result = activation_compression.compress_activations(joint, ctx.config, ctx.input_names, decompositions)
+    ctx.report.passes[activation_compression.NAME] = {
+        "rewritten": result.rewritten, "skipped": result.skipped, "counters": result.counters}
+    by_name = dict(zip(ctx.input_names, ctx.example_inputs))
+    for name, method in result.approximated_params.items():
+        param = by_name.get(name)
+        if isinstance(param, torch.Tensor):
+            mark_grad_approximation(param, method)
+    ctx.dump("joint_after", joint)
+
+
+def _base_partition(config: MemtrainConfig) -> Callable:
+    if config.partitioner == "mincut":
+        return tc.min_cut_rematerialization_partition
+    return tc.default_partition
+
+
+def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, decompositions: dict | None,
+              *, num_fwd_outputs: int, **kw):
+    """Stage 3: report "before", joint passes, then the configured partitioner."""
+    base = _base_partition(ctx.config)
+    kw.pop("compiler", None)
+    if ctx.config.report:
+        untouched = fx.GraphModule(joint, joint.graph.__deepcopy__())  # deepcopy of the module fails on fake constants
+        fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+        ctx.report.saved_before = report_mod.saved_tensors(fw_before, num_fwd_outputs)
+    joint_passes(joint, ctx, decompositions)
+    fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+    ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs)
+    ctx.dump("forward", fw)
+    ctx.dump("backward", bw)
+    return fw, bw
+
+
+class _Partitioner(tc.CustomPartitionerFn):
+    """Inductor's partitioner hook; ``uuid`` keys Inductor's caches on our source and options."""
+
+    def __init__(self, ctx: CompileContext, decompositions: dict):
+        self.ctx, self.decompositions = ctx, decompositions
+
+    def __call__(self, joint, joint_inputs, **kw):
+        return partition(joint, joint_inputs, self.ctx, self.decompositions, **kw)
+
+    def uuid(self):
+        return activation_compression.uuid(self.ctx.config, self.ctx.input_names)
+
+
+def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
+    def compiler(gm: fx.GraphModule, example_inputs):
+        if kind == "inference":
+            ctx.report.inference = True
+            ctx.dump("inference", gm)
+        return tc.make_boxed_func(gm.forward)
+
+    return compiler
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig) -> Callable:
+    """Run every stage on one Dynamo graph and return the compiled callable."""
+    ctx = CompileContext(gm, example_inputs, config)
+    gm = pre_aot(gm, ctx)
+    if config.compiler == "inductor":
+        return _compile_inductor(gm, example_inputs, ctx)
+    part = lambda joint, ji, **kw: partition(joint, ji, ctx, None, **kw)  # noqa: E731
+    backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
+                              inference_compiler=_python_compiler("inference", ctx), partition_fn=part)
+    return backend(gm, example_inputs)
+
+
+def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
+    part = _Partitioner(ctx, tc.inductor_decompositions())
+    patches = {"custom_partitioner_fn": part}
+    # A hit in AOTAutograd's cache skips partitioning, and with it the report: recompute when asked for one.
+    with tc.autograd_cache_disabled(ctx.config.report):
+        compiled = tc.compile_fx(gm, example_inputs, config_patches=patches)
+    if ctx.report.saved_before is None and not ctx.report.saved_after:
+        ctx.report.inference = not torch.is_grad_enabled()
+    return compiled

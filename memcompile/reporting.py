@@ -1,0 +1,138 @@
+"""What each compile did: saved tensors before/after the passes, per-pass rewrites and skips.
+
+``memcompile.report()`` returns the report of the last graph compiled by the memtrain backend;
+``memcompile.reports()`` all of this process's. ``str(report)`` is a table for people; the fields are
+for code.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor the forward keeps for the backward."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    is_input: bool  # a graph input (parameter, batch): held by the caller anyway, costs nothing extra
+
+
+@dataclass
+class GraphReport:
+    graph_id: int
+    compiler: str
+    partitioner: str
+    activation: str
+    saved_before: list[SavedTensor] | None = None  # same partitioner without the passes
+    saved_after: list[SavedTensor] = field(default_factory=list)
+    passes: dict[str, dict] = field(default_factory=dict)  # pass -> {"rewritten", "skipped", "counters"}
+    quantized_layers: list[dict] = field(default_factory=list)
+    inference: bool = False  # compiled under no_grad: no backward, nothing saved
+    num_tokens: int | None = None
+
+    @staticmethod
+    def activation_bytes(saved: Sequence[SavedTensor] | None) -> int | None:
+        if saved is None:
+            return None
+        return sum(t.bytes for t in saved if not t.is_input)
+
+    @property
+    def bytes_before(self) -> int | None:
+        return self.activation_bytes(self.saved_before)
+
+    @property
+    def bytes_after(self) -> int:
+        return self.activation_bytes(self.saved_after)
+
+    def __str__(self) -> str:
+        lines = [f"memtrain graph {self.graph_id}: compiler={self.compiler} partitioner={self.partitioner} "
+                 f"activation={self.activation}"]
+        if self.inference:
+            lines.append("  inference graph (no_grad): no backward, nothing saved, passes not applied")
+            return "\n".join(lines)
+        before, after = self.bytes_before, self.bytes_after
+        if before is not None:
+            delta = 100.0 * (after - before) / before if before else 0.0
+            lines.append(f"  saved activations: {_fmt(before)} -> {_fmt(after)} ({delta:+.1f}%)"
+                         f"  [{len(self.saved_before)} -> {len(self.saved_after)} tensors]")
+        else:
+            lines.append(f"  saved activations: {_fmt(after)} [{len(self.saved_after)} tensors]")
+        for name, rec in self.passes.items():
+            lines.append(f"  pass {name}: {rec.get('counters', {})}")
+            for r in rec.get("rewritten", []):
+                lines.append(f"    compressed {r['input']} {tuple(r['shape'])} {r['dtype']} -> {tuple(r['saved_shape'])}"
+                             f" for {', '.join(r['layers'])}")
+            skipped: dict[str, list[str]] = {}
+            for s in rec.get("skipped", []):
+                skipped.setdefault(s["reason"], []).append(s["layer"])
+            for reason, layers in skipped.items():
+                shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
+                lines.append(f"    skipped ({reason}): {shown}")
+        for q in self.quantized_layers:
+            lines.append(f"  quantized {q.get('name')}: {q.get('bytes_before')} B -> {q.get('bytes_after')} B")
+        lines.append("  saved tensors after (largest first):")
+        lines.extend("    " + _row(t) for t in sorted(self.saved_after, key=lambda t: -t.bytes)[:12])
+        return "\n".join(lines)
+
+
+def _fmt(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _row(t: SavedTensor) -> str:
+    kind = "input" if t.is_input else "activation"
+    return f"{t.name:<28} {str(t.shape):<22} {t.dtype:<9} {_fmt(t.bytes):>11}  {kind}"
+
+
+def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[SavedTensor]:
+    """The tensors a partitioned forward returns for its backward (outputs after the user outputs)."""
+    out = next(n for n in fw_module.graph.nodes if n.op == "output").args[0]
+    saved = []
+    for n in out[num_fwd_outputs:]:
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            continue  # symints
+        nbytes = val.numel() * val.element_size() if all(isinstance(s, int) for s in val.shape) else -1
+        saved.append(SavedTensor(n.name, tuple(int(s) if isinstance(s, int) else -1 for s in val.shape),
+                                 str(val.dtype).removeprefix("torch."), int(nbytes), n.op == "placeholder"))
+    return saved
+
+
+_LOCK = threading.Lock()
+_REPORTS: list[GraphReport] = []
+
+
+def new_report(**kw) -> GraphReport:
+    with _LOCK:
+        rep = GraphReport(graph_id=len(_REPORTS), **kw)
+        _REPORTS.append(rep)
+        return rep
+
+
+def report() -> GraphReport | None:
+    """The report of the last graph the memtrain backend compiled (None before any compile)."""
+    with _LOCK:
+        return _REPORTS[-1] if _REPORTS else None
+
+
+def reports() -> list[GraphReport]:
+    """Every memtrain graph report of this process, oldest first (one per compiled graph)."""
+    with _LOCK:
+        return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    with _LOCK:
+        _REPORTS.clear()

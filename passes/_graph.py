@@ -1,0 +1,90 @@
+"""Small graph utilities shared by the passes: inlining traced code, view chains, dumps."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from memcompile._torch_compat import fake_mode_of, make_fx
+
+aten = torch.ops.aten
+
+# Ops that only re-view their input: a tensor and all its views share one storage, so what a
+# partitioner saves is the storage of the family, whichever member it picks.
+VIEW_OPS = frozenset({
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
+    aten.permute.default, aten.transpose.int, aten.expand.default, aten.alias.default,
+    aten.squeeze.dim, aten.unsqueeze.default,
+})
+TRANSPOSE_OPS = frozenset({aten.t.default, aten.permute.default, aten.transpose.int})
+
+
+def is_call(node: object, targets: Iterable) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def view_base(node: fx.Node) -> fx.Node:
+    """The first ancestor of ``node`` that is not a view of its input."""
+    while is_call(node, VIEW_OPS) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def view_family(base: fx.Node) -> list[fx.Node]:
+    """``base`` and every node that is a (transitive) view of it."""
+    family, todo = [], [base]
+    while todo:
+        n = todo.pop()
+        family.append(n)
+        todo.extend(u for u in n.users if is_call(u, VIEW_OPS) and u.args[0] is n)
+    return family
+
+
+def insert_traced(graph: fx.Graph, fn: Callable, inputs: Sequence[fx.Node], *, before: fx.Node,
+                  tag: str | None, decompositions: dict | None = None, name: str = "memtrain"):
+    """Trace ``fn`` on the fake values of ``inputs`` with make_fx and inline the result before ``before``.
+
+    Tracing (rather than building nodes by hand) gives every new node a FakeTensor ``meta["val"]``
+    and, with Inductor's decomposition table, the IR Inductor expects after its own decompositions.
+    Returns the output node(s) in ``fn``'s output structure.
+    """
+    fake_mode = fake_mode_of(graph)
+    with fake_mode:
+        sub = make_fx(fn, decomposition_table=decompositions or {})(*[n.meta["val"] for n in inputs])
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    env: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs))
+    # inserting_before keeps program order; a run of inserting_after(n) would reverse it.
+    with graph.inserting_before(before):
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                return fx.node.map_arg(n.args[0], lambda a: env[a])
+            if n.op == "get_attr":
+                raise RuntimeError(f"{name}: traced code created a constant ({n.target}); pass it as an input")
+            new = graph.node_copy(n, lambda a: env[a])
+            new.meta.pop("partitioner_tag", None)
+            if tag is not None:
+                new.meta["partitioner_tag"] = tag
+            new.meta["memtrain_pass"] = name
+            env[n] = new
+    raise AssertionError("traced graph has no output")
+
+
+def first_non_placeholder(graph: fx.Graph) -> fx.Node:
+    return next(n for n in graph.nodes if n.op != "placeholder")
+
+
+def dump_graph(dump_dir: str | None, name: str, gm_or_graph) -> None:
+    """Write a readable graph to ``dump_dir/name.txt`` (no-op without a directory)."""
+    if not dump_dir:
+        return
+    os.makedirs(dump_dir, exist_ok=True)
+    if isinstance(gm_or_graph, fx.GraphModule):
+        text = gm_or_graph.print_readable(print_output=False, include_stride=True, include_device=True)
+    else:
+        text = str(gm_or_graph)
+    with open(os.path.join(dump_dir, f"{name}.txt"), "w") as f:
+        f.write(text)

@@ -1,0 +1,300 @@
+"""Joint-graph pass: save a compressed linear input instead of the input itself (VeLoRA, CompAct).
+
+For every linear layer whose input activation ``x`` (``N x D``) is used in the backward only by the
+weight gradient, the forward saves ``z`` (VeLoRA: one scalar per sub-token, ``N x G``; CompAct:
+``x P``, ``N x r``) and the backward computes the weight gradient from ``z``. Forward outputs and input
+gradients are untouched; only the weight gradient becomes the method's approximation
+``grad_W = grad_out^T @ x_hat``, evaluated in the compressed space, which is also cheaper:
+
+* VeLoRA, ``x_hat = ungroup(z v^T) * scale``: ``grad_W = ((grad_out^T z) ⊗ v) * scale``.
+* CompAct, ``x_hat = z P^T``: ``grad_W = (grad_out^T z) P^T``, ``P`` regenerated from a saved seed.
+
+Both linear forms are handled: ``mm(x, t(W))`` (``nn.Linear``, weight grad ``mm(t(g), x)``) and
+``mm(x, W)`` (GPT-2's ``Conv1D``, weight grad ``mm(t(x), g)``). Layers that share one input (q/k/v,
+gate/up, the LoRA A of several targets on one input) share one compressed tensor.
+
+Use it on its own on any AOTAutograd joint graph (``partitioner_tag`` metadata present)::
+
+    result = compress_activations(joint_gm, MemtrainConfig(activation="velora"), param_names)
+    print(result.rewritten, result.skipped)
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from memcompile import activation_state  # noqa: F401  (registers memtrain::velora_vector / compact_seed)
+from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, partitioner_tag
+from memcompile.config import MemtrainConfig
+from memcompile.kernels import random_projection  # noqa: F401  (registers memtrain::gaussian_sketch)
+
+from ._graph import TRANSPOSE_OPS, VIEW_OPS, first_non_placeholder, insert_traced, is_call, view_base, view_family
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+memtrain = torch.ops.memtrain
+
+NAME = "activation_compression"
+
+
+@dataclass
+class Layer:
+    """One linear layer found in the joint graph."""
+
+    name: str  # parameter path of the weight, e.g. "model.layers.0.self_attn.q_proj.lora_A.default"
+    forward: fx.Node  # mm/addmm in the forward
+    x: fx.Node  # its 2-D input
+    weight: fx.Node  # the primal placeholder of the weight
+    conv1d: bool  # weight stored (in, out) as GPT-2's Conv1D
+    wgrads: list[fx.Node]  # backward mm nodes computing the weight gradient from x
+
+
+@dataclass
+class CompressionResult:
+    rewritten: list[dict] = field(default_factory=list)  # one entry per compressed group of layers
+    skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
+    counters: dict[str, int] = field(default_factory=dict)
+    approximated_params: dict[str, str] = field(default_factory=dict)  # weight name -> method
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a module/parameter path matches any pattern: fnmatch on the whole path, as a dotted
+    suffix, or as a dotted path segment (``"lora_A"`` matches ``"...q_proj.lora_A.default"``)."""
+    padded = f".{name}."
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) or f".{p}." in padded:
+            return True
+    return False
+
+
+def uuid(config: MemtrainConfig, param_names: Sequence[str] | None = None) -> str:
+    """Cache key: this file's source, the options that change the rewrite, and the layer names."""
+    h = hashlib.sha256(inspect.getsource(inspect.getmodule(uuid)).encode())
+    h.update(repr((config.activation, config.target_patterns, config.exclude_patterns, config.velora,
+                   config.compact)).encode())
+    h.update(repr(tuple(param_names or ())).encode())
+    return h.hexdigest()
+
+
+def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | None, int]:
+    """Follow views and casts from a matmul operand to a primal; also count transposes on the way."""
+    transposes = 0
+    while isinstance(node, fx.Node) and node not in primals:
+        if is_call(node, TRANSPOSE_OPS):
+            transposes += 1
+        elif not (is_call(node, VIEW_OPS) or is_call(node, {aten._to_copy.default, aten.clone.default})):
+            return None, 0
+        node = node.args[0]
+    return (node, transposes) if isinstance(node, fx.Node) else (None, 0)
+
+
+def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
+    """Forward ``mm``/``addmm`` nodes with a primal weight, and their weight-gradient matmuls."""
+    layers = []
+    for n in graph.nodes:
+        if partitioner_tag(n) != FORWARD_TAG or not is_call(n, {aten.mm.default, aten.addmm.default}):
+            continue
+        x, w = (n.args[0], n.args[1]) if n.target == aten.mm.default else (n.args[1], n.args[2])
+        weight, transposes = _weight_of(w, primals)
+        if weight is None or not isinstance(x, fx.Node):
+            continue
+        conv1d = transposes % 2 == 0
+        wgrads = []
+        for u in x.users:
+            if partitioner_tag(u) != BACKWARD_TAG:
+                continue
+            if not conv1d and is_call(u, {aten.mm.default}) and u.args[1] is x:
+                wgrads.append(u)  # mm(t(g), x)
+            elif conv1d and is_call(u, TRANSPOSE_OPS):
+                wgrads.extend(m for m in u.users if is_call(m, {aten.mm.default}) and m.args[0] is u)
+        if wgrads:  # frozen weights (no gradient) are not candidates
+            layers.append(Layer(primals[weight], n, x, weight, conv1d, wgrads))
+    return layers
+
+
+def _velora_fns(cfg, key: str, n: int, d: int):
+    g, scale, once = cfg.velora.num_groups, float(cfg.velora.scale), cfg.velora.init == "batch_average_once"
+    m = -(-d // g)
+
+    def compress(x):
+        v = memtrain.velora_vector(x, g, key, once)
+        if m * g != d:
+            x = torch.nn.functional.pad(x, (0, m * g - d))
+        z = torch.mv(x.reshape(n * g, m), v.to(x.dtype)).reshape(n, g)
+        return z, v
+
+    def wgrad_linear(gt, z, v):  # (O, N), (N, G), (m,) -> (O, D)
+        p = torch.mm(gt, z).float()
+        w = (p.unsqueeze(-1) * v.view(1, 1, m)).reshape(p.shape[0], g * m)[:, :d]
+        return (w * scale).to(gt.dtype)
+
+    def wgrad_conv1d(gr, z, v):  # (N, O), (N, G), (m,) -> (D, O)
+        p = torch.mm(z.t(), gr).float()
+        w = (v.view(1, m, 1) * p.unsqueeze(1)).reshape(g * m, p.shape[1])[:d]
+        return (w * scale).to(gr.dtype)
+
+    return compress, wgrad_linear, wgrad_conv1d, g
+
+
+def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
+    rank = cfg.compact.rank
+    r = max(1, round(rank * d)) if isinstance(rank, float) else min(int(rank), d)
+    seed0, refresh = cfg.compact.seed, cfg.compact.refresh
+
+    def compress(x):
+        seed = memtrain.compact_seed(x, key, seed0, refresh)
+        p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 0)
+        return torch.mm(x, p), seed
+
+    def wgrad_linear(gt, z, seed):  # (O, N), (N, r) -> (O, D)
+        p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 1)
+        o = gt.shape[0]
+        # Evaluate in the cheaper order: (g^T z) P^T costs N*O*r + O*r*D, g^T (z P^T) N*r*D + N*O*D.
+        if n * o * r + o * r * d <= n * r * d + n * o * d:
+            return torch.mm(torch.mm(gt, z), p.t())
+        return torch.mm(gt, torch.mm(z, p.t()))
+
+    def wgrad_conv1d(gr, z, seed):  # (N, O), (N, r) -> (D, O)
+        p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 1)
+        o = gr.shape[1]
+        if n * o * r + o * r * d <= n * r * d + n * o * d:
+            return torch.mm(p, torch.mm(z.t(), gr))
+        return torch.mm(torch.mm(z, p.t()).t(), gr)
+
+    return compress, wgrad_linear, wgrad_conv1d, r
+
+
+def _static_2d(node: fx.Node) -> tuple[int, int] | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return None
+    if not all(isinstance(s, int) for s in val.shape):
+        return None
+    return int(val.shape[0]), int(val.shape[1])
+
+
+def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
+                         param_names: Sequence[str] | None = None,
+                         decompositions: dict | None = None) -> CompressionResult:
+    """Rewrite the joint graph in place. ``param_names[i]`` names primal ``i`` (dotted parameter
+    path); without it placeholders are named by their graph names and pattern matching sees those."""
+    graph = gm if isinstance(gm, fx.Graph) else gm.graph
+    result = CompressionResult()
+    method = config.activation
+    if method == "none":
+        return result
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    names = list(param_names) if param_names is not None and len(param_names) == len(placeholders) else None
+    if param_names is not None and names is None:
+        log.warning("memtrain: %d parameter names for %d graph inputs; matching layers by graph names",
+                    len(param_names), len(placeholders))
+    primals = {p: (names[i] if names else p.name) for i, p in enumerate(placeholders)}
+
+    all_layers = find_linears(graph, primals)
+    wgrad_owner = {mm: l for l in all_layers for mm in l.wgrads}
+    groups: dict[tuple, list[Layer]] = {}
+    for layer in all_layers:
+        name = layer.name.removesuffix(".weight")
+        if matches(name, config.exclude_patterns) or not matches(name, config.target_patterns):
+            result.skipped.append({"layer": name, "reason": "not targeted"})
+            continue
+        shape = _static_2d(layer.x)
+        if shape is None:
+            result.skipped.append({"layer": name, "reason": "input is not a static 2-D tensor "
+                                   "(dynamic shapes: compile with dynamic=False)"})
+            continue
+        if method == "velora" and config.velora.num_groups > shape[1]:
+            result.skipped.append({"layer": name, "reason": f"num_groups {config.velora.num_groups} > "
+                                   f"input width {shape[1]}"})
+            continue
+        groups.setdefault((view_base(layer.x), shape), []).append(layer)
+
+    for key_, layers in list(groups.items()):
+        # Compressing frees memory only if nothing else in the backward reads the input (or a view of it).
+        reason = _frees_nothing(key_[0], layers, wgrad_owner)
+        if reason:
+            del groups[key_]
+            for layer in layers:
+                result.skipped.append({"layer": layer.name.removesuffix(".weight"),
+                                       "reason": "frees nothing: " + reason})
+
+    for (base, (n, d)), layers in groups.items():
+        names_ = [l.name.removesuffix(".weight") for l in layers]
+        key = names_[0]
+        # The compression reads the input where it first exists: after the earliest member of the group.
+        x = min((l.x for l in layers), key=lambda nd: _order(graph, nd))
+        val = x.meta["val"]
+        if method == "velora":
+            compress, wg_lin, wg_conv, width = _velora_fns(config, key, n, d)
+        else:
+            compress, wg_lin, wg_conv, width = _compact_fns(config, key, n, d, val.dtype, val.device)
+        anchor = x.next if x.op != "placeholder" else first_non_placeholder(graph)
+        z, state = insert_traced(graph, compress, [x], before=anchor, tag=FORWARD_TAG,
+                                 decompositions=decompositions, name=NAME)
+        for layer in layers:
+            for mm in layer.wgrads:
+                if layer.conv1d:
+                    t_x, other = mm.args[0], mm.args[1]
+                    new = insert_traced(graph, wg_conv, [other, z, state], before=mm, tag=BACKWARD_TAG,
+                                        decompositions=decompositions, name=NAME)
+                else:
+                    t_x, other = None, mm.args[0]
+                    new = insert_traced(graph, wg_lin, [other, z, state], before=mm, tag=BACKWARD_TAG,
+                                        decompositions=decompositions, name=NAME)
+                mm.replace_all_uses_with(new)
+                graph.erase_node(mm)
+                if t_x is not None and not t_x.users:
+                    graph.erase_node(t_x)
+            result.approximated_params[layer.name] = method
+        entry = {"layers": names_, "input": base.name, "shape": (n, d), "dtype": str(val.dtype).removeprefix("torch."),
+                 "method": method, "saved_shape": (n, width),
+                 "bytes_before": n * d * val.element_size(), "bytes_after": n * width * val.element_size()}
+        result.rewritten.append(entry)
+    result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated_params),
+                       "skipped": len(result.skipped)}
+    graph.lint()
+    if isinstance(gm, fx.GraphModule):
+        gm.recompile()
+    return result
+
+
+def _frees_nothing(base: fx.Node, layers: list[Layer], wgrad_owner: dict[fx.Node, Layer]) -> str | None:
+    """Why compressing ``base`` for ``layers`` would free no memory, or None if it would."""
+    if base.op == "placeholder":
+        return "the input is a graph input, held by the caller anyway"
+    ours = {mm for l in layers for mm in l.wgrads}
+    others = []
+    for member in view_family(base):
+        for u in member.users:
+            if partitioner_tag(u) != BACKWARD_TAG or u in ours:
+                continue
+            if is_call(u, TRANSPOSE_OPS) and all(m in ours for m in u.users):
+                continue  # Conv1D: t(x) feeding only our weight-gradient matmuls
+            if is_call(u, VIEW_OPS):
+                continue  # views are family members, checked themselves
+            if is_call(u, TRANSPOSE_OPS):
+                owners = [wgrad_owner[m] for m in u.users if m in wgrad_owner]
+            else:
+                owners = [wgrad_owner[u]] if u in wgrad_owner else []
+            others.extend(f"the weight gradient of {o.name.removesuffix('.weight')} (not compressed)"
+                          for o in owners)
+            if not owners:
+                others.append(f"{u.target} in the backward")
+    if others:
+        return "the input is still used by " + ", ".join(sorted(set(others)))
+    return None
+
+
+def _order(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    raise ValueError(node)
