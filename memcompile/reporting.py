@@ -23,6 +23,7 @@ class SavedTensor:
     dtype: str
     bytes: int
     is_input: bool  # a graph input (parameter, batch): held by the caller anyway, costs nothing extra
+    alias_of: str | None = None  # a view of another saved tensor: shares its storage, costs nothing extra
 
 
 @dataclass
@@ -42,7 +43,7 @@ class GraphReport:
     def activation_bytes(saved: Sequence[SavedTensor] | None) -> int | None:
         if saved is None:
             return None
-        return sum(t.bytes for t in saved if not t.is_input)
+        return sum(t.bytes for t in saved if not t.is_input and t.alias_of is None)
 
     @property
     def bytes_before(self) -> int | None:
@@ -92,21 +93,26 @@ def _fmt(n: int) -> str:
 
 
 def _row(t: SavedTensor) -> str:
-    kind = "input" if t.is_input else "activation"
+    kind = "input" if t.is_input else (f"view of {t.alias_of}" if t.alias_of else "activation")
     return f"{t.name:<28} {str(t.shape):<22} {t.dtype:<9} {_fmt(t.bytes):>11}  {kind}"
 
 
 def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[SavedTensor]:
     """The tensors a partitioned forward returns for its backward (outputs after the user outputs)."""
+    from memcompile.passes._graph import view_base
+
     out = next(n for n in fw_module.graph.nodes if n.op == "output").args[0]
-    saved = []
+    saved, first_of_storage = [], {}
     for n in out[num_fwd_outputs:]:
         val = n.meta.get("val") if isinstance(n, fx.Node) else None
         if not isinstance(val, torch.Tensor):
             continue  # symints
         nbytes = val.numel() * val.element_size() if all(isinstance(s, int) for s in val.shape) else -1
+        base = view_base(n)
+        alias_of = first_of_storage.setdefault(base, n.name)
         saved.append(SavedTensor(n.name, tuple(int(s) if isinstance(s, int) else -1 for s in val.shape),
-                                 str(val.dtype).removeprefix("torch."), int(nbytes), n.op == "placeholder"))
+                                 str(val.dtype).removeprefix("torch."), int(nbytes), base.op == "placeholder",
+                                 None if alias_of == n.name else alias_of))
     return saved
 
 

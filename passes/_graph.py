@@ -16,7 +16,7 @@ aten = torch.ops.aten
 VIEW_OPS = frozenset({
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
     aten.permute.default, aten.transpose.int, aten.expand.default, aten.alias.default,
-    aten.squeeze.dim, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.unsqueeze.default, aten.detach.default,
 })
 TRANSPOSE_OPS = frozenset({aten.t.default, aten.permute.default, aten.transpose.int})
 

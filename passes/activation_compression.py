@@ -140,7 +140,7 @@ def _velora_fns(cfg, key: str, n: int, d: int):
         w = (v.view(1, m, 1) * p.unsqueeze(1)).reshape(g * m, p.shape[1])[:d]
         return (w * scale).to(gr.dtype)
 
-    return compress, wgrad_linear, wgrad_conv1d, g
+    return compress, wgrad_linear, wgrad_conv1d, g, m
 
 
 def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
@@ -168,7 +168,7 @@ def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
             return torch.mm(p, torch.mm(z.t(), gr))
         return torch.mm(torch.mm(z, p.t()).t(), gr)
 
-    return compress, wgrad_linear, wgrad_conv1d, r
+    return compress, wgrad_linear, wgrad_conv1d, r, 1
 
 
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:
@@ -233,9 +233,9 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         x = min((l.x for l in layers), key=lambda nd: _order(graph, nd))
         val = x.meta["val"]
         if method == "velora":
-            compress, wg_lin, wg_conv, width = _velora_fns(config, key, n, d)
+            compress, wg_lin, wg_conv, width, state_elems = _velora_fns(config, key, n, d)
         else:
-            compress, wg_lin, wg_conv, width = _compact_fns(config, key, n, d, val.dtype, val.device)
+            compress, wg_lin, wg_conv, width, state_elems = _compact_fns(config, key, n, d, val.dtype, val.device)
         anchor = x.next if x.op != "placeholder" else first_non_placeholder(graph)
         z, state = insert_traced(graph, compress, [x], before=anchor, tag=FORWARD_TAG,
                                  decompositions=decompositions, name=NAME)
@@ -256,6 +256,8 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
             result.approximated_params[layer.name] = method
         entry = {"layers": names_, "input": base.name, "shape": (n, d), "dtype": str(val.dtype).removeprefix("torch."),
                  "method": method, "saved_shape": (n, width),
+                 # what else the forward keeps per group: VeLoRA's fp32 vector, CompAct's int64 seed
+                 "state_bytes": 4 * state_elems if method == "velora" else 8,
                  "bytes_before": n * d * val.element_size(), "bytes_after": n * width * val.element_size()}
         result.rewritten.append(entry)
     result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated_params),

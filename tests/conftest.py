@@ -1,0 +1,29 @@
+import os
+
+# Triton reads this when it is imported: set it before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# One Inductor cache per run keeps repeated tiny compiles fast on CI's two cores.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """Each test starts with no compiled graphs, reports or activation state from another."""
+    import memcompile
+
+    torch._dynamo.reset()
+    memcompile.clear_reports()
+    memcompile.activation_state.reset()
+    yield

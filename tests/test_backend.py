@@ -1,0 +1,255 @@
+"""End-to-end: tiny Hugging Face models compiled with backend="memtrain" against eager."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memcompile
+from memcompile import activation_state
+from memcompile.marks import grad_approximation
+from tests import models, reference
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compiled_step(model, ids, options, embeds=False):
+    compiled = torch.compile(model, backend="memtrain", options=options)
+    if embeds:
+        x = model.get_input_embeddings()(ids).detach().requires_grad_()
+        loss = compiled(inputs_embeds=x, labels=ids).loss
+    else:
+        x, loss = None, compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), _grads(model), (x.grad.clone() if x is not None else None)
+
+
+def _eager_step(model, ids, capture_names, embeds=False):
+    model.zero_grad(set_to_none=True)
+    store, handles = reference.capture(model, capture_names)
+    if embeds:
+        x = model.get_input_embeddings()(ids).detach().requires_grad_()
+        loss = model(inputs_embeds=x, labels=ids).loss
+    else:
+        x, loss = None, model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return loss.detach(), _grads(model), (x.grad.clone() if x is not None else None), store
+
+
+def _groups(rep):
+    return rep.passes["activation_compression"]["rewritten"]
+
+
+def test_no_compression_is_exact():
+    model, ids = models.tiny_lora_llama(), models.batch()
+    loss_c, grads_c, xg_c = _compiled_step(model, ids, {"activation": "none", "compiler": "aot_eager"}, embeds=True)
+    loss_e, grads_e, xg_e, _ = _eager_step(model, ids, [], embeds=True)
+    assert torch.equal(loss_c, loss_e)
+    assert torch.equal(xg_c, xg_e)
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) == 28
+    assert all(torch.equal(grads_c[k], grads_e[k]) for k in grads_e)
+    rep = memcompile.report()
+    assert _groups(rep) == [] and rep.bytes_after == rep.bytes_before
+
+
+def test_velora_lora_llama_exact_outputs_and_formula_grads():
+    model, ids = models.tiny_lora_llama(), models.batch()
+    opts = {"activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8, "scale": 0.5}}
+    loss_c, grads_c, xg_c = _compiled_step(model, ids, opts, embeds=True)
+    rep = memcompile.report()
+    groups = _groups(rep)
+    # LoRA on all 7 linears of 2 layers: q/k/v share one input, gate/up another, down its own; o_proj's
+    # input (the attention output) is kept by the attention backward, so compressing it frees nothing.
+    assert len(groups) == 6
+    assert sorted(len(g["layers"]) for g in groups) == [1, 1, 2, 2, 3, 3]
+    o_proj = [s for s in rep.passes["activation_compression"]["skipped"] if "o_proj.lora_A" in s["layer"]]
+    assert len(o_proj) == 2 and all(s["reason"].startswith("frees nothing") for s in o_proj)
+    lora_a = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+    loss_e, grads_e, xg_e, store = _eager_step(model, ids, lora_a, embeds=True)
+    assert torch.equal(loss_c, loss_e)
+    assert torch.equal(xg_c, xg_e)  # input gradient exact
+    compressed = {l + ".weight" for g in groups for l in g["layers"]}
+    assert len(compressed) == 12
+    for name in grads_e:
+        if name not in compressed:
+            assert torch.equal(grads_c[name], grads_e[name]), name
+    # compressed layers: grad_W = g^T x_hat with v from this (the first) batch, shared within a group
+    for g in groups:
+        for layer in g["layers"]:
+            x_hat, _ = reference.velora_x_hat(store[layer]["x"], 8, 0.5)
+            expected = reference.linear_wgrad(store[layer]["g"], x_hat)
+            torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
+            assert not torch.allclose(grads_e[layer + ".weight"].double(), expected, atol=1e-4)  # it is an approximation
+            param = dict(model.named_parameters())[layer + ".weight"]
+            assert grad_approximation(param) == "velora"
+    # saved bytes fall by exactly what the method predicts: N*D -> N*G per group, plus each v
+    predicted = sum(g["bytes_before"] - g["bytes_after"] - g["state_bytes"] for g in groups)
+    assert rep.bytes_before - rep.bytes_after == predicted > 0
+
+
+def test_compact_full_training_llama_formula_grads():
+    model, ids = models.tiny_llama(), models.batch()
+    opts = {"activation": "compact", "compiler": "aot_eager", "compact": {"rank": 0.25, "seed": 3}}
+    loss_c, grads_c, xg_c = _compiled_step(model, ids, opts, embeds=True)
+    rep = memcompile.report()
+    groups = _groups(rep)
+    assert len(groups) == 6  # per layer: q/k/v, gate/up, down (o_proj excluded as in the paper)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    loss_e, grads_e, xg_e, store = _eager_step(model, ids, linears, embeds=True)
+    assert torch.equal(loss_c, loss_e) and torch.equal(xg_c, xg_e)
+    compressed = {l for g in groups for l in g["layers"]}
+    for g in groups:
+        seed = activation_state.layer_seed(g["layers"][0], 3)  # first step: no refresh yet
+        r = g["saved_shape"][1]
+        assert r == g["shape"][1] // 4
+        for layer in g["layers"]:
+            x_hat = reference.compact_x_hat(store[layer]["x"], seed, r)
+            expected = reference.linear_wgrad(store[layer]["g"], x_hat)
+            torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
+    for name in grads_e:
+        if name.removesuffix(".weight") not in compressed:
+            assert torch.equal(grads_c[name], grads_e[name]), name
+
+
+def test_velora_full_training_reports_shared_inputs_that_free_nothing():
+    model, ids = models.tiny_llama(), models.batch()
+    _compiled_step(model, ids, {"activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}})
+    rep = memcompile.report()
+    # default VeLoRA targets v_proj and down_proj; v_proj shares its input with q_proj and k_proj
+    assert sorted(l for g in _groups(rep) for l in g["layers"]) == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    v = [s for s in rep.passes["activation_compression"]["skipped"] if s["layer"].endswith("v_proj")]
+    assert len(v) == 2
+    assert all("q_proj (not compressed)" in s["reason"] and "k_proj" in s["reason"] for s in v)
+    assert "frees nothing" in str(rep)
+
+
+def test_gpt2_conv1d_velora_with_padding():
+    model, ids = models.tiny_gpt2(), models.batch()
+    # 64-wide inputs in 6 groups: sub-tokens of 11, zero-padded to 66 as PEFT does
+    opts = {"activation": "velora", "compiler": "aot_eager", "targets": ["c_attn", "c_fc", "mlp.c_proj"],
+            "velora": {"num_groups": 6}}
+    loss_c, grads_c, _ = _compiled_step(model, ids, opts)
+    groups = _groups(memcompile.report())
+    layers = sorted(l for g in groups for l in g["layers"])
+    assert layers == sorted(f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"))
+    loss_e, grads_e, _, store = _eager_step(model, ids, layers)
+    assert torch.equal(loss_c, loss_e)
+    for layer in layers:
+        x_hat, _ = reference.velora_x_hat(store[layer]["x"], 6, 1.0)
+        expected = reference.conv1d_wgrad(store[layer]["g"], x_hat)
+        torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
+    for name in grads_e:
+        if name.removesuffix(".weight") not in layers:
+            assert torch.equal(grads_c[name], grads_e[name]), name
+
+
+def test_velora_vector_frozen_after_first_batch_and_compact_seed_refresh():
+    model = models.tiny_lora_llama()
+    compiled = torch.compile(model, backend="memtrain", options={
+        "activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}})
+    compiled(input_ids=models.batch(seed=1), labels=models.batch(seed=1)).loss.backward()
+    first = {k: v.clone() for k, v in activation_state.velora_vectors().items()}
+    assert len(first) == 6
+    compiled(input_ids=models.batch(seed=2), labels=models.batch(seed=2)).loss.backward()
+    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors().items())
+    saved = activation_state.state_dict()
+    activation_state.reset()
+    assert activation_state.velora_vectors() == {}
+    activation_state.load_state_dict(saved)
+    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors().items())
+
+    # CompAct: a new projection every `refresh` steps, the same within a step's forward and backward
+    s0 = [int(activation_state.compact_seed(torch.zeros(1), "layer", 0, 2)) for _ in range(5)]
+    base = activation_state.layer_seed("layer", 0)
+    assert s0 == [base, base, base + 1, base + 1, base + 2]
+
+
+def test_model_without_linear_layers_is_left_alone():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.LayerNorm(8))
+    ids = torch.randint(0, 10, (2, 5))
+    out = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager"})(ids)
+    out.sum().backward()
+    g = model[0].weight.grad.clone()
+    model.zero_grad()
+    ref = model(ids)
+    ref.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(g, model[0].weight.grad)
+    rep = memcompile.report()
+    assert _groups(rep) == [] and rep.passes["activation_compression"]["counters"]["groups"] == 0
+
+
+def test_too_many_groups_is_a_logged_skip():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 4)
+    out = torch.compile(model, backend="memtrain", options={
+        "compiler": "aot_eager", "targets": "*", "velora": {"num_groups": 16}})(x)
+    out.sum().backward()
+    skipped = memcompile.report().passes["activation_compression"]["skipped"]
+    assert {s["layer"] for s in skipped if "num_groups 16 > input width" in s["reason"]} == {"0", "2"}
+
+
+def test_inference_graph_is_reported_and_untouched():
+    model, ids = models.tiny_llama(layers=1), models.batch()
+    with torch.no_grad():
+        out = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager"})(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert torch.equal(out, ref)
+    assert memcompile.report().inference
+
+
+def test_unknown_backend_arguments_are_errors():
+    with pytest.raises(ValueError, match="not mode"):
+        memcompile.memtrain(None, [], mode="max-autotune")
+    with pytest.raises(ValueError, match="unknown memtrain option 'actvation'"):
+        memcompile.memtrain(None, [], options={"actvation": "velora"})
+
+
+@pytest.mark.slow
+def test_inductor_lora_llama_velora_matches_formula():
+    model, ids = models.tiny_lora_llama(layers=1), models.batch()
+    opts = {"activation": "velora", "compiler": "inductor", "velora": {"num_groups": 8}}
+    loss_c, grads_c, xg_c = _compiled_step(model, ids, opts, embeds=True)
+    rep = memcompile.report()
+    groups = _groups(rep)
+    assert len(groups) == 3 and rep.bytes_after < rep.bytes_before
+    lora_a = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+    loss_e, grads_e, xg_e, store = _eager_step(model, ids, lora_a, embeds=True)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xg_c, xg_e, rtol=1e-4, atol=1e-6)
+    compressed = {l for g in groups for l in g["layers"]}
+    for name, grad in grads_e.items():
+        layer = name.removesuffix(".weight")
+        if layer in compressed:
+            x_hat, _ = reference.velora_x_hat(store[layer]["x"], 8, 1.0)
+            grad = reference.linear_wgrad(store[layer]["g"], x_hat)
+        torch.testing.assert_close(grads_c[name].double(), grad.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_entry_point_works_without_importing_memcompile(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch
+        assert "memcompile" not in sys.modules
+        assert "memtrain" in torch._dynamo.list_backends(exclude_tags=())
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+        x = torch.randn(4, 8)
+        y = torch.compile(m, backend="memtrain", options={"compiler": "aot_eager", "targets": "*",
+                                                          "velora": {"num_groups": 4}})(x)
+        y.sum().backward()
+        assert torch.allclose(y, m(x))
+        import memcompile
+        groups = memcompile.report().passes["activation_compression"]["rewritten"]
+        print("groups", len(groups), "imported", "memcompile" in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "groups 1 imported True" in out.stdout
