@@ -79,8 +79,9 @@ class GraphReport:
                 lines.append(f"    skipped ({reason}): {shown}")
         for q in self.quantized_layers:
             lines.append(f"  quantized {q.get('name')}: {q.get('bytes_before')} B -> {q.get('bytes_after')} B")
-        lines.append("  saved tensors after (largest first):")
-        lines.extend("    " + _row(t) for t in sorted(self.saved_after, key=lambda t: -t.bytes)[:12])
+        costly = [t for t in self.saved_after if not t.is_input and t.alias_of is None]
+        lines.append(f"  saved activations after, largest first ({len(costly)} storages; graph inputs not counted):")
+        lines.extend("    " + _row(t) for t in sorted(costly, key=lambda t: -t.bytes)[:12])
         return "\n".join(lines)
 
 
