@@ -53,7 +53,8 @@ def example_model(name: str, training: str, hidden: int, layers: int, lora_r: in
 
 def per_token_per_layer(rep: reporting.GraphReport, tokens: int, layers: int) -> dict:
     """Saved-activation bytes per token per decoder layer, before and after the passes."""
-    return {"before": rep.bytes_before / tokens / layers, "after": rep.bytes_after / tokens / layers}
+    return {"before": rep.bytes_before / tokens / layers, "after": rep.bytes_after / tokens / layers,
+            "predicted_saving": rep.predicted_saving / tokens / layers}
 
 
 def main(argv=None) -> reporting.GraphReport:
@@ -88,7 +89,8 @@ def main(argv=None) -> reporting.GraphReport:
     rep = reporting.report()
     print(rep)
     figures = per_token_per_layer(rep, args.batch * args.seq, model.config.num_hidden_layers)
-    print(f"  per token per layer: {figures['before']:.0f} B -> {figures['after']:.0f} B")
+    print(f"  per token per layer: {figures['before']:.0f} B -> {figures['after']:.0f} B"
+          f" (predicted saving {figures['predicted_saving']:.0f} B)")
     if args.json:
         print(json.dumps({"model": args.model, "training": args.training, "activation": args.activation,
                           "bytes_before": rep.bytes_before, "bytes_after": rep.bytes_after, **figures}))

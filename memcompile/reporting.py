@@ -53,6 +53,13 @@ class GraphReport:
     def bytes_after(self) -> int:
         return self.activation_bytes(self.saved_after)
 
+    @property
+    def predicted_saving(self) -> int:
+        """Bytes the compression should free by the methods' arithmetic: each compressed input's
+        ``N*D`` elements become ``N*G`` (VeLoRA) or ``N*r`` (CompAct), plus a vector or seed per group."""
+        groups = self.passes.get("activation_compression", {}).get("rewritten", [])
+        return sum(g["bytes_before"] - g["bytes_after"] - g["state_bytes"] for g in groups)
+
     def __str__(self) -> str:
         lines = [f"memtrain graph {self.graph_id}: compiler={self.compiler} partitioner={self.partitioner} "
                  f"activation={self.activation}"]
@@ -63,7 +70,8 @@ class GraphReport:
         if before is not None:
             delta = 100.0 * (after - before) / before if before else 0.0
             lines.append(f"  saved activations: {_fmt(before)} -> {_fmt(after)} ({delta:+.1f}%)"
-                         f"  [{len(self.saved_before)} -> {len(self.saved_after)} tensors]")
+                         f"  [{len(self.saved_before)} -> {len(self.saved_after)} tensors];"
+                         f" predicted saving {_fmt(self.predicted_saving)}, measured {_fmt(before - after)}")
         else:
             lines.append(f"  saved activations: {_fmt(after)} [{len(self.saved_after)} tensors]")
         for name, rec in self.passes.items():
