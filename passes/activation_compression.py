@@ -215,22 +215,23 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
             result.skipped.append({"layer": name, "reason": f"num_groups {config.velora.num_groups} > "
                                    f"input width {shape[1]}"})
             continue
-        groups.setdefault((view_base(layer.x), shape), []).append(layer)
+        groups.setdefault((_value_root(layer.x), layer.x.meta["val"].dtype, shape), []).append(layer)
 
     for key_, layers in list(groups.items()):
         # Compressing frees memory only if nothing else in the backward reads the input (or a view of it).
-        reason = _frees_nothing(key_[0], layers, wgrad_owner)
+        reason = _frees_nothing(layers, wgrad_owner)
         if reason:
             del groups[key_]
             for layer in layers:
                 result.skipped.append({"layer": layer.name.removesuffix(".weight"),
                                        "reason": "frees nothing: " + reason})
 
-    for (base, (n, d)), layers in groups.items():
+    for (_, _, (n, d)), layers in groups.items():
         names_ = [l.name.removesuffix(".weight") for l in layers]
         key = names_[0]
         # The compression reads the input where it first exists: after the earliest member of the group.
         x = min((l.x for l in layers), key=lambda nd: _order(graph, nd))
+        base = view_base(x)
         val = x.meta["val"]
         if method == "velora":
             compress, wg_lin, wg_conv, width, state_elems = _velora_fns(config, key, n, d)
@@ -268,13 +269,29 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
     return result
 
 
-def _frees_nothing(base: fx.Node, layers: list[Layer], wgrad_owner: dict[fx.Node, Layer]) -> str | None:
-    """Why compressing ``base`` for ``layers`` would free no memory, or None if it would."""
-    if base.op == "placeholder":
+def _value_root(x: fx.Node) -> fx.Node:
+    """The tensor whose values ``x`` holds, through views and dtype casts.
+
+    PEFT casts the layer input to the adapters' dtype once per adapter, so q/k/v's LoRA A inputs are
+    three equal fp32 copies of one bf16 tensor: grouping by this root lets them share one compressed
+    tensor (their dtype is part of the group key too).
+    """
+    while True:
+        x = view_base(x)
+        if is_call(x, {aten._to_copy.default}) and set(x.kwargs) <= {"dtype"} and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        else:
+            return x
+
+
+def _frees_nothing(layers: list[Layer], wgrad_owner: dict[fx.Node, Layer]) -> str | None:
+    """Why compressing the inputs of ``layers`` would free no memory, or None if it would."""
+    bases = {view_base(l.x) for l in layers}
+    if any(b.op == "placeholder" for b in bases):
         return "the input is a graph input, held by the caller anyway"
     ours = {mm for l in layers for mm in l.wgrads}
     others = []
-    for member in view_family(base):
+    for member in (m for b in bases for m in view_family(b)):
         for u in member.users:
             if partitioner_tag(u) != BACKWARD_TAG or u in ours:
                 continue

@@ -253,3 +253,30 @@ def test_entry_point_works_without_importing_memcompile(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "groups 1 imported True" in out.stdout
+
+
+def test_bf16_base_with_fp32_adapters_shares_one_compressed_copy():
+    """PEFT casts the bf16 input to the fp32 adapters once per adapter; q/k/v's casts are one group."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(models.tiny_llama(layers=1).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = models.batch()
+    loss_c, grads_c, _ = _compiled_step(model, ids, {"compiler": "aot_eager", "velora": {"num_groups": 8}})
+    rep = memcompile.report()
+    groups = _groups(rep)
+    assert sorted(len(g["layers"]) for g in groups) == [1, 1, 2, 3]  # qkv, o, gate/up, down
+    assert all(g["dtype"] == "float32" for g in groups)
+    assert rep.bytes_before - rep.bytes_after == rep.predicted_saving > 0
+    lora_a = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+    loss_e, grads_e, _, store = _eager_step(model, ids, lora_a)
+    assert torch.equal(loss_c, loss_e)
+    for layer in lora_a:
+        x_hat, _ = reference.velora_x_hat(store[layer]["x"].float(), 8, 1.0)
+        expected = reference.linear_wgrad(store[layer]["g"].float(), x_hat)
+        torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
