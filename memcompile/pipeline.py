@@ -48,13 +48,32 @@ class CompileContext:
 
 
 def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    """Stage 1, on Dynamo's graph: nothing rewrites here yet; dumps the graph on request.
+    """Stage 1, on Dynamo's graph: records the NF4 layers for the report; nothing rewrites here yet.
 
     Module-level swaps (NF4 weights, LoRA adapters) are done by ``memcompile.prepare`` before
     ``torch.compile`` instead: parameters created inside a backend would be invisible to the optimizer.
     """
     ctx.dump("dynamo", gm)
+    ctx.report.quantized_layers = quantized_layers_in(gm, ctx.input_names)
     return gm
+
+
+def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[dict]:
+    """Every ``memtrain::nf4_linear`` call: layer, weight shape, bytes dense (in the compute dtype) and NF4."""
+    placeholders = {n: name for n, name in zip((n for n in gm.graph.nodes if n.op == "placeholder"), input_names)}
+    layers = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.memtrain.nf4_linear.default:
+            continue
+        x, state, shape = n.args[0], n.args[1:7], n.args[8]
+        vals = [a.meta.get("example_value", a.meta.get("val")) for a in state if isinstance(a, fx.Node)]
+        xval = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+        dense_elem = xval.element_size() if isinstance(xval, torch.Tensor) else 2
+        name = placeholders.get(n.args[1], str(n.args[1]))
+        layers.append({"name": name.removesuffix(".weight"), "shape": tuple(shape),
+                       "bytes_before": shape[0] * shape[1] * dense_elem,
+                       "bytes_after": sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))})
+    return layers
 
 
 def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dict | None) -> None:

@@ -1,0 +1,69 @@
+"""``memtrain::nf4_linear``: ``y = x W^T + b`` with a frozen NF4 weight ``W`` that is never saved dense.
+
+The forward dequantises ``W`` (``memtrain::nf4_dequant``) into a temporary, multiplies and drops it.
+The autograd formula saves only the packed codes and the quantisation state, which are module buffers
+held anyway, and dequantises again in the backward: ``grad_x = grad_y W``, exact with respect to the
+dequantised weight. ``W`` is frozen, so there is no weight gradient; a bias that requires grad gets
+``grad_y`` summed over the leading dimensions.
+
+The op is opaque to the compiler on purpose: were the dequantisation a visible node, the partitioner
+would be free to keep its (dense, 4-8x larger) output for the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .nf4_dequant import nf4_dequant
+
+
+@torch.library.custom_op("memtrain::nf4_linear", mutates_args=())
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+               nested_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: list[int],
+               blocksize: int, nested_blocksize: int) -> torch.Tensor:
+    """``x @ dequant(W)^T (+ bias)`` in ``x.dtype``; ``shape`` is ``[out_features, in_features]``."""
+    return nf4_linear_ref(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, bias, shape,
+                          blocksize, nested_blocksize)
+
+
+@nf4_linear.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, bias, shape, blocksize,
+      nested_blocksize):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, state, bias = inputs[0], inputs[1:7], inputs[7]
+    # Inputs only (module buffers): saving them costs no memory. The dense weight is not among them.
+    ctx.save_for_backward(*state)
+    ctx.shape, ctx.blocksize, ctx.nested_blocksize = inputs[8:]
+    ctx.x_dtype = x.dtype
+    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = nf4_dequant(packed, absmax, code, nested_absmax, nested_code, nested_offset, ctx.shape, ctx.blocksize,
+                        ctx.nested_blocksize, ctx.x_dtype)
+        grad_x = grad.to(ctx.x_dtype) @ w
+    if ctx.bias_grad:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None
+
+
+nf4_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nf4_linear_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                   nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                   nested_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: list[int],
+                   blocksize: int, nested_blocksize: int) -> torch.Tensor:
+    """Reference: dequantise to ``x.dtype``, then ``F.linear``."""
+    w = nf4_dequant(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape, blocksize,
+                    nested_blocksize, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
