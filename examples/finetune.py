@@ -1,8 +1,10 @@
 """Fine-tune a Llama-architecture model with LoRA under backend="memtrain".
 
-With no flags it needs no download: a small Llama built from a config, byte-level tokens, and the
-English help text that ships with Python. Point it at your own model and text with
-``--model-dir`` (a local Hugging Face model directory) and ``--text``.
+With no flags it needs no download: byte-level tokens, the English help text that ships with Python,
+and a small Llama that is first pre-trained on that text (dense, exact, cached under ``runs/``) so
+that the LoRA fine-tuning starts, as it would in practice, from a model that already knows the
+language. Point it at your own model and text with ``--model-dir`` (a local Hugging Face model
+directory) and ``--text``.
 
     python examples/finetune.py                                   # VeLoRA, Inductor, 300 steps
     python examples/finetune.py --activation compact --steps 100
@@ -25,30 +27,57 @@ from memcompile import textdata
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_model(args):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def small_llama(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                      vocab_size=textdata.VOCAB, max_position_embeddings=max(args.seq, 128),
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def pretrained_base(args, tokens):
+    """The small model pre-trained densely on the text (the first half of the steps' data stream),
+    cached by its settings so every fine-tuning run starts from the same weights."""
+    key = f"h{args.hidden}-l{args.layers}-s{args.seq}-b{args.batch}-n{args.base_steps}-seed{args.seed}"
+    path = os.path.join(args.cache_dir, f"base-{key}.pt")
     torch.manual_seed(args.seed)
+    model = small_llama(args)
+    model.config.use_cache = False
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model
+    data = textdata.Batches(tokens, args.seq, args.batch, seed=args.seed + 10_000)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    step_fn = torch.compile(model, backend="memtrain", options={"activation": "none", "report": False})
+    for _ in tqdm(range(args.base_steps), desc="pre-training the base (once, cached)", unit="step"):
+        ids = next(data)
+        step_fn(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    os.makedirs(args.cache_dir, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    torch._dynamo.reset()
+    return model
+
+
+def build_model(args, tokens):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     if args.model_dir:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-        modules_to_save = None
     else:
-        cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                          vocab_size=textdata.VOCAB, max_position_embeddings=max(args.seq, 128),
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        model = LlamaForCausalLM(cfg)
-        # A model built from a config knows no language yet: train its embeddings and head in full
-        # beside the adapters, so the run shows real learning on the text.
-        modules_to_save = ["embed_tokens", "lm_head"]
+        model = pretrained_base(args, tokens)
     model.config.use_cache = False
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      modules_to_save=modules_to_save)
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS)
     return get_peft_model(model, lora)
 
 
-def encode(args, model):
+def encode(args):
     text = textdata.load_text(args.text)
     if args.model_dir:
         from transformers import AutoTokenizer
@@ -75,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -84,12 +113,14 @@ def main(argv=None):
     ap.add_argument("--model-dir", help="local Hugging Face model directory (default: a small model from a config)")
     ap.add_argument("--text", help="UTF-8 text file (default: Python's bundled help text)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-steps", type=int, default=400, help="dense pre-training steps of the built-in base")
+    ap.add_argument("--cache-dir", default="runs", help="where the pre-trained base is cached")
     ap.add_argument("--csv", help="write step,loss rows here")
     ap.add_argument("--dump-dir", help="write the graphs before/after each pass here")
     args = ap.parse_args(argv)
 
-    model = build_model(args)
-    tokens = encode(args, model)
+    tokens = encode(args)
+    model = build_model(args, tokens)
     data = textdata.Batches(tokens, args.seq, args.batch, seed=args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)

@@ -30,10 +30,10 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from memcompile import activation_state  # noqa: F401  (registers memtrain::velora_vector / compact_seed)
+from memcompile import activation_state  # registers memtrain::velora_vector / compact_seed
 from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, partitioner_tag
 from memcompile.config import MemtrainConfig
-from memcompile.kernels import random_projection  # noqa: F401  (registers memtrain::gaussian_sketch)
+from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
 
 from ._graph import TRANSPOSE_OPS, VIEW_OPS, first_non_placeholder, insert_traced, is_call, view_base, view_family
 
@@ -75,10 +75,16 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def uuid(config: MemtrainConfig, param_names: Sequence[str] | None = None) -> str:
-    """Cache key: this file's source, the options that change the rewrite, and the layer names."""
-    h = hashlib.sha256(inspect.getsource(inspect.getmodule(uuid)).encode())
+    """Cache key: the source of this pass and of what it inserts, the options that change the
+    rewrite, and the layer names (targets match them)."""
+    from memcompile import pipeline
+    from . import _graph
+
+    h = hashlib.sha256()
+    for module in (inspect.getmodule(uuid), _graph, activation_state, random_projection, pipeline):
+        h.update(inspect.getsource(module).encode())
     h.update(repr((config.activation, config.target_patterns, config.exclude_patterns, config.velora,
-                   config.compact)).encode())
+                   config.compact, config.partitioner)).encode())
     h.update(repr(tuple(param_names or ())).encode())
     return h.hexdigest()
 

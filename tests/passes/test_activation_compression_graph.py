@@ -89,3 +89,13 @@ def test_matches():
     assert not matches("transformer.h.1.attn.c_proj", ["mlp.c_proj"])
     assert matches("model.layers.3.self_attn.v_proj", ["model.layers.3.*"])
     assert not matches("model.layers.0.self_attn.v_proj", ["k_proj"])
+
+
+def test_cache_key_changes_with_options_and_layer_names():
+    from memcompile.passes.activation_compression import uuid
+
+    base = uuid(MemtrainConfig(), ["a.weight"])
+    assert base == uuid(MemtrainConfig(), ["a.weight"])
+    assert base != uuid(MemtrainConfig(velora={"num_groups": 8}), ["a.weight"])
+    assert base != uuid(MemtrainConfig(activation="compact"), ["a.weight"])
+    assert base != uuid(MemtrainConfig(), ["b.weight"])
