@@ -59,7 +59,7 @@ def pretrained_base(args, tokens):
         opt.zero_grad(set_to_none=True)
     os.makedirs(args.cache_dir, exist_ok=True)
     torch.save(model.state_dict(), path)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return model
 
 

@@ -88,3 +88,10 @@ def autograd_cache_disabled(disabled: bool = True):
     if not disabled:
         return contextlib.nullcontext()
     return functorch_config.patch(enable_autograd_cache=False)
+
+
+def activation_memory_budget(value: float):
+    """A context that sets AOTAutograd's ``activation_memory_budget`` (the benchmark's baseline)."""
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=value)

@@ -23,7 +23,7 @@ def _fresh_state():
     """Each test starts with no compiled graphs, reports or activation state from another."""
     import memcompile
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     memcompile.clear_reports()
     memcompile.activation_state.reset()
     yield

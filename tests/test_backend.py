@@ -237,7 +237,7 @@ def test_entry_point_works_without_importing_memcompile(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         assert "memcompile" not in sys.modules
-        assert "memtrain" in torch._dynamo.list_backends(exclude_tags=())
+        assert "memtrain" in torch.compiler.list_backends(exclude_tags=())
         m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
         x = torch.randn(4, 8)
         y = torch.compile(m, backend="memtrain", options={"compiler": "aot_eager", "targets": "*",

@@ -186,7 +186,7 @@ def test_compiled_training_matches_eager_without_recompiles():
 def test_memtrain_backend_matches_eager():
     import memcompile
 
-    if "memtrain" not in torch._dynamo.list_backends(exclude_tags=()):
+    if "memtrain" not in torch.compiler.list_backends(exclude_tags=()):
         pytest.skip("memtrain backend not registered")
     ids = models.batch()
     model = prepare(models.tiny_llama(), _cfg(frozen=True))

@@ -1,0 +1,79 @@
+"""Command line of the bench.
+
+    python -m memcompile.bench train                        # every setup, defaults for this machine
+    python -m memcompile.bench train --setups lora,memtrain_velora --baseline lora --json runs/train.jsonl
+    python -m memcompile.bench converge --steps 200 --out runs/converge
+    python -m memcompile.bench kernels                       # needs CUDA; --allow-cpu: interpreter, tiny sizes
+
+Defaults on CUDA: the anchors' run (tinyllama, seq 2048, batch 4, 2 warm-up + 4 timed steps).
+Defaults on CPU: the tiny model, seq 64, batch 2, 1 warm-up + 3 timed steps.
+"""
+from __future__ import annotations
+
+import argparse
+
+from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, TRAIN_DEFAULT
+
+
+def _common(p: argparse.ArgumentParser, default_setups: tuple[str, ...]) -> None:
+    from memcompile.bench.models import MODELS
+
+    p.add_argument("--model", choices=list(MODELS), help="model shape (default: tinyllama on CUDA, tiny on CPU)")
+    p.add_argument("--seq", type=int, help="sequence length")
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--steps", type=int, help="timed (train) or total (converge) steps")
+    p.add_argument("--setups", help=f"comma list (default: {','.join(default_setups)}; all: {','.join(SETUPS)})")
+    p.add_argument("--compiler", default="auto", choices=["auto", "inductor", "aot_eager"],
+                   help="how compiled setups run: inductor, or their graphs in Python (auto: inductor on CUDA, "
+                        "aot_eager on CPU)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per setup before it is stopped")
+    p.add_argument("--threads", type=int, help="torch CPU threads per setup (default: 1 on CPU, where the tiny "
+                   "model's ops gain nothing from more and a busy machine makes spinning threads up to 100x "
+                   "slower; torch's default on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m memcompile.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+
+    t = sub.add_parser("train", help="memory and speed of one fine-tuning step per setup")
+    _common(t, TRAIN_DEFAULT)
+    t.add_argument("--warmup", type=int, help="untimed steps first (the first one compiles)")
+    t.add_argument("--baseline", default="lora_compile", help="setup the ratios compare against")
+    t.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
+    t.add_argument("--json", help="write one JSON line per setup here")
+
+    c = sub.add_parser("converge", help="loss curves of each setup on the bundled text")
+    _common(c, CONVERGE_DEFAULT)
+    c.add_argument("--out", default="runs/converge", help="directory for losses.csv and losses.png")
+    c.add_argument("--lr", type=float, help="learning rate of every setup (default: each setup's own)")
+    c.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: steps/10)")
+    c.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
+
+    k = sub.add_parser("kernels", help="each Triton kernel against torch and bitsandbytes")
+    k.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the kernels in Triton's "
+                   "interpreter at tiny sizes (checks they run; the times mean nothing)")
+    k.add_argument("--json", help="write one JSON line per kernel and implementation here")
+    k.add_argument("--rows-to", help=argparse.SUPPRESS)  # how the interpreter's process hands back its rows
+    return ap
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
+    if args.mode == "train":
+        from memcompile.bench import train
+
+        return train.main(args)
+    if args.mode == "converge":
+        from memcompile.bench import converge
+
+        return converge.main(args)
+    from memcompile.bench import kernels
+
+    return kernels.main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Turn a ``Setup`` into something that trains: the model, its (compiled) forward, the optimizer and
+one ``step`` (forward, backward, optimizer step), on the device and dtype of the run.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from memcompile.bench import models
+from memcompile.bench.setups import Setup
+
+LORA = dict(r=16, alpha=32, dropout=0.0)  # the anchors' adapters: r=16, alpha 32, no dropout, 7 linears
+TRAIN_LR = 1e-4  # the anchors' learning rate
+FIRA_UPDATE_PROJ_GAP = 200  # Fira and GaLore papers' defaults
+FIRA_ALPHA = 0.25
+
+
+class Unavailable(Exception):
+    """The setup cannot run on this machine (reported as ``skipped: <reason>``, not as an error)."""
+
+
+@dataclass
+class Options:
+    """What a setup's process needs to know about the run (sent to it as JSON)."""
+
+    model: str
+    seq: int
+    batch: int
+    compiler: str  # "inductor" or "aot_eager": how compiled setups run (see ``compile_forward``)
+    budget: float = 0.3
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads in the setup's process (None: torch's default)
+
+
+@dataclass
+class Built:
+    """A setup ready to train; ``step`` is one full training step."""
+
+    setup: Setup
+    model: nn.Module
+    forward: Callable
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    compiler: str  # what runs the forward: "eager", "inductor", "aot_eager", ...
+    context: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    before_step: Callable[[], Any] | None = None  # DyLoRA's rank draw, once per step outside the graph
+    before_eval: Callable[[], Any] | None = None  # DyLoRA evaluates at its full rank
+    selector: Any = None  # a memcompile.data.CoresetSelector for coreset setups
+    pool_factor: int = 1  # rows of the batch handed to ``step`` per trained row
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One training step on ``ids`` (labels = inputs); returns the loss, detached."""
+        if self.before_step is not None:
+            self.before_step()
+        if self.selector is not None:
+            loss = self._coreset_loss(ids)
+        else:
+            loss = self.forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _coreset_loss(self, pool: torch.Tensor) -> torch.Tensor:
+        from memcompile.data import weighted_causal_lm_loss
+
+        # One source: the bench's text has no source labels, so budgets are not split by source.
+        batch = {"input_ids": pool, "labels": pool, "sources": torch.zeros(len(pool), dtype=torch.long)}
+        sub = self.selector.select(self.model, batch)
+        loss, _ = weighted_causal_lm_loss(self.forward, sub)
+        return loss
+
+
+def activation_memory_budget(value: float) -> contextlib.AbstractContextManager:
+    """A context in which AOTAutograd's min-cut partitioner keeps saved activations to ``value`` (0..1)
+    of what it would save otherwise, recomputing the rest.
+
+    Compiles happen at the first call, so the context must be held around the training loop.
+    """
+    from memcompile import _torch_compat
+
+    return _torch_compat.activation_memory_budget(value)
+
+
+def _peft_lora(model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], task_type="CAUSAL_LM",
+                     target_modules=list(models.LORA_TARGETS))
+    return get_peft_model(model, cfg)
+
+
+def _prepare(model: nn.Module, options: dict) -> tuple[nn.Module, Callable, Callable]:
+    """``memcompile.prepare``'s NF4 + DyLoRA model, its per-step rank draw, and the full-rank switch."""
+    import memcompile
+
+    lora = {"r_max": LORA["r"], "alpha": float(LORA["alpha"]), "dropout": LORA["dropout"],
+            "targets": models.LORA_TARGETS, "quant": "nf4", "double_quant": True, "dynamic": True}
+    model = memcompile.prepare(model, {**options, "lora": lora})
+    return model, memcompile.RankSampler(model).step, lambda: memcompile.set_rank(model, LORA["r"])
+
+
+def _optimizer(setup: Setup, model: nn.Module, params: list, lr: float, device: torch.device):
+    if setup.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    from memcompile.optim import Fira, fira_param_groups
+
+    # A quarter of the width: the papers' rank for their 1B model (512 of 2048) and 60M model (128 of 512).
+    rank = max(1, model.config.hidden_size // 4)
+    groups = fira_param_groups(model, rank=rank, update_proj_gap=FIRA_UPDATE_PROJ_GAP, alpha=FIRA_ALPHA,
+                               residual=setup.optimizer == "fira")
+    return Fira(groups, lr=lr)
+
+
+def compile_forward(setup: Setup, model: nn.Module, compiler: str) -> tuple[Callable, str]:
+    """The forward the setup trains through, and the name of what compiles it.
+
+    ``compiler="aot_eager"`` (the CPU default, where Inductor's C++ compile of one step takes a minute)
+    runs the graphs in Python: memtrain setups get ``compiler="aot_eager"`` (with its min-cut
+    partitioner), and ``torch.compile`` setups the ``aot_eager_decomp_partition`` backend, which
+    partitions with Inductor's decompositions and min-cut partitioner, so saved activations match
+    Inductor's.
+    """
+    if setup.compile == "none":
+        return model, "eager"
+    if setup.compile == "memtrain":
+        options = {**setup.memtrain, "compiler": compiler}
+        return torch.compile(model, backend="memtrain", options=options), f"memtrain/{compiler}"
+    backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
+    return torch.compile(model, backend=backend), backend
+
+
+def build(setup: Setup, opts: Options, device: torch.device, dtype: torch.dtype, lr: float) -> Built:
+    """Load the model and apply ``setup``; raises ``Unavailable`` when it cannot run here."""
+    if setup.quant:
+        reason = models.bnb_4bit_unavailable(device, dtype)
+        if reason:
+            raise Unavailable(reason)
+    model = models.load(opts.model, dtype, device, quant=setup.quant, seed=opts.seed)
+    torch.manual_seed(opts.seed)  # adapters are initialised alike in every setup
+    if setup.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.adapter != "none":
+            model.enable_input_require_grads()  # a frozen embedding gives the checkpoints no grad input
+    before_step = before_eval = None
+    if setup.adapter == "peft":
+        model = _peft_lora(model)
+    elif setup.adapter == "prepare":
+        model, before_step, before_eval = _prepare(model, setup.memtrain)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(setup, model, params, lr, device)
+    forward, compiler = compile_forward(setup, model, opts.compiler)
+    built = Built(setup, model, forward, optimizer, params, compiler, before_step=before_step,
+                  before_eval=before_eval)
+    if setup.memory_budget:
+        built.context = activation_memory_budget(opts.budget)
+        built.compiler += f", budget {opts.budget:g}"
+    if setup.coreset:
+        from memcompile.data import CoresetConfig, CoresetSelector
+
+        built.selector = CoresetSelector(CoresetConfig(ratio=0.5, seed=opts.seed))
+        built.pool_factor = 2
+    return built

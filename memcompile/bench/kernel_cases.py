@@ -1,0 +1,108 @@
+"""Inputs and baselines of each kernel op for ``kernels`` mode: one function per op, keyed by op name.
+
+Each returns ``Case``s: a size and the implementations to time, ours first, as zero-argument
+callables. ``"torch"`` is the same op in plain torch (the op's ``_ref``); ``"bitsandbytes"`` is there
+where bitsandbytes has the op. Sizes are the fine-tuning shapes of the anchors' models on CUDA and tiny
+ones under Triton's interpreter on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    size: str
+    impls: dict[str, Callable[[], Any]]  # ours first, then "torch", then any other baseline
+    differ: frozenset[str] = frozenset()  # impls whose output is not meant to match torch's
+
+
+def _bnb_nf4(w: torch.Tensor):
+    """bitsandbytes' NF4 (double quant, blocksize 64) of ``w``, or ``None`` where it does not run."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    except Exception:  # no bitsandbytes build for this device: time the other implementations
+        return None
+
+
+def _nf4_args(w: torch.Tensor, dtype: torch.dtype) -> tuple:
+    from memcompile.kernels.nf4_quant import NESTED_BLOCKSIZE, nf4_quantize
+
+    q = nf4_quantize(w, blocksize=64, double_quant=True)
+    return (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.nested_offset, list(q.shape), 64,
+            NESTED_BLOCKSIZE, dtype)
+
+
+def gaussian_sketch(device: torch.device, tiny: bool) -> list[Case]:
+    from memcompile.kernels import random_projection as rp
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    # CompAct at rank 0.25 of TinyLlama's MLP input (5632) and of Llama-7B's (11008).
+    sizes = [(64, 16)] if tiny else [(5632, 1408), (11008, 2752)]
+    return [Case(f"P {n}x{r} {str(dtype)[6:]}", {
+        "triton": lambda n=n, r=r: rp.gaussian_sketch_triton(7, n, r, dtype, device),
+        "torch": lambda n=n, r=r: rp.gaussian_sketch_ref(7, n, r, dtype, device),
+    }, differ=frozenset({"triton"})) for n, r in sizes]  # Philox in the kernel, torch.Generator in the reference
+
+
+def nf4_dequant(device: torch.device, tiny: bool) -> list[Case]:
+    from memcompile.kernels import nf4_dequant as nd
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    # Frozen weights: TinyLlama's MLP (5632x2048) and Llama-7B's (11008x4096).
+    shapes = [(64, 128)] if tiny else [(5632, 2048), (11008, 4096)]
+    cases = []
+    for shape in shapes:
+        w = torch.randn(shape, device=device, dtype=dtype)
+        args = _nf4_args(w, dtype)
+        impls = {"triton": lambda a=args: nd.nf4_dequant_triton(*a), "torch": lambda a=args: nd.nf4_dequant_ref(*a)}
+        bnb = _bnb_nf4(w)
+        if bnb is not None:
+            import bitsandbytes.functional as bnbf
+
+            impls["bitsandbytes"] = lambda q=bnb: bnbf.dequantize_4bit(q[0], q[1])
+        cases.append(Case(f"W {shape[0]}x{shape[1]} {str(dtype)[6:]}", impls))
+    return cases
+
+
+def nf4_linear(device: torch.device, tiny: bool) -> list[Case]:
+    """QLoRA's frozen matmul: ``x W^T`` with ``W`` in NF4, against a dense-weight matmul for scale."""
+    import torch.nn.functional as F
+
+    from memcompile.kernels import nf4_dequant as nd
+    from memcompile.kernels import nf4_linear as nl
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    # One step of the anchors' TinyLlama run: 8192 tokens through the MLP up projection.
+    shapes = [(16, 64, 128)] if tiny else [(8192, 5632, 2048)]
+    cases = []
+    for tokens, out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype)
+        x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+        args = _nf4_args(w, dtype)
+        state, meta = args[:6], args[6:9]
+        impls = {
+            "memtrain::nf4_linear": lambda: nl.nf4_linear(x, *state, None, *meta),
+            "torch": lambda: F.linear(x, nd.nf4_dequant_ref(*args)),
+        }
+        bnb = _bnb_nf4(w)
+        if bnb is not None:
+            import bitsandbytes as bnb_mod
+
+            impls["bitsandbytes"] = lambda q=bnb: bnb_mod.matmul_4bit(x, q[0].t(), quant_state=q[1])
+        impls["dense F.linear"] = lambda: F.linear(x, w)  # the unquantised weight: what NF4 costs in time
+        cases.append(Case(f"x {tokens}x{in_f} @ W {out_f}x{in_f} {str(dtype)[6:]}", impls,
+                          differ=frozenset({"dense F.linear"})))
+    return cases
+
+
+CASES: dict[str, Callable[[torch.device, bool], list[Case]]] = {
+    "gaussian_sketch": gaussian_sketch,
+    "nf4_dequant": nf4_dequant,
+    "nf4_linear": nf4_linear,
+}

@@ -1,0 +1,151 @@
+"""``kernels`` mode: every op of ``memcompile.kernels`` timed against the same op in torch (its
+``_ref``) and in bitsandbytes where it has one, side by side.
+
+Ops are found by their reference: a public ``<op>_ref`` in a module of ``memcompile.kernels``. The
+inputs and the implementations to time (the ``<op>_triton`` launcher, or the registered op where
+there is no bare launcher) come from ``kernel_cases.CASES``; an op found without an entry there is
+listed, not skipped silently.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+import tempfile
+
+# Triton's interpreter, and memcompile's kernels launched on CPU tensors through it.
+INTERPRETER_ENV = {"TRITON_INTERPRET": "1", "MEMTRAIN_TRITON_ON_CPU": "1"}
+NEEDS_CUDA = ("kernels mode needs CUDA: there is no CUDA device here. --allow-cpu runs the kernels in "
+              "Triton's interpreter at tiny sizes, which checks that they run; its times mean nothing.")
+
+
+def discover() -> tuple[dict[str, str], dict[str, str]]:
+    """``({op: module}, {module: import error})`` over ``memcompile.kernels``."""
+    import memcompile.kernels as pkg
+
+    ops, broken = {}, {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        name = f"{pkg.__name__}.{info.name}"
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:  # a kernel still being written must not stop the others
+            broken[info.name] = f"{type(e).__name__}: {e}"[:160]
+            continue
+        for attr, value in vars(module).items():
+            if attr.endswith("_ref") and callable(value) and getattr(value, "__module__", None) == name:
+                ops[attr.removesuffix("_ref")] = info.name
+    return ops, broken
+
+
+def _seconds(fn, device) -> float:
+    from torch.utils.benchmark import Timer
+
+    fn()  # the first call compiles the Triton kernel
+    timer = Timer("fn()", globals={"fn": fn})  # synchronises CUDA around the timed calls
+    if device.type == "cuda":
+        return timer.blocked_autorange(min_run_time=0.5).median
+    return timer.timeit(2).median  # the interpreter: a few calls say it runs, not how fast
+
+
+def _max_diff(a, b) -> float | None:
+    import torch
+
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return None
+    return (a.float() - b.float()).abs().max().item()
+
+
+def measure(device, tiny: bool) -> list[dict]:
+    from memcompile.bench.kernel_cases import CASES
+
+    ops, broken = discover()
+    rows = [{"op": m, "status": f"import failed: {why}"} for m, why in broken.items()]
+    for op, module in sorted(ops.items()):
+        if op not in CASES:
+            rows.append({"op": op, "module": module, "status": "no inputs in memcompile/bench/kernel_cases.py"})
+            continue
+        try:
+            cases = CASES[op](device, tiny)
+        except Exception as e:  # inputs for an op whose API moved: say so, time the rest
+            rows.append({"op": op, "module": module, "status": f"error: {type(e).__name__}: {e}"[:200]})
+            continue
+        for case in cases:
+            try:
+                ref = case.impls["torch"]()
+            except Exception:  # the torch row below reports the error
+                ref = None
+            torch_s = None
+            timed = []
+            for impl, fn in case.impls.items():
+                row = {"op": op, "module": module, "size": case.size, "impl": impl}
+                try:
+                    out = fn()
+                    row.update(status="ok", seconds=_seconds(fn, device),
+                               max_diff=None if impl in case.differ else _max_diff(out, ref))
+                except Exception as e:  # one implementation failing leaves the others' times
+                    row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                if impl == "torch" and row["status"] == "ok":
+                    torch_s = row["seconds"]
+                timed.append(row)
+            for row in timed:
+                row["vs_torch"] = (round(torch_s / row["seconds"], 3)
+                                   if torch_s and row.get("seconds") else None)
+            rows.extend(timed)
+    return rows
+
+
+def _ms(s: float | None) -> str:
+    return "" if s is None else f"{s * 1e3:.3f}"
+
+
+def main(args) -> list[dict]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print(NEEDS_CUDA)
+        return []
+    if not cuda and any(os.environ.get(k) != "1" for k in INTERPRETER_ENV):
+        return _in_interpreter(args)
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    rows = measure(device, tiny=not cuda)
+    from memcompile.bench.table import render
+
+    columns = [
+        ("op", lambda r: r["op"]), ("size", lambda r: r.get("size", "")), ("impl", lambda r: r.get("impl", "")),
+        ("status", lambda r: r["status"]), ("ms", lambda r: _ms(r.get("seconds"))),
+        ("speed vs torch", lambda r: "" if r.get("vs_torch") is None else f"{r['vs_torch']:.2f}x"),
+        ("max |diff| vs torch", lambda r: "" if r.get("max_diff") is None else f"{r['max_diff']:.3g}"),
+    ]
+    where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (times mean nothing)"
+    print(f"kernels on {where}")
+    print(render(rows, columns))
+    for path in filter(None, (args.json, args.rows_to)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    if args.json:
+        print(f"wrote {args.json}")
+    return rows
+
+
+def _in_interpreter(args) -> list[dict]:
+    """Run this mode again in a process started with Triton's interpreter on.
+
+    Triton reads ``TRITON_INTERPRET`` when it is imported, and ``import memcompile`` has imported it
+    already in this process (through the NF4 layers), so setting it here would be too late.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_to = os.path.join(tmp, "rows.jsonl")
+        cmd = [sys.executable, "-m", "memcompile.bench", "kernels", "--allow-cpu", "--rows-to", rows_to]
+        if args.json:
+            cmd += ["--json", args.json]
+        subprocess.run(cmd, env={**os.environ, **INTERPRETER_ENV}, check=True)
+        with open(rows_to) as f:
+            return [json.loads(line) for line in f]

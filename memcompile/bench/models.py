@@ -1,0 +1,112 @@
+"""Models by name: Llama shapes with random weights, identical in every setup's process.
+
+Each shape is written once to a checkpoint in the temp directory and every setup loads that file, so
+the quantised setups go through the path users take (``from_pretrained`` with a
+``BitsAndBytesConfig``), as the anchor measurements did, and all setups start from the same weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+# The anchors' shapes (/work/shared/anchors/bench_anchors.py), plus a tiny one for CPU runs and CI.
+MODELS: dict[str, dict] = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000),
+    # Grouped-query attention like TinyLlama's, at a size that trains in milliseconds on a CPU core. The
+    # MLP width is a multiple of 64: bitsandbytes' CPU inference path (eval mode) fails on other widths.
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_config(name: str):
+    from transformers import LlamaConfig
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    return LlamaConfig(**MODELS[name], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def checkpoint(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> str:
+    """Directory of the random-weight checkpoint of ``name`` (written on first use)."""
+    from transformers import LlamaForCausalLM
+
+    # The shape's hash in the name: editing a shape above must not reuse the old checkpoint.
+    shape = hashlib.sha1(json.dumps(MODELS[name], sort_keys=True).encode()).hexdigest()[:8]
+    path = os.path.join(tempfile.gettempdir(), f"memcompile-bench-{name}-{shape}-{_dtype_name(dtype)}-seed{seed}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    # Built on the device: initialising a 7B model on the CPU takes minutes.
+    with torch.device(device):
+        model = LlamaForCausalLM(model_config(name)).to(dtype)
+    # Written beside the final path and renamed, so a run killed mid-write leaves no half checkpoint.
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+    model.save_pretrained(tmp)
+    del model
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load(name: str, dtype: torch.dtype, device: torch.device, quant: bool = False, seed: int = 0):
+    """The model in training mode, KV cache off; ``quant`` loads the base in bitsandbytes NF4 (double quant)."""
+    from transformers import LlamaForCausalLM
+
+    kw = dict(dtype=dtype, device_map={"": device.index if device.type == "cuda" else device.type},
+              attn_implementation="sdpa")
+    if quant:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(checkpoint(name, dtype, device, seed), **kw)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def bnb_4bit_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why bitsandbytes NF4 cannot run on ``device`` (``None`` when a quantise/dequantise round trip works)."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        w = torch.randn(64, 64, device=device, dtype=dtype)
+        q, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        bnbf.dequantize_4bit(q, state)
+    except Exception as e:  # any failure means the setup cannot run here; say which
+        return f"bitsandbytes 4-bit does not work on {device.type}: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return None
+
+
+def random_tokens(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def train_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, as the anchors; fp32 on CPU, where bf16 matmuls are slow and lose the comparison."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,0 +1,141 @@
+"""The setups the bench compares, as data: adding a setup is adding one entry to ``SETUPS``.
+
+A setup says how the model is adapted (PEFT LoRA, ``memcompile.prepare``'s NF4 + DyLoRA, or none:
+full-parameter training), whether the base is bitsandbytes NF4, whether gradient checkpointing is on,
+how the forward is compiled, which optimizer trains it, and whether batches go through a CoLM coreset.
+``builders.build`` turns an entry into a model, a step function and an optimizer.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to train the model.
+
+    Args:
+        name: the name given to ``--setups``.
+        description: one line for the table's legend.
+        adapter: ``"peft"`` (PEFT LoRA), ``"prepare"`` (``memcompile.prepare``: NF4 base + DyLoRA) or
+            ``"none"`` (every parameter trains).
+        quant: load the base in bitsandbytes NF4 with double quantisation (QLoRA).
+        checkpointing: Hugging Face gradient checkpointing, non-reentrant.
+        compile: ``"none"`` (eager), ``"inductor"`` (``torch.compile`` defaults) or ``"memtrain"``.
+        memory_budget: compile under AOTAutograd's ``activation_memory_budget`` (``--budget``).
+        memtrain: ``backend="memtrain"`` options (the compiler is added by the bench).
+        optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
+        coreset: train on CoLM coresets of pools twice the batch (``memcompile.data``).
+        lr: learning rate in ``converge`` mode (``None``: the mode's default); ``train`` mode always
+            uses the anchors' 1e-4.
+        modes: the modes the setup runs in.
+    """
+
+    name: str
+    description: str
+    adapter: str = "peft"
+    quant: bool = False
+    checkpointing: bool = False
+    compile: str = "none"
+    memory_budget: bool = False
+    memtrain: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adamw"
+    coreset: bool = False
+    lr: float | None = None
+    modes: tuple[str, ...] = ("train", "converge")
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "none"
+
+
+def _table(*setups: Setup) -> dict[str, Setup]:
+    return {s.name: s for s in setups}
+
+
+SETUPS: dict[str, Setup] = _table(
+    Setup("lora", "PEFT LoRA, eager"),
+    Setup("qlora", "PEFT LoRA on a bitsandbytes NF4 (double quant) base, eager", quant=True),
+    Setup("qlora_gc", "QLoRA + gradient checkpointing (non-reentrant)", quant=True, checkpointing=True),
+    Setup("lora_gc", "LoRA + gradient checkpointing (non-reentrant)", checkpointing=True),
+    Setup("lora_compile", "LoRA + torch.compile (Inductor defaults)", compile="inductor"),
+    Setup("qlora_compile", "QLoRA + torch.compile (Inductor defaults)", quant=True, compile="inductor"),
+    Setup("lora_budget", "LoRA + torch.compile under AOTAutograd's activation_memory_budget",
+          compile="inductor", memory_budget=True),
+    Setup("memtrain_velora", "LoRA + backend=memtrain, VeLoRA", compile="memtrain",
+          memtrain={"activation": "velora"}),
+    Setup("memtrain_compact", "LoRA + backend=memtrain, CompAct", compile="memtrain",
+          memtrain={"activation": "compact"}),
+    Setup("memtrain_qdylora", "memcompile.prepare (NF4 + DyLoRA) + backend=memtrain, VeLoRA", adapter="prepare",
+          compile="memtrain", memtrain={"activation": "velora"}),
+    # Everything memtrain has for fine-tuning: the NF4 + DyLoRA model, and VeLoRA on every linear input
+    # saved only for a weight gradient rather than on the method's default layer list.
+    Setup("memtrain_all", "memcompile.prepare (NF4 + DyLoRA) + memtrain VeLoRA on every linear",
+          adapter="prepare", compile="memtrain", memtrain={"activation": "velora", "targets": ("*",)}),
+    # Full-parameter pre-training with the optimizers of memcompile.optim, AdamW as their baseline.
+    Setup("adamw", "full-parameter training, AdamW", adapter="none", lr=3e-3),
+    Setup("galore", "full-parameter training, GaLore (memcompile.optim.Fira, residual=False)", adapter="none",
+          optimizer="galore", lr=1e-2),
+    Setup("fira", "full-parameter training, Fira (memcompile.optim.Fira)", adapter="none", optimizer="fira",
+          lr=1e-2),
+    Setup("coreset", "PEFT LoRA on CoLM coresets (half of a pool of 2x batch; memcompile.data)", coreset=True,
+          modes=("converge",)),
+)
+
+TRAIN_DEFAULT = ("lora", "qlora", "qlora_gc", "lora_gc", "lora_compile", "qlora_compile", "lora_budget",
+                 "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "memtrain_all")
+CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "coreset",
+                    "adamw", "galore", "fira")
+
+
+def select(names: str | None, mode: str, default: tuple[str, ...]) -> list[Setup]:
+    """The setups named in a comma list (``None``: the mode's default), validated."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else list(default)
+    unknown = [n for n in chosen if n not in SETUPS]
+    if unknown:
+        raise SystemExit(f"unknown setup {unknown[0]!r}; valid: {', '.join(SETUPS)}")
+    wrong = [n for n in chosen if mode not in SETUPS[n].modes]
+    if wrong:
+        raise SystemExit(f"setup {wrong[0]!r} does not run in {mode} mode (it runs in: "
+                         f"{', '.join(SETUPS[wrong[0]].modes)})")
+    return [SETUPS[n] for n in chosen]
+
+
+# Arguments the bench passes to memcompile.optim; checked against the installed signatures.
+FIRA_GROUP_ARGS = ("rank", "update_proj_gap", "alpha", "residual")
+FIRA_ARGS = ("lr",)
+CORESET_API = ("CoresetConfig", "CoresetSelector", "weighted_causal_lm_loss")
+
+
+def unavailable(setup: Setup) -> str | None:
+    """Why ``setup`` cannot run with the memcompile in this tree (``None`` when it can).
+
+    Checked before a process is started for it; features still being written show up here as
+    "unavailable" rather than as errors.
+    """
+    import memcompile
+
+    if setup.adapter == "prepare" and not callable(getattr(memcompile, "prepare", None)):
+        return "memcompile.prepare is not exported by memcompile"
+    if setup.optimizer in ("fira", "galore"):
+        try:
+            from memcompile.optim import Fira, fira_param_groups
+        except ImportError as e:
+            return f"memcompile.optim.Fira: {e}"
+        for fn, names in ((fira_param_groups, FIRA_GROUP_ARGS), (Fira, FIRA_ARGS)):
+            params = inspect.signature(fn).parameters
+            takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            missing = [n for n in names if n not in params and not takes_kwargs]
+            if missing:
+                return f"{fn.__name__} takes no {missing[0]!r} argument"
+    if setup.coreset:
+        try:
+            import memcompile.data as data
+        except ImportError as e:
+            return f"memcompile.data: {e}"
+        missing = [n for n in CORESET_API if not hasattr(data, n)]
+        if missing:
+            return f"memcompile.data has no {missing[0]}"
+    return None

@@ -1,0 +1,187 @@
+"""``train`` mode: peak memory, throughput and saved activations of one full fine-tuning step per setup.
+
+Each setup runs in its own process (``runner``): warm-up steps, then timed steps of forward, backward
+and optimizer step on a fixed random batch. Reported per setup: peak allocated memory (CUDA), bytes
+of activations saved for backward, tokens/s (median of the timed steps), the first step's time (the
+compile, for compiled setups), first and last loss, and memory and speed relative to ``--baseline``.
+On CUDA the memory ratio compares peak memory, on CPU saved-activation bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable
+
+from memcompile.bench import measure, models
+from memcompile.bench.builders import TRAIN_LR, Options, build
+from memcompile.bench.runner import Progress, run_isolated
+from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select, unavailable
+from memcompile.bench.table import NA, fmt_bytes, fmt_num, fmt_ratio, render, status_notes
+
+# The anchors' run on CUDA (tinyllama, seq 2048, batch 4, 2 + 4 steps), a tiny one on CPU.
+GPU_DEFAULTS = dict(model="tinyllama", seq=2048, batch=4, steps=4, warmup=2)
+CPU_DEFAULTS = dict(model="tiny", seq=64, batch=2, steps=3, warmup=1)
+
+
+def _saved_activations(built, ids, first_report: int, last_report: int) -> dict:
+    """Saved-activation bytes: memtrain's own report for memtrain setups, hooks for every setup."""
+    frozen = [*built.model.parameters(), *built.model.buffers(), ids]
+    try:
+        hooks = measure.saved_bytes(lambda: built.forward(input_ids=ids, labels=ids), frozen,
+                                    measure.checkpointed_layers(built.model))
+        hooks_error = None
+    except Exception as e:  # a compiled graph that rejects the hooks: "n/a", not a guess
+        hooks, hooks_error = None, f"{type(e).__name__}: {e}"[:160]
+    row = dict(saved_bytes=hooks, saved_by="hooks" if hooks is not None else None, saved_bytes_before=None,
+               saved_bytes_hooks=hooks, saved_bytes_hooks_error=hooks_error)
+    reported = (measure.memtrain_saved_bytes(first_report, last_report)
+                if built.setup.compile == "memtrain" else None)
+    if reported is not None:
+        row.update(saved_bytes=reported[0], saved_by="memtrain report", saved_bytes_before=reported[1])
+    return row
+
+
+def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
+    """In the setup's own process: build, train ``warmup + steps`` steps, measure."""
+    import memcompile
+
+    setup = SETUPS[job["setup"]]
+    opts = Options(**job["options"])
+    device = models.default_device()
+    dtype = models.train_dtype(device)
+    progress("loading the model")
+    built = build(setup, opts, device, dtype, lr=TRAIN_LR)
+    ids = models.random_tokens(built.model.config.vocab_size, opts.batch, opts.seq, device, opts.seed)
+    state_gib = measure.allocated_gib(device)
+    measure.reset_peak(device)
+    warmup, total = job["warmup"], job["warmup"] + job["steps"]
+    times: list[float] = []
+    losses: list[float] = []
+    first_report = len(memcompile.reports())
+    with built.context:
+        for i in range(total):
+            progress(f"step {i + 1}/{total}" + (" (compiling)" if i == 0 and setup.compiled else ""))
+            with measure.timed(device, times):
+                loss = built.step(ids)
+            losses.append(loss.item())
+            if i == 0:
+                compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
+        peak = measure.peak_gib(device)  # read before the counting forward below can add to it
+        progress("counting saved activations")
+        saved = _saved_activations(built, ids, first_report, compiled_reports)
+    step_s = measure.median(times[warmup:])
+    return dict(
+        device=device.type, dtype=str(dtype).removeprefix("torch."), compiler=built.compiler, model=opts.model,
+        seq=opts.seq, batch=opts.batch, warmup=warmup, steps=job["steps"],
+        peak_gib=None if peak is None else round(peak, 3),
+        model_state_gib=None if state_gib is None else round(state_gib, 3),
+        step_s=round(step_s, 4), tok_per_s=round(opts.batch * opts.seq / step_s, 1), compile_s=round(times[0], 2),
+        loss_first=losses[0], loss_last=losses[-1], **saved,
+        trainable=sum(p.numel() for p in built.params), params=sum(p.numel() for p in built.model.parameters()))
+
+
+def add_ratios(rows: list[dict], baseline: str, metric: str) -> None:
+    """``mem_ratio`` (``metric`` / baseline's) and ``speed_ratio`` (tokens/s / baseline's) on every row."""
+    base = next((r for r in rows if r["setup"] == baseline and r["status"] == "ok"), None)
+
+    def ratio(row: dict, key: str) -> float | None:
+        if base is None or row.get(key) is None or not base.get(key):
+            return None
+        return round(row[key] / base[key], 3)
+
+    for r in rows:
+        r.update(baseline=baseline, mem_metric=metric, mem_ratio=ratio(r, metric), speed_ratio=ratio(r, "tok_per_s"))
+
+
+def _ok(fn):
+    return lambda r: fn(r) if r["status"] == "ok" else ""
+
+
+def _loss(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else str(x)
+
+
+def columns(cuda: bool, status: Callable[[dict], str]) -> list:
+    cols = [("setup", lambda r: r["setup"]), ("status", status),
+            ("compiler", _ok(lambda r: r["compiler"]))]
+    if cuda:
+        cols.append(("peak GiB", _ok(lambda r: fmt_num(r["peak_gib"]))))
+    cols += [
+        ("saved activations", _ok(lambda r: fmt_bytes(r["saved_bytes"]))),
+        ("counted by", _ok(lambda r: r["saved_by"] or NA)),
+        ("tok/s", _ok(lambda r: fmt_num(r["tok_per_s"], 0))),
+        ("1st step s", _ok(lambda r: fmt_num(r["compile_s"]))),
+        ("loss first", _ok(lambda r: _loss(r["loss_first"]))),
+        ("loss last", _ok(lambda r: _loss(r["loss_last"]))),
+        ("memory vs base", _ok(lambda r: fmt_ratio(r["mem_ratio"]))),
+        ("speed vs base", _ok(lambda r: fmt_ratio(r["speed_ratio"]))),
+    ]
+    return cols
+
+
+def main(args) -> list[dict]:
+    device = models.default_device()
+    cuda = device.type == "cuda"
+    for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    compiler = args.compiler if args.compiler != "auto" else ("inductor" if cuda else "aot_eager")
+    setups = select(args.setups, "train", TRAIN_DEFAULT)
+    opts = Options(model=args.model, seq=args.seq, batch=args.batch, compiler=compiler, budget=args.budget,
+                   seed=args.seed, threads=args.threads or (None if cuda else 1))
+    print(f"train: model={args.model} seq={args.seq} batch={args.batch} warmup={args.warmup} steps={args.steps} "
+          f"device={device.type} dtype={str(models.train_dtype(device)).removeprefix('torch.')} "
+          f"compiled setups: {compiler}", flush=True)
+    progress = Progress(len(setups))
+    rows = []
+    for setup in setups:
+        reason = unavailable(setup)
+        if reason is not None:
+            progress.start(setup.name)
+            row = {"setup": setup.name, "status": f"unavailable: {reason}"}
+            progress.done(row["status"])
+        else:
+            job = {"mode": "train", "setup": setup.name, "options": dataclasses.asdict(opts),
+                   "warmup": args.warmup, "steps": args.steps}
+            row = run_isolated(job, progress, timeout=args.timeout)
+        rows.append(row)
+    add_ratios(rows, args.baseline, "peak_gib" if cuda else "saved_bytes")
+    status, notes = status_notes(rows)
+    print()
+    print(render(rows, columns(cuda, status)))
+    print("\n".join(["", *notes] if notes else []) + legend(rows, args, cuda, compiler))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {args.json}")
+    return rows
+
+
+def legend(rows: list[dict], args, cuda: bool, compiler: str) -> str:
+    lines = [""]
+    base = next((r for r in rows if r["setup"] == args.baseline), None)
+    metric = "peak GiB" if cuda else "saved-activation bytes"
+    if base is None:
+        lines.append(f"ratios: n/a, baseline {args.baseline!r} was not run (add it to --setups)")
+    elif base["status"] != "ok":
+        lines.append(f"ratios: n/a, baseline {args.baseline!r} did not run ({base['status']})")
+    else:
+        lines.append(f"ratios against {args.baseline}: memory = {metric} / baseline's (lower is better), "
+                     "speed = tok/s / baseline's (higher is better)")
+    lines.append("saved activations: unique storages kept for backward, parameters and the batch not counted; "
+                 "'memtrain report' = memcompile.report() (the passes' own count), 'hooks' = "
+                 "torch.autograd.graph.saved_tensors_hooks, plus, with gradient checkpointing, the inputs "
+                 "each checkpointed layer keeps")
+    if not cuda and compiler == "aot_eager":
+        lines.append("CPU: compiled setups run their graphs in Python (memtrain compiler=aot_eager; torch.compile "
+                     "backend=aot_eager_decomp_partition, Inductor's partitioner), because Inductor's C++ compile "
+                     "takes about a minute per setup here; --compiler inductor runs Inductor; tok/s on CPU says "
+                     "nothing about GPU speed")
+    lines.append("1st step s: the first step's wall time, which includes the compile for compiled setups")
+    return "\n".join(lines)
