@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import time
@@ -148,11 +149,15 @@ def main(argv=None):
     elapsed = time.perf_counter() - t0
     tail = [l for _, l in rows[-20:]]
     print(f"final train loss (mean of last {len(tail)} steps): {sum(tail) / len(tail):.4f}")
-    print(f"eval loss: {evaluate(model, tokens, args):.4f}  ({elapsed:.1f} s, {args.steps * args.seq * args.batch / elapsed:,.0f} tokens/s)")
+    eval_loss = evaluate(model, tokens, args)
+    print(f"eval loss: {eval_loss:.4f}  ({elapsed:.1f} s, {args.steps * args.seq * args.batch / elapsed:,.0f} tokens/s)")
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         with open(args.csv, "w", newline="") as f:
             csv.writer(f).writerows([("step", "loss"), *rows])
+        with open(os.path.splitext(args.csv)[0] + ".json", "w") as f:
+            json.dump({"activation": args.activation, "compiler": args.compiler, "steps": args.steps,
+                       "final_train_loss": sum(tail) / len(tail), "eval_loss": eval_loss}, f)
 
 
 if __name__ == "__main__":

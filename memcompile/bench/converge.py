@@ -112,8 +112,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
                   for i in range(len(losses))]
         (line,) = ax_train.plot(range(1, len(losses) + 1), smooth, label=r["setup"], linewidth=1.2)
-        steps, evals = zip(*r["evals"])
-        ax_eval.plot(steps, evals, marker="o", markersize=3, label=r["setup"], color=line.get_color())
+        if r["evals"]:
+            steps, evals = zip(*r["evals"])
+            ax_eval.plot(steps, evals, marker="o", markersize=3, label=r["setup"], color=line.get_color())
     ax_train.set(title="train loss" + (f" (mean of the last {window} steps)" if window > 1 else ""), xlabel="step", ylabel="cross-entropy (nats/byte)")
     ax_eval.set(title="held-out loss", xlabel="step")
     for ax in (ax_train, ax_eval):
