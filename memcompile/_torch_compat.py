@@ -95,3 +95,14 @@ def activation_memory_budget(value: float):
     import torch._functorch.config as functorch_config
 
     return functorch_config.patch(activation_memory_budget=value)
+
+
+def size_hint(s) -> int | None:
+    """A size as an int: itself when static, the example value Dynamo traced with when symbolic."""
+    if isinstance(s, int):
+        return s
+    from torch.fx.experimental import symbolic_shapes
+
+    if not symbolic_shapes.has_guarding_hint(s):  # unbacked sizes have no hint
+        return None
+    return int(symbolic_shapes.guarding_hint_or_throw(s))

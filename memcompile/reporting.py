@@ -6,6 +6,7 @@ for code.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -108,6 +109,7 @@ def _row(t: SavedTensor) -> str:
 
 def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[SavedTensor]:
     """The tensors a partitioned forward returns for its backward (outputs after the user outputs)."""
+    from memcompile._torch_compat import size_hint
     from memcompile.passes._graph import view_base
 
     out = next(n for n in fw_module.graph.nodes if n.op == "output").args[0]
@@ -116,10 +118,12 @@ def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[Saved
         val = n.meta.get("val") if isinstance(n, fx.Node) else None
         if not isinstance(val, torch.Tensor):
             continue  # symints
-        nbytes = val.numel() * val.element_size() if all(isinstance(s, int) for s in val.shape) else -1
+        # symbolic sizes (dynamic shapes) are counted at the example size Dynamo traced with
+        shape = tuple(size_hint(s) if size_hint(s) is not None else -1 for s in val.shape)
+        nbytes = math.prod(shape) * val.element_size() if -1 not in shape else 0
         base = view_base(n)
         alias_of = first_of_storage.setdefault(base, n.name)
-        saved.append(SavedTensor(n.name, tuple(int(s) if isinstance(s, int) else -1 for s in val.shape),
+        saved.append(SavedTensor(n.name, shape,
                                  str(val.dtype).removeprefix("torch."), int(nbytes), base.op == "placeholder",
                                  None if alias_of == n.name else alias_of))
     return saved

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import activation_state  # registers memtrain::velora_vector / compact_seed
-from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, partitioner_tag
+from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
 from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
 
@@ -133,7 +133,8 @@ def _velora_fns(cfg, key: str, n: int, d: int):
         v = memtrain.velora_vector(x, g, key, once)
         if m * g != d:
             x = torch.nn.functional.pad(x, (0, m * g - d))
-        z = torch.mv(x.reshape(n * g, m), v.to(x.dtype)).reshape(n, g)
+        # -1, not n: the token count may be symbolic (dynamic shapes); the width never is
+        z = torch.mv(x.reshape(-1, m), v.to(x.dtype)).reshape(-1, g)
         return z, v
 
     def wgrad_linear(gt, z, v):  # (O, N), (N, G), (m,) -> (O, D)
@@ -178,12 +179,13 @@ def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
 
 
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:
+    """``(N, D)`` of a 2-D input with a static width; a symbolic token count ``N`` is replaced by its
+    hint (used only for byte counts and to pick the cheaper matmul order)."""
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or not isinstance(val.shape[1], int):
         return None
-    if not all(isinstance(s, int) for s in val.shape):
-        return None
-    return int(val.shape[0]), int(val.shape[1])
+    n = size_hint(val.shape[0])
+    return (n, int(val.shape[1])) if n is not None else None
 
 
 def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
@@ -214,8 +216,7 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
             continue
         shape = _static_2d(layer.x)
         if shape is None:
-            result.skipped.append({"layer": name, "reason": "input is not a static 2-D tensor "
-                                   "(dynamic shapes: compile with dynamic=False)"})
+            result.skipped.append({"layer": name, "reason": "input is not 2-D with a static width"})
             continue
         if method == "velora" and config.velora.num_groups > shape[1]:
             result.skipped.append({"layer": name, "reason": f"num_groups {config.velora.num_groups} > "

@@ -280,3 +280,29 @@ def test_bf16_base_with_fp32_adapters_shares_one_compressed_copy():
         x_hat, _ = reference.velora_x_hat(store[layer]["x"].float(), 8, 1.0)
         expected = reference.linear_wgrad(store[layer]["g"].float(), x_hat)
         torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["velora", "compact"])
+def test_dynamic_token_count_compresses_and_matches_formula(method):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    compiled = torch.compile(model, backend="memtrain", dynamic=True, options={
+        "compiler": "aot_eager", "activation": method, "targets": "*", "velora": {"num_groups": 4},
+        "compact": {"rank": 8, "refresh": 1000}})
+    for step, n in enumerate((5, 7, 9)):
+        model.zero_grad()
+        x = torch.randn(n, 16)
+        y = compiled(x)
+        y.sum().backward()
+        assert torch.equal(y, model(x))
+        h = torch.nn.functional.gelu(model[0](x)).detach()
+        g = torch.ones(n, 16)
+        if method == "velora":
+            x_hat, _ = reference.velora_x_hat(h, 4, 1.0, v=activation_state.velora_vectors()["2"])
+        else:
+            x_hat = reference.compact_x_hat(h, activation_state.layer_seed("2", 0), 8)
+        torch.testing.assert_close(model[2].weight.grad.double(), reference.linear_wgrad(g, x_hat), rtol=1e-4, atol=1e-6)
+    reps = memcompile.reports()
+    assert len(reps) == 1  # one compile serves every token count
+    assert [r["layers"] for r in reps[0].passes["activation_compression"]["rewritten"]] == [["2"]]
+    assert reps[0].bytes_after < reps[0].bytes_before
