@@ -1,5 +1,6 @@
 """``python -m memcompile.bench``: train mode end to end on the tiny model (each setup in its own
-process), and the parts that must never take the bench down (failed setups, no CUDA)."""
+process), the parts that must never take the bench down (failed setups, no CUDA), and converge mode's
+coreset comparison on the bundled text's sources (in-process, two steps)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,8 @@ import math
 
 import pytest
 import torch
+
+from memcompile.bench.setups import CORESET_COMPARISON
 
 SETUPS = ("lora", "memtrain_velora")
 
@@ -92,6 +95,7 @@ def test_setup_table_is_well_formed():
         assert s.adapter in ("peft", "prepare", "none") and s.compile in ("none", "inductor", "memtrain")
         assert s.optimizer in ("adamw", "fira", "galore")
         assert bool(s.memtrain) == (s.compile == "memtrain")
+        assert s.selection in ("all", "coreset", "random") and s.pool_factor >= (1 if s.selection == "all" else 2)
     assert [s.name for s in select(None, "train", TRAIN_DEFAULT)] == list(TRAIN_DEFAULT)
     assert [s.name for s in select(None, "converge", CONVERGE_DEFAULT)] == list(CONVERGE_DEFAULT)
     with pytest.raises(SystemExit, match="unknown setup"):
@@ -106,3 +110,149 @@ def test_kernels_mode_without_cuda_says_so():
     with contextlib.redirect_stdout(out):
         assert main(["kernels"]) == []
     assert "kernels mode needs CUDA" in out.getvalue()
+
+
+def test_sources_are_real_text_of_very_different_sizes():
+    from pydoc_data.topics import topics
+
+    from memcompile import textdata
+
+    sources = textdata.sources()
+    sizes = [len(t) for t in sources.values()]
+    assert len(sources) >= 5
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[0] >= 10 * sizes[-1], dict(zip(sources, sizes))
+    # Every help topic is in exactly one source: the sources hold all of them, and a blank line between
+    # two topics of a source.
+    topic_bytes = sum(len(text.encode("utf-8")) for text in topics.values())
+    assert sum(sizes) == topic_bytes + 2 * (len(topics) - len(sources))
+    assert all(t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < textdata.VOCAB
+               for t in sources.values())
+
+
+def test_source_batches_draw_labelled_windows_in_proportion_to_size():
+    from memcompile import textdata
+
+    sources = textdata.sources()
+    data = textdata.SourceBatches(sources, seq=32, batch=16, seed=3)
+    again = textdata.SourceBatches(sources, seq=32, batch=16, seed=3)
+    train = {name: bytes(t[:int(len(t) * 0.95)].tolist()) for name, t in sources.items()}
+    counts = torch.zeros(len(sources))
+    for _ in range(50):
+        ids, labels = next(data)
+        ids2, labels2 = next(again)
+        assert torch.equal(ids, ids2) and torch.equal(labels, labels2)
+        assert ids.shape == (16, 32) and labels.shape == (16,)
+        counts += torch.bincount(labels, minlength=len(sources))
+    for row, label in zip(ids.tolist(), labels.tolist()):  # each window comes from its source's train part
+        assert bytes(row) in train[data.names[label]]
+    assert counts[0] > 5 * counts[-1]  # the smallest source is rare in the pools
+    held = textdata.SourceBatches(sources, seq=32, batch=4, seed=1, split="eval").per_source(3)
+    assert list(held) == list(sources) and all(w.shape == (3, 32) for w in held.values())
+
+
+@pytest.fixture(scope="module")
+def coreset_runs():
+    """The three coreset-comparison setups run in-process for two steps, every training step spied on."""
+    import dataclasses
+
+    from memcompile.bench import converge
+    from memcompile.bench.builders import Options
+
+    seen: dict[str, dict] = {}
+    real_build = converge.build
+
+    def spy_build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        log = seen.setdefault(built.setup.name, {"pools": [], "sources": [], "rows": [], "trained": []})
+        step, forward = built.step, built.forward
+        in_step = [False]
+
+        def forward_spy(**kw):
+            if in_step[0]:  # the training forward: not the coreset's selection, evaluation or counting
+                log["trained"].append(kw["input_ids"].clone())
+            return forward(**kw)
+
+        def step_spy(ids, sources=None):
+            in_step[0] = True
+            try:
+                loss = step(ids, sources)
+            finally:
+                in_step[0] = False
+            log["pools"].append(ids.clone())
+            log["sources"].append(sources.clone())
+            log["rows"].append(built.last_rows.clone())
+            return loss
+
+        built.forward, built.step = forward_spy, step_spy
+        return built
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the bench's CPU setting: the tiny model is slower with more on a busy machine
+    converge.build = spy_build
+    try:
+        opts = Options(model="tiny", seq=32, batch=4, compiler="aot_eager")
+        rows = [{"setup": name, "status": "ok", **converge.run_setup(
+            {"setup": name, "options": dataclasses.asdict(opts), "steps": 2, "eval_every": 2, "lr": None},
+            lambda message: None)} for name in CORESET_COMPARISON]
+    finally:
+        converge.build = real_build
+        torch.set_num_threads(threads)
+    return rows, seen
+
+
+def test_coreset_setups_see_the_same_pools(coreset_runs):
+    rows, seen = coreset_runs
+    assert len({r["data_sha1"] for r in rows}) == 1
+    assert len({r["evals"][0][1] for r in rows}) == 1  # same weights before training
+    base = seen["full_batch"]
+    for name in CORESET_COMPARISON:
+        assert len(seen[name]["pools"]) == 2
+        for pool, ref, sources, ref_sources in zip(seen[name]["pools"], base["pools"], seen[name]["sources"],
+                                                   base["sources"]):
+            assert pool.shape == (8, 32) and torch.equal(pool, ref) and torch.equal(sources, ref_sources)
+
+
+def test_half_setups_train_on_half_the_pool_and_full_batch_on_all(coreset_runs):
+    from collections import Counter
+
+    rows, seen = coreset_runs
+    by = {r["setup"]: r for r in rows}
+    for name, keep in (("full_batch", 8), ("random_half", 4), ("coreset", 4)):
+        assert by[name]["pool_rows"] == 8 and by[name]["rows_trained"] == keep
+        assert sum(by[name]["trained_by_source"].values()) == 2 * keep
+        for pool, rows_, trained in zip(seen[name]["pools"], seen[name]["rows"], seen[name]["trained"]):
+            assert len(rows_) == keep and len(set(rows_.tolist())) == keep
+            assert torch.equal(trained, pool[rows_])  # what the forward trained on is those pool rows
+    # CoLM keeps every row of a source with fewer rows than the mean per source present in the pool.
+    for sources, rows_ in zip(seen["coreset"]["sources"], seen["coreset"]["rows"]):
+        counts = Counter(sources.tolist())
+        small = {s for s, c in counts.items() if c < len(sources) / len(counts)}
+        assert {i for i, s in enumerate(sources.tolist()) if s in small} <= set(rows_.tolist())
+    # Half the rows, about half the saved activations.
+    full = by["full_batch"]["saved_bytes"]
+    for name in ("random_half", "coreset"):
+        assert 0.4 * full < by[name]["saved_bytes"] < 0.6 * full
+
+
+def test_converge_table_and_files_show_sources_and_memory(coreset_runs, tmp_path):
+    from memcompile.bench import converge
+    from memcompile.bench.table import render, status_notes
+
+    rows = [dict(r) for r in coreset_runs[0]]
+    converge.add_memory_ratios(rows, cuda=False)
+    by = {r["setup"]: r for r in rows}
+    assert by["full_batch"]["mem_ratio"] == 1.0 and by["coreset"]["mem_ratio"] < 0.6
+    status, _ = status_notes(rows)
+    header = render(rows, converge.columns(status)).splitlines()[0]
+    for column in ("rows/step", "held-out end", "balanced end", "saved activations", "memory vs full_batch"):
+        assert column in header
+    held, trained = converge.source_columns(rows)
+    for name in by["coreset"]["source_shares"]:
+        assert name in held.splitlines()[0] and name in trained.splitlines()[0]
+    converge.write_csv(rows, str(tmp_path / "losses.csv"))
+    head = (tmp_path / "losses.csv").read_text().splitlines()[0].split(",")
+    assert head[:5] == ["setup", "step", "train_loss", "eval_loss", "eval_balanced"]
+    assert len(head) == 5 + len(by["coreset"]["source_shares"])
+    converge.plot(rows, str(tmp_path / "losses.png"), "test")
+    assert (tmp_path / "losses.png").stat().st_size > 0

@@ -3,6 +3,7 @@
     python -m memcompile.bench train                        # every setup, defaults for this machine
     python -m memcompile.bench train --setups lora,memtrain_velora --baseline lora --json runs/train.jsonl
     python -m memcompile.bench converge --steps 200 --out runs/converge
+    python -m memcompile.bench converge --setups full_batch,random_half,coreset --steps 200   # CoLM coresets
     python -m memcompile.bench kernels                       # needs CUDA; --allow-cpu: interpreter, tiny sizes
 
 Defaults on CUDA: the anchors' run (tinyllama, seq 2048, batch 4, 2 warm-up + 4 timed steps).

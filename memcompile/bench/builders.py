@@ -1,5 +1,6 @@
 """Turn a ``Setup`` into something that trains: the model, its (compiled) forward, the optimizer and
-one ``step`` (forward, backward, optimizer step), on the device and dtype of the run.
+one ``step`` (choice of the rows that train, forward, backward, optimizer step), on the device and dtype
+of the run.
 """
 from __future__ import annotations
 
@@ -50,27 +51,45 @@ class Built:
     before_step: Callable[[], Any] | None = None  # DyLoRA's rank draw, once per step outside the graph
     before_eval: Callable[[], Any] | None = None  # DyLoRA evaluates at its full rank
     selector: Any = None  # a memcompile.data.CoresetSelector for coreset setups
-    pool_factor: int = 1  # rows of the batch handed to ``step`` per trained row
+    generator: torch.Generator | None = None  # random-subset draws, apart from the data's generator
+    pool_factor: int = 1  # rows drawn per step, as a multiple of the batch
+    keep: int | None = None  # rows that train per step for coreset and random setups (the batch)
+    last_rows: torch.Tensor | None = None  # pool rows the last step trained on, ascending (CPU)
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """One training step on ``ids`` (labels = inputs); returns the loss, detached."""
+    def step(self, ids: torch.Tensor, sources: torch.Tensor | None = None) -> torch.Tensor:
+        """One training step on the pool ``ids`` (labels = inputs; ``sources``: a source index per row,
+        used by coresets); returns the loss, detached."""
         if self.before_step is not None:
             self.before_step()
-        if self.selector is not None:
-            loss = self._coreset_loss(ids)
-        else:
-            loss = self.forward(input_ids=ids, labels=ids).loss
+        loss = self.loss(ids, sources)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _coreset_loss(self, pool: torch.Tensor) -> torch.Tensor:
-        from memcompile.data import weighted_causal_lm_loss
+    def loss(self, ids: torch.Tensor, sources: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss on the rows of ``ids`` the setup trains on, with its graph; sets ``last_rows``."""
+        selection = self.setup.selection
+        if selection == "all":
+            self.last_rows = torch.arange(len(ids))
+            return self.forward(input_ids=ids, labels=ids).loss
+        if selection == "random":
+            rows = torch.randperm(len(ids), generator=self.generator)[:self.keep].sort().values
+            self.last_rows = rows
+            sub = ids[rows.to(ids.device)]
+            return self.forward(input_ids=sub, labels=sub).loss
+        return self._coreset_loss(ids, sources)
 
-        # One source: the bench's text has no source labels, so budgets are not split by source.
-        batch = {"input_ids": pool, "labels": pool, "sources": torch.zeros(len(pool), dtype=torch.long)}
-        sub = self.selector.select(self.model, batch)
+    def _coreset_loss(self, pool: torch.Tensor, sources: torch.Tensor | None) -> torch.Tensor:
+        from memcompile.data import take_rows, weighted_causal_lm_loss
+
+        if sources is None:  # unlabelled text (train mode's random tokens): one source
+            sources = torch.zeros(len(pool), dtype=torch.long)
+        batch = {"input_ids": pool, "labels": pool, "sources": sources.cpu()}
+        chosen = self.selector.select_indices(self.model, batch)
+        self.last_rows = chosen.indices.cpu()
+        sub = take_rows(batch, chosen.indices, len(pool))
+        sub["coreset_weights"] = chosen.weights.to(pool.device)
         loss, _ = weighted_causal_lm_loss(self.forward, sub)
         return loss
 
@@ -159,9 +178,14 @@ def build(setup: Setup, opts: Options, device: torch.device, dtype: torch.dtype,
     if setup.memory_budget:
         built.context = activation_memory_budget(opts.budget)
         built.compiler += f", budget {opts.budget:g}"
+    built.pool_factor = setup.pool_factor
+    if setup.selection != "all":
+        built.keep = opts.batch
+    if setup.selection == "random":
+        # Not opts.seed: the data's generator has that seed, and the same seed gives the same bits.
+        built.generator = torch.Generator().manual_seed(opts.seed + 1)
     if setup.coreset:
         from memcompile.data import CoresetConfig, CoresetSelector
 
-        built.selector = CoresetSelector(CoresetConfig(ratio=0.5, seed=opts.seed))
-        built.pool_factor = 2
+        built.selector = CoresetSelector(CoresetConfig(size=opts.batch, seed=opts.seed))
     return built

@@ -2,7 +2,8 @@
 
 A setup says how the model is adapted (PEFT LoRA, ``memcompile.prepare``'s NF4 + DyLoRA, or none:
 full-parameter training), whether the base is bitsandbytes NF4, whether gradient checkpointing is on,
-how the forward is compiled, which optimizer trains it, and whether batches go through a CoLM coreset.
+how the forward is compiled, which optimizer trains it, and which rows of the drawn batch it trains on
+(all, a CoLM coreset, or a random subset).
 ``builders.build`` turns an entry into a model, a step function and an optimizer.
 """
 from __future__ import annotations
@@ -27,7 +28,10 @@ class Setup:
         memory_budget: compile under AOTAutograd's ``activation_memory_budget`` (``--budget``).
         memtrain: ``backend="memtrain"`` options (the compiler is added by the bench).
         optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
-        coreset: train on CoLM coresets of pools twice the batch (``memcompile.data``).
+        selection: which rows of each drawn pool train: ``"all"``, ``"coreset"`` (the CoLM coreset of
+            ``--batch`` rows, ``memcompile.data``) or ``"random"`` (``--batch`` rows uniformly at random).
+        pool_factor: rows drawn per step, as a multiple of ``--batch``. With ``selection="all"`` every
+            one of them trains, so ``full_batch`` trains on twice the batch.
         lr: learning rate in ``converge`` mode (``None``: the mode's default); ``train`` mode always
             uses the anchors' 1e-4.
         modes: the modes the setup runs in.
@@ -42,13 +46,25 @@ class Setup:
     memory_budget: bool = False
     memtrain: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "adamw"
-    coreset: bool = False
+    selection: str = "all"
+    pool_factor: int = 1
     lr: float | None = None
     modes: tuple[str, ...] = ("train", "converge")
 
     @property
     def compiled(self) -> bool:
         return self.compile != "none"
+
+    @property
+    def coreset(self) -> bool:
+        return self.selection == "coreset"
+
+    def __post_init__(self):
+        if self.selection not in ("all", "coreset", "random"):
+            raise ValueError(f"{self.name}: selection must be 'all', 'coreset' or 'random', got {self.selection!r}")
+        if self.pool_factor < 1 or (self.selection != "all" and self.pool_factor < 2):
+            raise ValueError(f"{self.name}: pool_factor must be >= 1, and >= 2 for a selection "
+                             f"(got {self.pool_factor})")
 
 
 def _table(*setups: Setup) -> dict[str, Setup]:
@@ -80,14 +96,22 @@ SETUPS: dict[str, Setup] = _table(
           optimizer="galore", lr=1e-2),
     Setup("fira", "full-parameter training, Fira (memcompile.optim.Fira)", adapter="none", optimizer="fira",
           lr=1e-2),
-    Setup("coreset", "PEFT LoRA on CoLM coresets (half of a pool of 2x batch; memcompile.data)", coreset=True,
-          modes=("converge",)),
+    # One question, three answers on the same pools of 2x batch drawn in proportion to source size: train on
+    # all of it, on a random half, or on the half CoLM picks (small sources kept whole, the rest by
+    # facility location on zeroth-order gradients). Only the rows that train differ.
+    Setup("full_batch", "PEFT LoRA on the whole pool of 2x batch", pool_factor=2, modes=("converge",)),
+    Setup("random_half", "PEFT LoRA on a uniformly random half of the pool of 2x batch", selection="random",
+          pool_factor=2, modes=("converge",)),
+    Setup("coreset", "PEFT LoRA on the CoLM coreset: half of the pool of 2x batch (memcompile.data)",
+          selection="coreset", pool_factor=2, modes=("converge",)),
 )
 
 TRAIN_DEFAULT = ("lora", "qlora", "qlora_gc", "lora_gc", "lora_compile", "qlora_compile", "lora_budget",
                  "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "memtrain_all")
-CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "coreset",
-                    "adamw", "galore", "fira")
+CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "full_batch",
+                    "random_half", "coreset", "adamw", "galore", "fira")
+# The coreset comparison on its own: python -m memcompile.bench converge --setups full_batch,random_half,coreset
+CORESET_COMPARISON = ("full_batch", "random_half", "coreset")
 
 
 def select(names: str | None, mode: str, default: tuple[str, ...]) -> list[Setup]:
@@ -106,7 +130,7 @@ def select(names: str | None, mode: str, default: tuple[str, ...]) -> list[Setup
 # Arguments the bench passes to memcompile.optim; checked against the installed signatures.
 FIRA_GROUP_ARGS = ("rank", "update_proj_gap", "alpha", "residual")
 FIRA_ARGS = ("lr",)
-CORESET_API = ("CoresetConfig", "CoresetSelector", "weighted_causal_lm_loss")
+CORESET_API = ("CoresetConfig", "CoresetSelector", "take_rows", "weighted_causal_lm_loss")
 
 
 def unavailable(setup: Setup) -> str | None:
