@@ -1,5 +1,4 @@
 """End-to-end: tiny Hugging Face models compiled with backend="memtrain" against eager."""
-import copy
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Fira against an independent fp64 transcription of the official update (xichen-fy/Fira fira_adamw.py)."""
 from __future__ import annotations
 
-import copy
 import io
 import math
 
