@@ -126,6 +126,9 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         ids, labels = next(data)
         saved, saved_error = _saved_bytes(built, ids.to(device), labels)
     rows = sum(trained.values()) / steps
+    # Optimizer state (moments, projectors, limiter scalars): what Fira and GaLore keep low-rank.
+    opt_state = sum(t.numel() * t.element_size() for st in built.optimizer.state.values()
+                    for t in st.values() if isinstance(t, torch.Tensor))
     # Steps after the first, which compiles: the first step's time is reported on its own.
     steady = times[1:] or times
     return dict(device=device.type, dtype=str(dtype).removeprefix("torch."), compiler=built.compiler, lr=lr,
@@ -136,7 +139,7 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
                 losses=losses, evals=[(s, pooled(ls, shares)) for s, ls in by_source],
                 evals_balanced=[(s, balanced(ls)) for s, ls in by_source], evals_by_source=by_source,
                 source_shares=shares, trained_by_source=trained, data_sha1=digest.hexdigest(),
-                trainable=sum(p.numel() for p in built.params))
+                trainable=sum(p.numel() for p in built.params), optimizer_state_bytes=opt_state)
 
 
 def _source_names(rows: list[dict]) -> list[str]:
@@ -242,6 +245,7 @@ def columns(status: Callable[[dict], str], cuda: bool = False, memory_ratio: boo
         cols.append(("peak GiB", _ok(lambda r: fmt_num(r["peak_gib"], 3))))
     cols += [
         ("saved activations", _ok(lambda r: fmt_bytes(r["saved_bytes"]))),
+        ("optimizer state", _ok(lambda r: fmt_bytes(r.get("optimizer_state_bytes")))),
     ]
     if memory_ratio:
         cols.append((f"memory vs {MEMORY_BASELINE}", _ok(lambda r: fmt_ratio(r.get("mem_ratio")))))
