@@ -27,8 +27,8 @@ from typing import Callable
 
 from memcompile.bench import measure, models
 from memcompile.bench.builders import Built, Options, build
-from memcompile.bench.runner import Progress, run_isolated
-from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, select, unavailable
+from memcompile.bench.runner import run_setups
+from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, select
 from memcompile.bench.table import fmt_bytes, fmt_num, fmt_ratio, render, status_notes
 
 GPU_DEFAULTS = dict(model="tinyllama", seq=512, batch=8, steps=300)
@@ -296,19 +296,9 @@ def main(args) -> list[dict]:
              f"compiled setups: {compiler}")
     print(f"converge: {title}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    progress = Progress(len(setups))
-    rows = []
-    for setup in setups:
-        reason = unavailable(setup)
-        if reason is not None:
-            progress.start(setup.name)
-            row = {"setup": setup.name, "status": f"unavailable: {reason}"}
-            progress.done(row["status"])
-        else:
-            job = {"mode": "converge", "setup": setup.name, "options": dataclasses.asdict(opts),
-                   "steps": args.steps, "eval_every": every, "lr": args.lr}
-            row = run_isolated(job, progress, timeout=args.timeout)
-        rows.append(row)
+    rows = run_setups(setups, lambda setup: {"mode": "converge", "setup": setup.name,
+                                             "options": dataclasses.asdict(opts), "steps": args.steps,
+                                             "eval_every": every, "lr": args.lr}, timeout=args.timeout)
     add_memory_ratios(rows, cuda)
     csv_path, png_path = os.path.join(args.out, "losses.csv"), os.path.join(args.out, "losses.png")
     write_csv(rows, csv_path)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 RESULT_PREFIX = "BENCH_RESULT "
 PROGRESS_PREFIX = "[bench] "
@@ -106,3 +107,22 @@ def run_isolated(job: dict, progress: Progress, timeout: float | None = None) ->
         result["stderr_tail"] = [ln for ln in tail if not ln.startswith(PROGRESS_PREFIX)][-20:]
     progress.done(result["status"][:120])
     return result
+
+
+def run_setups(setups: list, job_for: Callable[[object], dict], timeout: float | None = None) -> list[dict]:
+    """Each setup in its own process, in order; one whose dependency is missing becomes an
+    "unavailable: ..." row without starting a process."""
+    from memcompile.bench.setups import unavailable
+
+    progress = Progress(len(setups))
+    rows = []
+    for setup in setups:
+        reason = unavailable(setup)
+        if reason is not None:
+            progress.start(setup.name)
+            row = {"setup": setup.name, "status": f"unavailable: {reason}"}
+            progress.done(row["status"])
+        else:
+            row = run_isolated(job_for(setup), progress, timeout=timeout)
+        rows.append(row)
+    return rows

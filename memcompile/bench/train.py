@@ -16,8 +16,8 @@ from typing import Callable
 
 from memcompile.bench import measure, models
 from memcompile.bench.builders import TRAIN_LR, Options, build
-from memcompile.bench.runner import Progress, run_isolated
-from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select, unavailable
+from memcompile.bench.runner import run_setups
+from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
 from memcompile.bench.table import NA, fmt_bytes, fmt_num, fmt_ratio, render, status_notes
 
 # The anchors' run on CUDA (tinyllama, seq 2048, batch 4, 2 + 4 steps), a tiny one on CPU.
@@ -136,19 +136,9 @@ def main(args) -> list[dict]:
     print(f"train: model={args.model} seq={args.seq} batch={args.batch} warmup={args.warmup} steps={args.steps} "
           f"device={device.type} dtype={str(models.train_dtype(device)).removeprefix('torch.')} "
           f"compiled setups: {compiler}", flush=True)
-    progress = Progress(len(setups))
-    rows = []
-    for setup in setups:
-        reason = unavailable(setup)
-        if reason is not None:
-            progress.start(setup.name)
-            row = {"setup": setup.name, "status": f"unavailable: {reason}"}
-            progress.done(row["status"])
-        else:
-            job = {"mode": "train", "setup": setup.name, "options": dataclasses.asdict(opts),
-                   "warmup": args.warmup, "steps": args.steps}
-            row = run_isolated(job, progress, timeout=args.timeout)
-        rows.append(row)
+    rows = run_setups(setups, lambda setup: {"mode": "train", "setup": setup.name,
+                                             "options": dataclasses.asdict(opts), "warmup": args.warmup,
+                                             "steps": args.steps}, timeout=args.timeout)
     add_ratios(rows, args.baseline, "peak_gib" if cuda else "saved_bytes")
     status, notes = status_notes(rows)
     print()
