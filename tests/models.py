@@ -22,10 +22,11 @@ def tiny_lora_llama(r: int = 4, seed: int = 0, **kw):
     model = get_peft_model(tiny_llama(seed=seed, **kw), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                                    target_modules=LORA_TARGETS))
     # PEFT starts B at zero; random B makes the A gradients (the compressed ones) non-zero.
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == len(LORA_TARGETS) * model.config.num_hidden_layers, "PEFT missed target modules"
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
+        for p in lora_b:
+            p.normal_(std=0.05)
     return model
 
 

@@ -14,6 +14,8 @@ def capture(model: torch.nn.Module, names: list[str]):
     """Forward hooks that record ``x`` (2-D) and ``grad_out`` (2-D) of the named modules."""
     store, handles = {}, []
     modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    assert not missing, f"no modules named {missing}"
     for name in names:
         def hook(mod, inp, out, name=name):
             x = inp[0].detach()
@@ -48,9 +50,11 @@ def compact_x_hat(x: torch.Tensor, seed: int, r: int):
 
 def linear_wgrad(g: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """``nn.Linear`` weight gradient (out, in) = g^T x_hat."""
+    assert g.shape[0] == x_hat.shape[0], (g.shape, x_hat.shape)
     return g.double().t() @ x_hat
 
 
 def conv1d_wgrad(g: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """GPT-2 ``Conv1D`` weight gradient (in, out) = x_hat^T g."""
+    assert g.shape[0] == x_hat.shape[0], (g.shape, x_hat.shape)
     return x_hat.t() @ g.double()
