@@ -151,8 +151,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
     part = _Partitioner(ctx, tc.inductor_decompositions())
     patches = {"custom_partitioner_fn": part}
-    # A hit in AOTAutograd's cache skips partitioning, and with it the report: recompute when asked for one.
-    with tc.autograd_cache_disabled(ctx.config.report):
+    # A hit in AOTAutograd's cache skips our partitioner, and with it the report and the marks on the
+    # parameters whose gradient is approximated (which Fira relies on): partition anew whenever either
+    # matters. Inductor's own FX-graph cache, after partitioning, stays on.
+    with tc.autograd_cache_disabled(ctx.config.report or ctx.config.activation != "none"):
         compiled = tc.compile_fx(gm, example_inputs, config_patches=patches)
     if ctx.report.saved_before is None and not ctx.report.saved_after:
         ctx.report.inference = not torch.is_grad_enabled()
