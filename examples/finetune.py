@@ -83,7 +83,13 @@ def encode(args):
     if args.model_dir:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.model_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(args.model_dir)
+        except Exception as e:  # a model directory without tokenizer files
+            if args.byte_tokens:
+                return textdata.byte_tokens(text)
+            raise SystemExit(f"no usable tokenizer in {args.model_dir} ({type(e).__name__}); add its tokenizer "
+                             "files, or pass --byte-tokens for a model whose vocabulary has at least 256 entries")
         return torch.tensor(tok(text)["input_ids"])
     return textdata.byte_tokens(text)
 
@@ -113,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--compact-rank", type=float, default=0.25)
     ap.add_argument("--model-dir", help="local Hugging Face model directory (default: a small model from a config)")
     ap.add_argument("--text", help="UTF-8 text file (default: Python's bundled help text)")
+    ap.add_argument("--byte-tokens", action="store_true", help="with --model-dir: tokenize as bytes when the "
+                    "directory has no tokenizer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-steps", type=int, default=400, help="dense pre-training steps of the built-in base")
     ap.add_argument("--cache-dir", default="runs", help="where the pre-trained base is cached")
@@ -122,6 +130,9 @@ def main(argv=None):
 
     tokens = encode(args)
     model = build_model(args, tokens)
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(tokens.max()) >= vocab:
+        raise SystemExit(f"token id {int(tokens.max())} does not fit the model's vocabulary of {vocab}")
     data = textdata.Batches(tokens, args.seq, args.batch, seed=args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
