@@ -46,6 +46,13 @@ def _groups(rep):
     return rep.passes["activation_compression"]["rewritten"]
 
 
+def _assert_exact_except(grads_c, grads_e, compressed):
+    """Every gradient the pass did not approximate equals eager bit for bit."""
+    for name in grads_e:
+        if name.removesuffix(".weight") not in compressed:
+            assert torch.equal(grads_c[name], grads_e[name]), name
+
+
 def test_no_compression_is_exact():
     model, ids = models.tiny_lora_llama(), models.batch()
     loss_c, grads_c, xg_c = _compiled_step(model, ids, {"activation": "none", "compiler": "aot_eager"}, embeds=True)
@@ -74,11 +81,9 @@ def test_velora_lora_llama_exact_outputs_and_formula_grads():
     loss_e, grads_e, xg_e, store = _eager_step(model, ids, lora_a, embeds=True)
     assert torch.equal(loss_c, loss_e)
     assert torch.equal(xg_c, xg_e)  # input gradient exact
-    compressed = {l + ".weight" for g in groups for l in g["layers"]}
+    compressed = {l for g in groups for l in g["layers"]}
     assert len(compressed) == 12
-    for name in grads_e:
-        if name not in compressed:
-            assert torch.equal(grads_c[name], grads_e[name]), name
+    _assert_exact_except(grads_c, grads_e, compressed)
     # compressed layers: grad_W = g^T x_hat with v from this (the first) batch, shared within a group
     for g in groups:
         for layer in g["layers"]:
@@ -112,9 +117,7 @@ def test_compact_full_training_llama_formula_grads():
             x_hat = reference.compact_x_hat(store[layer]["x"], seed, r)
             expected = reference.linear_wgrad(store[layer]["g"], x_hat)
             torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
-    for name in grads_e:
-        if name.removesuffix(".weight") not in compressed:
-            assert torch.equal(grads_c[name], grads_e[name]), name
+    _assert_exact_except(grads_c, grads_e, compressed)
 
 
 def test_velora_full_training_reports_shared_inputs_that_free_nothing():
@@ -145,9 +148,7 @@ def test_gpt2_conv1d_velora_with_padding():
         x_hat, _ = reference.velora_x_hat(store[layer]["x"], 6, 1.0)
         expected = reference.conv1d_wgrad(store[layer]["g"], x_hat)
         torch.testing.assert_close(grads_c[layer + ".weight"].double(), expected, rtol=1e-4, atol=1e-6)
-    for name in grads_e:
-        if name.removesuffix(".weight") not in layers:
-            assert torch.equal(grads_c[name], grads_e[name]), name
+    _assert_exact_except(grads_c, grads_e, set(layers))
 
 
 def test_velora_vector_frozen_after_first_batch_and_compact_seed_refresh():

@@ -280,11 +280,8 @@ def source_columns(rows: list[dict]) -> tuple[list, list]:
 
 
 def main(args) -> list[dict]:
-    device = models.default_device()
+    device = models.device_and_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     cuda = device.type == "cuda"
-    for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     every = args.eval_every or max(1, args.steps // 10)

@@ -107,6 +107,15 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def device_and_defaults(args, gpu_defaults: dict, cpu_defaults: dict) -> torch.device:
+    """The device a mode runs on; flags the user left unset take that device's defaults."""
+    device = default_device()
+    for key, value in (gpu_defaults if device.type == "cuda" else cpu_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return device
+
+
 def train_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, as the anchors; fp32 on CPU, where bf16 matmuls are slow and lose the comparison."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

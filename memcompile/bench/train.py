@@ -122,11 +122,8 @@ def columns(cuda: bool, status: Callable[[dict], str]) -> list:
 
 
 def main(args) -> list[dict]:
-    device = models.default_device()
+    device = models.device_and_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     cuda = device.type == "cuda"
-    for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     compiler = args.compiler if args.compiler != "auto" else ("inductor" if cuda else "aot_eager")
