@@ -147,7 +147,7 @@ def _velora_fns(cfg, key: str, n: int, d: int):
         w = (v.view(1, m, 1) * p.unsqueeze(1)).reshape(g * m, p.shape[1])[:d]
         return (w * scale).to(gr.dtype)
 
-    return compress, wgrad_linear, wgrad_conv1d, g, m
+    return compress, wgrad_linear, wgrad_conv1d, g, 4 * m  # v: m fp32 values
 
 
 def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
@@ -175,7 +175,7 @@ def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
             return torch.mm(p, torch.mm(z.t(), gr))
         return torch.mm(torch.mm(z, p.t()).t(), gr)
 
-    return compress, wgrad_linear, wgrad_conv1d, r, 1
+    return compress, wgrad_linear, wgrad_conv1d, r, 8  # the int64 seed
 
 
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:
@@ -233,17 +233,19 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
                 result.skipped.append({"layer": layer.name.removesuffix(".weight"),
                                        "reason": "frees nothing: " + reason})
 
+    # Inserting nodes never reorders the existing ones, so positions taken now stay valid.
+    position = {node: i for i, node in enumerate(graph.nodes)}
     for (_, _, (n, d)), layers in groups.items():
         names_ = [l.name.removesuffix(".weight") for l in layers]
         key = names_[0]
         # The compression reads the input where it first exists: after the earliest member of the group.
-        x = min((l.x for l in layers), key=lambda nd: _order(graph, nd))
+        x = min((l.x for l in layers), key=position.__getitem__)
         base = view_base(x)
         val = x.meta["val"]
         if method == "velora":
-            compress, wg_lin, wg_conv, width, state_elems = _velora_fns(config, key, n, d)
+            compress, wg_lin, wg_conv, width, state_bytes = _velora_fns(config, key, n, d)
         else:
-            compress, wg_lin, wg_conv, width, state_elems = _compact_fns(config, key, n, d, val.dtype, val.device)
+            compress, wg_lin, wg_conv, width, state_bytes = _compact_fns(config, key, n, d, val.dtype, val.device)
         anchor = x.next if x.op != "placeholder" else first_non_placeholder(graph)
         z, state = insert_traced(graph, compress, [x], before=anchor, tag=FORWARD_TAG,
                                  decompositions=decompositions, name=NAME)
@@ -265,7 +267,7 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         entry = {"layers": names_, "input": base.name, "shape": (n, d), "dtype": str(val.dtype).removeprefix("torch."),
                  "method": method, "saved_shape": (n, width),
                  # what else the forward keeps per group: VeLoRA's fp32 vector, CompAct's int64 seed
-                 "state_bytes": 4 * state_elems if method == "velora" else 8,
+                 "state_bytes": state_bytes,
                  "bytes_before": n * d * val.element_size(), "bytes_after": n * width * val.element_size()}
         result.rewritten.append(entry)
     result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated_params),
@@ -317,10 +319,3 @@ def _frees_nothing(layers: list[Layer], wgrad_owner: dict[fx.Node, Layer]) -> st
     if others:
         return "the input is still used by " + ", ".join(sorted(set(others)))
     return None
-
-
-def _order(graph: fx.Graph, node: fx.Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    raise ValueError(node)
