@@ -52,6 +52,8 @@ def gaussian_sketch(seed: torch.Tensor, n: int, r: int, dtype: torch.dtype, devi
                     phase: int) -> torch.Tensor:
     """``P`` for ``seed`` (a 0-d int64 tensor). ``phase`` (0 forward, 1 backward) only keeps the two
     calls distinct, so graph CSE cannot merge them into one saved ``P``."""
+    if torch.device(device).type == "meta":  # shapes only (the seed lives on the CPU, so no Meta dispatch)
+        return torch.empty(n, r, dtype=dtype, device=device)
     s = int(seed.item())
     if use_triton(torch.device(device)):
         return gaussian_sketch_triton(s, n, r, dtype, torch.device(device))

@@ -14,9 +14,13 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = [
     "CustomPartitionerFn",
+    "TorchDispatchMode",
     "FakeTensor",
     "FakeTensorMode",
     "aot_autograd",
@@ -28,7 +32,9 @@ __all__ = [
     "make_boxed_func",
     "make_fx",
     "min_cut_rematerialization_partition",
+    "must_save",
     "partitioner_tag",
+    "tree_leaves",
 ]
 
 FORWARD_TAG = "is_forward"
@@ -38,6 +44,12 @@ BACKWARD_TAG = "is_backward"
 def partitioner_tag(node: torch.fx.Node) -> str | None:
     """``"is_forward"``/``"is_backward"``: where AOTAutograd's joint graph places a node."""
     return node.meta.get("partitioner_tag")
+
+
+def must_save(node: torch.fx.Node) -> None:
+    """Tell the min-cut partitioner never to recompute ``node``: it is saved if the backward needs it
+    (the tag ``torch.utils.checkpoint`` policies put on nodes)."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
 def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
@@ -91,7 +103,8 @@ def autograd_cache_disabled(disabled: bool = True):
 
 
 def activation_memory_budget(value: float):
-    """A context that sets AOTAutograd's ``activation_memory_budget`` (the benchmark's baseline)."""
+    """A context that sets AOTAutograd's ``activation_memory_budget``: the min-cut partitioner keeps
+    saved activations to ``value`` of what it would save otherwise, recomputing the rest."""
     import torch._functorch.config as functorch_config
 
     return functorch_config.patch(activation_memory_budget=value)

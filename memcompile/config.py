@@ -174,6 +174,10 @@ class MemtrainConfig:
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` (runs the rewritten graphs in Python;
             for debugging and fast tests).
         partitioner: ``"mincut"`` (default; recomputes cheap pointwise ops) or ``"default"``.
+        recompute_budget: with ``"mincut"``, keep the saved activations (after compression) to this
+            fraction (0, 1] of what the partitioner would save, recomputing the rest in the backward
+            (AOTAutograd's ``activation_memory_budget``, applied to memtrain's graphs only). ``None``:
+            no budget. Recomputation is exact; it costs backward time.
         report: compute the saved-tensor report, which partitions the graph once more without the
             passes to show the "before" figures.
         dump_dir: if set, each pass writes the graph before and after it there (also
@@ -193,6 +197,7 @@ class MemtrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     compiler: str = "inductor"
     partitioner: str = "mincut"
+    recompute_budget: float | None = None
     report: bool = True
     dump_dir: str | None = None
     version: int = 1
@@ -209,6 +214,12 @@ class MemtrainConfig:
                 _fail(name, value, f"a {cls.__name__} or a dict of its fields")
         _choice("compiler", self.compiler, COMPILERS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
+        b = self.recompute_budget
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+                _fail("recompute_budget", b, "a float in (0, 1] or None")
+            if self.partitioner != "mincut":
+                _fail("recompute_budget", b, "None unless partitioner='mincut' (only min-cut recomputes)")
         _choice("report", self.report, (True, False))
         if self.dump_dir is None and os.environ.get("MEMTRAIN_DUMP_DIR"):
             object.__setattr__(self, "dump_dir", os.environ["MEMTRAIN_DUMP_DIR"])

@@ -26,7 +26,7 @@ from memcompile import _torch_compat as tc
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
-from memcompile.passes import activation_compression
+from memcompile.passes import activation_compression, block_boundaries
 from memcompile.passes._graph import dump_graph
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,15 @@ def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[
 
 
 def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dict | None) -> None:
-    """Stage 2, on the joint forward+backward graph: activation compression."""
+    """Stage 2, on the joint forward+backward graph: activation compression, then (under a recompute
+    budget) the block boundaries that keep recomputation inside a block."""
     ctx.dump("joint_before", joint)
     result = activation_compression.compress_activations(joint, ctx.config, ctx.input_names, decompositions)
     ctx.report.passes[activation_compression.NAME] = {
         "rewritten": result.rewritten, "skipped": result.skipped, "counters": result.counters}
+    if ctx.config.recompute_budget is not None:
+        # After compression, so the compressed tensors, not the inputs they replace, are what is saved.
+        ctx.report.passes[block_boundaries.NAME] = {"counters": block_boundaries.mark_block_inputs(joint)}
     by_name = dict(zip(ctx.input_names, ctx.example_inputs))
     for name, method in result.approximated_params.items():
         param = by_name.get(name)
@@ -91,9 +95,17 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dic
 
 
 def _base_partition(config: MemtrainConfig) -> Callable:
-    if config.partitioner == "mincut":
+    if config.partitioner == "default":
+        return tc.default_partition
+    if config.recompute_budget is None:
         return tc.min_cut_rematerialization_partition
-    return tc.default_partition
+
+    def budgeted(*args, **kwargs):
+        # Set around our own partition calls only, so other compiles in the process keep their budget.
+        with tc.activation_memory_budget(config.recompute_budget):
+            return tc.min_cut_rematerialization_partition(*args, **kwargs)
+
+    return budgeted
 
 
 def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, decompositions: dict | None,

@@ -4,9 +4,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import weakref
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+from memcompile._torch_compat import TorchDispatchMode, tree_leaves
 
 
 def synchronize(device: torch.device) -> None:
@@ -29,7 +32,12 @@ def median(values: Iterable[float]) -> float:
 
 
 def storage_key(t: torch.Tensor) -> tuple:
-    return t.device, t.untyped_storage().data_ptr()
+    """What identifies ``t``'s storage: its address, or on the meta device (where every address is 0)
+    the storage object, which lives as long as the storage does."""
+    storage = t.untyped_storage()
+    if t.device.type == "meta":
+        return t.device, id(storage)
+    return t.device, storage.data_ptr()
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -40,15 +48,18 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor],
-                checkpointed: Iterable[torch.nn.Module] = ()) -> int:
+                checkpointed: Iterable[torch.nn.Module] = (), then: Callable[[object], object] | None = None) -> int:
     """Bytes of the unique storages kept for backward while ``run()`` executes.
 
     Counted: what autograd packs (``saved_tensors_hooks``), and the inputs of each layer in
     ``checkpointed``, which its checkpoint keeps instead of packing anything (the checkpoint's own
     hooks shadow ours inside it). Storages of ``exclude`` (parameters, buffers, the batch) are left
     out: the caller holds them anyway, as ``memcompile.report()`` leaves out graph inputs.
+    ``then(out)`` runs after the hooks are removed, before the graph is freed (e.g. the backward).
     """
     skip = {storage_key(t) for t in exclude}
+    # Keys cannot be reused while counting: what is counted stays alive until the backward (the graph,
+    # or a checkpoint, holds it).
     seen: set = set()
     total = 0
 
@@ -73,6 +84,8 @@ def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor],
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = run()
+        if then is not None:
+            then(out)
         del out  # frees the graph and what it saved
     finally:
         for h in handles:
@@ -112,3 +125,53 @@ def reset_peak(device: torch.device) -> None:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError))
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that ops create inside the block, live now and at most (``now``, ``peak``).
+
+    A storage counts from the op that creates it until it is freed; views, in-place results and storages
+    that existed before the block (parameters, inputs) count nothing. On the meta device this is the
+    memory a run would allocate, without allocating it. Compiled code is counted op by op while it runs
+    (``ignore_compile_internals``: the mode is off while torch.compile traces, on while its graphs run),
+    so graphs run in Python (``aot_eager``) are counted as they execute; Inductor's fused kernels would
+    allocate less.
+    """
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self.now = self.peak = 0
+        self._known = {storage_key(t) for t in existing}
+        self._live: dict[tuple, weakref.finalize] = {}
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def _add(self, t: torch.Tensor) -> None:
+        key = storage_key(t)
+        if key in self._known or key in self._live:
+            return
+        storage = t.untyped_storage()
+        n = storage.nbytes()
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        self._live[key] = weakref.finalize(storage, self._free, key, n)
+
+    def _free(self, key: tuple, n: int) -> None:
+        self.now -= n
+        self._live.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+    def __exit__(self, *exc):
+        # Storages still live are no longer tracked: their later frees must not touch these counts.
+        for fin in self._live.values():
+            fin.detach()
+        self._live.clear()
+        return super().__exit__(*exc)

@@ -119,3 +119,21 @@ def device_and_defaults(args, gpu_defaults: dict, cpu_defaults: dict) -> torch.d
 def train_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, as the anchors; fp32 on CPU, where bf16 matmuls are slow and lose the comparison."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def meta_model(name: str, dtype: torch.dtype, device: str = "meta"):
+    """``name``'s model without its weights: on the meta device (shapes and dtypes only, nothing
+    allocated), or with ``device="cpu"`` allocated and filled with a constant, for code that must read
+    values (quantisation) before the model moves to the meta device. Training mode, KV cache off."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config(name)).to(dtype)
+    if device != "meta":
+        model = model.to_empty(device=device)
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.fill_(0.01)  # any finite non-zero value: quantisers divide by block maxima
+    model.config.use_cache = False
+    model.train()
+    return model

@@ -25,7 +25,8 @@ class Setup:
         quant: load the base in bitsandbytes NF4 with double quantisation (QLoRA).
         checkpointing: Hugging Face gradient checkpointing, non-reentrant.
         compile: ``"none"`` (eager), ``"inductor"`` (``torch.compile`` defaults) or ``"memtrain"``.
-        memory_budget: compile under AOTAutograd's ``activation_memory_budget`` (``--budget``).
+        memory_budget: recompute under an activation memory budget (``--budget``): AOTAutograd's
+            ``activation_memory_budget`` for ``torch.compile``, memtrain's ``recompute_budget``.
         memtrain: ``backend="memtrain"`` options (the compiler is added by the bench).
         optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
         selection: which rows of each drawn pool train: ``"all"``, ``"coreset"`` (the CoLM coreset of
@@ -90,6 +91,10 @@ SETUPS: dict[str, Setup] = _table(
     # saved only for a weight gradient rather than on the method's default layer list.
     Setup("memtrain_all", "memcompile.prepare (NF4 + DyLoRA) + memtrain VeLoRA on every linear",
           adapter="prepare", compile="memtrain", memtrain={"activation": "velora", "targets": ("*",)}),
+    # ... and recomputation of what compression leaves, under memtrain's recompute_budget (--budget).
+    Setup("memtrain_all_budget", "memtrain_all + recompute_budget (--budget): the partitioner recomputes the rest",
+          adapter="prepare", compile="memtrain", memory_budget=True,
+          memtrain={"activation": "velora", "targets": ("*",)}),
     # Full-parameter pre-training with the optimizers of memcompile.optim, AdamW as their baseline.
     # 1.5e-3: the best of a sweep (7.5e-4, 1.5e-3, 3e-3, 6e-3) pre-training a 4-layer tiny Llama on bytes
     Setup("adamw", "full-parameter training, AdamW", adapter="none", lr=1.5e-3),
@@ -108,7 +113,7 @@ SETUPS: dict[str, Setup] = _table(
 )
 
 TRAIN_DEFAULT = ("lora", "qlora", "qlora_gc", "lora_gc", "lora_compile", "qlora_compile", "lora_budget",
-                 "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "memtrain_all")
+                 "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "memtrain_all", "memtrain_all_budget")
 CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "full_batch",
                     "random_half", "coreset", "adamw", "galore", "fira")
 # The coreset comparison on its own: python -m memcompile.bench converge --setups full_batch,random_half,coreset

@@ -36,6 +36,8 @@ def run(job: dict) -> dict:
             from memcompile.bench.train import run_setup
         elif job["mode"] == "converge":
             from memcompile.bench.converge import run_setup
+        elif job["mode"] == "estimate":
+            from memcompile.bench.estimate import run_setup
         else:
             raise ValueError(f"unknown mode {job['mode']!r}")
         return {"status": "ok", **run_setup(job, progress)}

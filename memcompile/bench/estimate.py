@@ -1,0 +1,200 @@
+"""``estimate`` mode: what each setup would hold on a CUDA GPU at the anchors' shape, worked out on any
+machine, without a GPU and without allocating it.
+
+The model lives on the meta device, where every op computes shapes and dtypes and allocates nothing.
+One step is run to compile, then a second one is counted:
+
+- saved activations: unique storages packed for backward (``measure.saved_bytes``, the counter of
+  ``train`` mode);
+- peak: the resident state (weights, buffers, AdamW's two moments) plus the most bytes the step's ops
+  have live at once (``measure.LiveBytes``), gradients included.
+
+What the meta device cannot know is modelled on CUDA and said here:
+- attention runs as CUDA's fused SDPA kernel would (``aten._scaled_dot_product_flash_attention``:
+  it saves q, k, v, the output and the log-sum-exp; SDPA on meta would take the math path and save the
+  whole attention matrix). Eager keeps k and v at their KV heads (``enable_gqa``); compiled graphs
+  repeat them to the query heads first, as the anchors' profile of Inductor shows;
+- compiled setups run their graphs in Python (``aot_eager``; ``torch.compile`` setups get Inductor's
+  decompositions and partitioner), so the saved tensors are Inductor's but temporaries are counted
+  unfused: the peak of a compiled setup is an upper bound;
+- bitsandbytes setups cannot be built on meta and are skipped (their measured anchors are listed);
+  ``memcompile.prepare``'s NF4 model is quantised on the CPU from constant weights, then moved to meta;
+- no allocator: block rounding, fragmentation and library workspaces are not counted.
+
+The table puts the anchors' measured H100 figures beside the estimates where the setup has them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import torch
+
+from memcompile.bench import anchors, measure, models
+from memcompile.bench.builders import Options, Unavailable, _peft_lora, _prepare, activation_memory_budget, \
+    compile_forward
+from memcompile.bench.runner import run_setups
+from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
+from memcompile.bench.table import NA, fmt_num, render, status_notes
+
+ATTENTION = "memcompile_cuda_fused_sdpa"
+DEFAULTS = dict(model="tinyllama", seq=2048, batch=4)
+GIB = 2**30
+
+
+def cuda_fused_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention through the op CUDA's SDPA dispatches to for training (see the module doc)."""
+    if attention_mask is not None:
+        raise ValueError("the estimate models unpadded causal batches; got an attention mask")
+    if torch.compiler.is_compiling() and key.shape[1] != query.shape[1]:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, False,
+                                                             scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # the kernel applies the causal mask itself
+
+
+def register_attention() -> None:
+    """Make ``ATTENTION`` an ``attn_implementation`` (Hugging Face's registries for custom attention)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, cuda_fused_attention)
+    AttentionMaskInterface.register(ATTENTION, _no_mask)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the unique storages of ``tensors``."""
+    seen: dict[tuple, int] = {}
+    for t in tensors:
+        seen.setdefault(measure.storage_key(t), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def build_meta(setup, opts: Options, dtype: torch.dtype):
+    """``setup``'s model on the meta device and its forward; raises ``Unavailable`` where that cannot be."""
+    if setup.quant:
+        raise Unavailable("bitsandbytes 4-bit weights cannot be built on the meta device")
+    if setup.optimizer != "adamw" or setup.selection != "all":
+        raise Unavailable("the estimate covers AdamW fine-tuning on the whole batch")
+    register_attention()
+    if setup.adapter == "prepare":
+        # prepare quantises real values: constant weights on the CPU, then everything moves to meta.
+        model, _, full_rank = _prepare(models.meta_model(opts.model, dtype, device="cpu"), setup.memtrain)
+        full_rank()  # DyLoRA's largest rank: the most it ever holds
+        model = model.to("meta")
+    else:
+        model = models.meta_model(opts.model, dtype)
+    model.set_attn_implementation(ATTENTION)
+    if setup.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.adapter != "none":
+            model.enable_input_require_grads()
+    if setup.adapter == "peft":
+        model = _peft_lora(model)
+    forward, compiler = compile_forward(setup, model, "aot_eager", opts.budget)
+    return model, forward, compiler
+
+
+def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
+    """In the setup's own process: a compiling step, then a counted one."""
+    import contextlib
+
+    setup = SETUPS[job["setup"]]
+    opts = Options(**job["options"])
+    dtype = torch.bfloat16
+    progress("building the model on the meta device")
+    model, forward, compiler = build_meta(setup, opts, dtype)
+    ids = torch.zeros(opts.batch, opts.seq, dtype=torch.long, device="meta")
+    # An all-ones mask: without one, Hugging Face checks the positions for packed sequences with a
+    # host sync, which meta tensors cannot answer. The attention ignores it (``_no_mask``).
+    mask = torch.ones_like(ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    inductor_budget = setup.memory_budget and setup.compile == "inductor"
+    context = activation_memory_budget(opts.budget) if inductor_budget else contextlib.nullcontext()
+    if inductor_budget:
+        compiler += f", budget {opts.budget:g}"
+
+    def step():
+        return forward(input_ids=ids, attention_mask=mask, labels=ids)
+
+    with context:
+        if setup.compiled:
+            progress("compiling")
+            step().loss.backward()
+            model.zero_grad(set_to_none=True)
+        progress("counting")
+        weights = tensor_bytes([*model.parameters(), *model.buffers()])
+        # AdamW's exp_avg and exp_avg_sq, each like its parameter.
+        optimizer = 2 * sum(p.numel() * p.element_size() for p in params)
+        with measure.LiveBytes(existing=[*model.parameters(), *model.buffers(), ids, mask]) as live:
+            saved = measure.saved_bytes(step, [*model.parameters(), *model.buffers(), ids, mask],
+                                        measure.checkpointed_layers(model), then=lambda out: out.loss.backward())
+    resident = weights + optimizer
+    return dict(device="meta", dtype="bfloat16", compiler=compiler, model=opts.model, seq=opts.seq,
+                batch=opts.batch, saved_bytes=saved, weights_bytes=weights, optimizer_bytes=optimizer,
+                step_peak_bytes=live.peak, peak_gib=round((resident + live.peak) / GIB, 3),
+                saved_gib=round(saved / GIB, 3), trainable=sum(p.numel() for p in params))
+
+
+def add_anchors(rows: list[dict], model: str, seq: int, batch: int) -> None:
+    """The anchors' measured peak and saved GiB beside each estimate, where the setup has one."""
+    for r in rows:
+        a = anchors.lookup(r["setup"], model, seq, batch)
+        r["anchor_peak_gib"] = a.get("peak_gib") if a else None
+        r["anchor_saved_gib"] = a.get("saved_gib") if a else None
+        r["anchor_tok_per_s"] = a.get("tok_per_s") if a else None
+
+
+def _gib(key: str):
+    return lambda r: fmt_num(r.get(key)) if r.get(key) is not None else NA
+
+
+def _error(est: str, ref: str):
+    def fmt(r):
+        if r.get(est) is None or not r.get(ref):
+            return NA
+        return f"{100 * (r[est] / r[ref] - 1):+.0f} %"
+    return fmt
+
+
+def columns(status) -> list:
+    ok = lambda fn: lambda r: fn(r) if r["status"] == "ok" else ""  # noqa: E731
+    return [("setup", lambda r: r["setup"]), ("status", status), ("compiler", ok(lambda r: r["compiler"])),
+            ("est. peak GiB", _gib("peak_gib")), ("est. saved GiB", _gib("saved_gib")),
+            ("H100 peak GiB", _gib("anchor_peak_gib")), ("H100 saved GiB", _gib("anchor_saved_gib")),
+            ("peak vs H100", _error("peak_gib", "anchor_peak_gib")),
+            ("saved vs H100", _error("saved_gib", "anchor_saved_gib"))]
+
+
+def main(args) -> list[dict]:
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    setups = select(args.setups, "train", TRAIN_DEFAULT)
+    opts = Options(model=args.model, seq=args.seq, batch=args.batch, compiler="aot_eager", budget=args.budget,
+                   seed=args.seed, threads=args.threads or 1)
+    print(f"estimate: model={args.model} seq={args.seq} batch={args.batch} dtype=bfloat16, on the meta device "
+          "(nothing allocated)", flush=True)
+    rows = run_setups(setups, lambda setup: {"mode": "estimate", "setup": setup.name,
+                                             "options": dataclasses.asdict(opts)}, timeout=args.timeout)
+    add_anchors(rows, args.model, args.seq, args.batch)
+    status, notes = status_notes(rows)
+    print()
+    print(render(rows, columns(status)))
+    print("\n".join(["", *notes] if notes else []))
+    print("\nest.: computed on the meta device as CUDA would run the step (python -m memcompile.bench estimate "
+          "--help); H100: measured, " + anchors.SOURCE)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {args.json}")
+    return rows

@@ -1,0 +1,109 @@
+"""``python -m memcompile.bench estimate``: the meta-device counters against real runs and exact sums,
+and the mode end to end on the tiny model."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from memcompile.bench import anchors, measure, models
+
+F32 = 4
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_live_bytes_counts_creations_until_freed(device):
+    x = torch.empty(256, device=device)  # before the block: never counted
+    with measure.LiveBytes(existing=[x]) as live:
+        a = torch.empty(1024, device=device)
+        b = a * 2
+        v = b.view(4, 256)  # a view allocates nothing
+        assert live.now == 2 * 1024 * F32
+        del a
+        assert live.now == 1024 * F32
+        c = torch.cat([b, b])
+        x.add_(1)  # in place: nothing new
+        y = x[:128]
+        assert live.now == 3 * 1024 * F32
+        assert live.peak == 3 * 1024 * F32
+        del b, v, c
+        assert live.now == 0
+    assert live.peak == 3 * 1024 * F32
+    del y
+
+
+def test_live_bytes_counts_compiled_graphs_as_they_run():
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def f(x):
+        return (x * 2).sin().sum(0)
+
+    x = torch.empty(512, 64, device="meta")
+    with measure.LiveBytes(existing=[x]) as eager:
+        f(x)
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    compiled(x)  # compiles outside the counter
+    with measure.LiveBytes(existing=[x]) as live:
+        compiled(x)
+    assert len(compiles) == 1  # the mode did not send the call back to eager or recompile
+    assert live.peak == eager.peak == 2 * 512 * 64 * F32
+
+
+def _saved(model, device):
+    ids = torch.zeros(2, 16, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)  # see estimate.run_setup
+    exclude = [*model.parameters(), *model.buffers(), ids, mask]
+    return measure.saved_bytes(lambda: model(input_ids=ids, attention_mask=mask, labels=ids), exclude,
+                               then=lambda out: out.loss.backward())
+
+
+def test_meta_counts_what_a_real_run_saves():
+    real = models.meta_model("tiny", torch.float32, device="cpu")
+    meta = models.meta_model("tiny", torch.float32)
+    for m in (real, meta):
+        m.set_attn_implementation("eager")
+    assert _saved(meta, "meta") == _saved(real, "cpu") > 0
+
+
+def test_anchor_lookup():
+    assert anchors.lookup("lora", "tinyllama", 2048, 4)["peak_gib"] == pytest.approx(27.769)
+    assert anchors.lookup("lora", "tinyllama", 1024, 4) is None
+    assert anchors.lookup("memtrain_velora", "tinyllama", 2048, 4) is None
+
+
+SETUPS = ("lora", "lora_compile", "memtrain_velora", "memtrain_qdylora", "qlora")
+
+
+@pytest.fixture(scope="module")
+def estimate_rows():
+    from memcompile.bench.__main__ import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rows = main(["estimate", "--model", "tiny", "--seq", "64", "--batch", "2", "--setups", ",".join(SETUPS)])
+    return rows, out.getvalue()
+
+
+def test_estimate_rows(estimate_rows):
+    rows, text = estimate_rows
+    by = {r["setup"]: r for r in rows}
+    assert list(by) == list(SETUPS)
+    assert by["qlora"]["status"].startswith("skipped: bitsandbytes")
+    for name in SETUPS[:-1]:
+        r = by[name]
+        assert r["status"] == "ok", r
+        assert r["device"] == "meta" and r["model"] == "tiny"
+        assert 0 < r["saved_bytes"] < r["step_peak_bytes"]
+        assert r["peak_gib"] * 2**30 == pytest.approx(r["weights_bytes"] + r["optimizer_bytes"] + r["step_peak_bytes"],
+                                                      abs=2**30 * 1e-3)
+        assert r["anchor_peak_gib"] is None  # the anchors have no tiny model
+    assert by["memtrain_velora"]["saved_bytes"] < by["lora_compile"]["saved_bytes"] < by["lora"]["saved_bytes"]
+    # NF4 weights: the prepared model holds fewer weight bytes than the bf16 one.
+    assert by["memtrain_qdylora"]["weights_bytes"] < by["memtrain_velora"]["weights_bytes"]
+    assert "est. peak GiB" in text and "memtrain_qdylora" in text
