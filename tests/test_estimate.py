@@ -34,6 +34,16 @@ def test_live_bytes_counts_creations_until_freed(device):
     del y
 
 
+def test_live_bytes_describes_the_peak():
+    with measure.LiveBytes(describe=True) as live:
+        a = torch.empty(1024, device="meta")
+        b = torch.cat([a, a])
+        del a, b
+        torch.empty(10, device="meta")
+    assert live.peak_breakdown() == [("aten::cat", (2048,), "float32", 1, 2048 * F32),
+                                     ("aten::empty.memory_format", (1024,), "float32", 1, 1024 * F32)]
+
+
 def test_live_bytes_counts_compiled_graphs_as_they_run():
     compiles = []
 
@@ -107,3 +117,8 @@ def test_estimate_rows(estimate_rows):
     # NF4 weights: the prepared model holds fewer weight bytes than the bf16 one.
     assert by["memtrain_qdylora"]["weights_bytes"] < by["memtrain_velora"]["weights_bytes"]
     assert "est. peak GiB" in text and "memtrain_qdylora" in text
+    # what was live at the peak adds up to no more than the step's peak
+    for name in SETUPS[:-1]:
+        r = by[name]
+        assert r["at_peak"] and sum(g["bytes"] for g in r["at_peak"]) <= r["step_peak_bytes"]
+    assert "where each peak is" in text

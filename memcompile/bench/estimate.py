@@ -133,14 +133,16 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         weights = tensor_bytes([*model.parameters(), *model.buffers()])
         # AdamW's exp_avg and exp_avg_sq, each like its parameter.
         optimizer = 2 * sum(p.numel() * p.element_size() for p in params)
-        with measure.LiveBytes(existing=[*model.parameters(), *model.buffers(), ids, mask]) as live:
+        with measure.LiveBytes(existing=[*model.parameters(), *model.buffers(), ids, mask], describe=True) as live:
             saved = measure.saved_bytes(step, [*model.parameters(), *model.buffers(), ids, mask],
                                         measure.checkpointed_layers(model), then=lambda out: out.loss.backward())
     resident = weights + optimizer
     return dict(device="meta", dtype="bfloat16", compiler=compiler, model=opts.model, seq=opts.seq,
                 batch=opts.batch, saved_bytes=saved, weights_bytes=weights, optimizer_bytes=optimizer,
                 step_peak_bytes=live.peak, peak_gib=round((resident + live.peak) / GIB, 3),
-                saved_gib=round(saved / GIB, 3), trainable=sum(p.numel() for p in params))
+                saved_gib=round(saved / GIB, 3), trainable=sum(p.numel() for p in params),
+                at_peak=[dict(op=op, shape=list(shape), dtype=dt, count=c, bytes=b)
+                         for op, shape, dt, c, b in live.peak_breakdown()])
 
 
 def add_anchors(rows: list[dict], model: str, seq: int, batch: int) -> None:
@@ -162,6 +164,19 @@ def _error(est: str, ref: str):
             return NA
         return f"{100 * (r[est] / r[ref] - 1):+.0f} %"
     return fmt
+
+
+def peak_lines(rows: list[dict], top: int = 3) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        resident = (r["weights_bytes"] + r["optimizer_bytes"]) / GIB
+        parts = [f"{g['count']} x {g['op'].removeprefix('aten::')} {tuple(g['shape'])} {g['dtype']} "
+                 f"{g['bytes'] / GIB:.2f} GiB" for g in r["at_peak"][:top]]
+        lines.append(f"  {r['setup']}: {r['peak_gib']:.2f} GiB = {resident:.2f} resident + "
+                     f"{r['step_peak_bytes'] / GIB:.2f} step; " + "; ".join(parts))
+    return lines
 
 
 def columns(status) -> list:
@@ -189,6 +204,8 @@ def main(args) -> list[dict]:
     print()
     print(render(rows, columns(status)))
     print("\n".join(["", *notes] if notes else []))
+    print("\n".join(["", "where each peak is (resident = weights, buffers, AdamW moments; then the largest groups "
+                      "of tensors live at the peak, by the op that made them):", *peak_lines(rows)]))
     print("\nest.: computed on the meta device as CUDA would run the step (python -m memcompile.bench estimate "
           "--help); H100: measured, " + anchors.SOURCE)
     if args.json:

@@ -138,11 +138,16 @@ class LiveBytes(TorchDispatchMode):
     allocate less.
     """
 
-    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+    def __init__(self, existing: Iterable[torch.Tensor] = (), describe: bool = False):
         super().__init__()
         self.now = self.peak = 0
         self._known = {storage_key(t) for t in existing}
         self._live: dict[tuple, weakref.finalize] = {}
+        # describe=True: what was live at the peak, as (op, shape, dtype, bytes) per storage.
+        self.describe = describe
+        self.at_peak: list[tuple[str, tuple, str, int]] = []
+        self._what: dict[tuple, tuple[str, tuple, str, int]] = {}
+        self._op = ""
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -155,14 +160,31 @@ class LiveBytes(TorchDispatchMode):
         storage = t.untyped_storage()
         n = storage.nbytes()
         self.now += n
-        self.peak = max(self.peak, self.now)
         self._live[key] = weakref.finalize(storage, self._free, key, n)
+        if self.describe:
+            self._what[key] = (self._op, tuple(t.shape), str(t.dtype).removeprefix("torch."), n)
+        if self.now > self.peak:
+            self.peak = self.now
+            if self.describe:
+                self.at_peak = [self._what[k] for k in self._live]
 
     def _free(self, key: tuple, n: int) -> None:
         self.now -= n
         self._live.pop(key, None)
+        self._what.pop(key, None)
+
+    def peak_breakdown(self, top: int = 5) -> list[tuple[str, tuple, str, int, int]]:
+        """The largest groups live at the peak: ``(op, shape, dtype, count, bytes)``, largest first."""
+        groups: dict[tuple, list[int]] = {}
+        for op, shape, dtype, n in self.at_peak:
+            g = groups.setdefault((op, shape, dtype), [0, 0])
+            g[0] += 1
+            g[1] += n
+        rows = [(*k, c, b) for k, (c, b) in groups.items()]
+        return sorted(rows, key=lambda r: -r[4])[:top]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._op = func.name()
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
