@@ -178,6 +178,10 @@ class MemtrainConfig:
             fraction (0, 1] of what the partitioner would save, recomputing the rest in the backward
             (AOTAutograd's ``activation_memory_budget``, applied to memtrain's graphs only). ``None``:
             no budget. Recomputation is exact; it costs backward time.
+        fused_cross_entropy: compute ``F.cross_entropy`` with memtrain's kernel on the logits in their
+            own dtype: no fp32 copy of the logits, one fp32 number saved per token instead of
+            ``log_softmax``'s (tokens x vocab) output. Exact up to fp32 round-off (the same formula,
+            summed in another order), so off by default.
         report: compute the saved-tensor report, which partitions the graph once more without the
             passes to show the "before" figures.
         dump_dir: if set, each pass writes the graph before and after it there (also
@@ -198,6 +202,7 @@ class MemtrainConfig:
     compiler: str = "inductor"
     partitioner: str = "mincut"
     recompute_budget: float | None = None
+    fused_cross_entropy: bool = False
     report: bool = True
     dump_dir: str | None = None
     version: int = 1
@@ -220,6 +225,7 @@ class MemtrainConfig:
                 _fail("recompute_budget", b, "a float in (0, 1] or None")
             if self.partitioner != "mincut":
                 _fail("recompute_budget", b, "None unless partitioner='mincut' (only min-cut recomputes)")
+        _choice("fused_cross_entropy", self.fused_cross_entropy, (True, False))
         _choice("report", self.report, (True, False))
         if self.dump_dir is None and os.environ.get("MEMTRAIN_DUMP_DIR"):
             object.__setattr__(self, "dump_dir", os.environ["MEMTRAIN_DUMP_DIR"])

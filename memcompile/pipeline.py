@@ -13,6 +13,11 @@ Ordering constraints, each stated where it binds:
   so inserted nodes are traced with Inductor's decomposition table.
 * Partitioning runs last on the joint graph: min-cut then sees the compressed tensors as the cheap
   thing to save and recomputes cheap pointwise ops around them.
+* The fused cross-entropy rewrite runs on Dynamo's graph, where the loss is still one
+  ``F.cross_entropy`` call; in the joint graph it is a dozen decomposed ops, forward and backward.
+  The "before" report therefore already includes it: its saving shows in the estimate's peak.
+* Block boundaries are marked after compression, so what is saved at a boundary is what compression
+  left there; only under a recompute budget, the only case where min-cut recomputes across blocks.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from memcompile import _torch_compat as tc
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
-from memcompile.passes import activation_compression, block_boundaries
+from memcompile.passes import activation_compression, block_boundaries, cross_entropy
 from memcompile.passes._graph import dump_graph
 
 log = logging.getLogger(__name__)
@@ -48,13 +53,17 @@ class CompileContext:
 
 
 def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    """Stage 1, on Dynamo's graph: records the NF4 layers for the report; nothing rewrites here yet.
+    """Stage 1, on Dynamo's graph: records the NF4 layers for the report; with ``fused_cross_entropy``,
+    the loss goes to memtrain's kernel (here, before AOTAutograd decomposes it into aten ops).
 
     Module-level swaps (NF4 weights, LoRA adapters) are done by ``memcompile.prepare`` before
     ``torch.compile`` instead: parameters created inside a backend would be invisible to the optimizer.
     """
     ctx.dump("dynamo", gm)
     ctx.report.quantized_layers = quantized_layers_in(gm, ctx.input_names)
+    if ctx.config.fused_cross_entropy:
+        ctx.report.passes[cross_entropy.NAME] = cross_entropy.fuse_cross_entropy(gm)
+        ctx.dump("dynamo_after", gm)
     return gm
 
 

@@ -77,6 +77,9 @@ class GraphReport:
             lines.append(f"  saved activations: {_fmt(after)} [{len(self.saved_after)} tensors]")
         for name, rec in self.passes.items():
             lines.append(f"  pass {name}: {rec.get('counters', {})}")
+            for r in rec.get("losses", []):
+                lines.append(f"    fused loss {r['loss']}: logits {r['logits']} {r['dtype']}"
+                             + (", their fp32 copy dropped" if r["upcast_dropped"] else ""))
             for r in rec.get("rewritten", []):
                 lines.append(f"    compressed {r['input']} {tuple(r['shape'])} {r['dtype']} -> {tuple(r['saved_shape'])}"
                              f" for {', '.join(r['layers'])}")

@@ -87,14 +87,16 @@ SETUPS: dict[str, Setup] = _table(
           memtrain={"activation": "compact"}),
     Setup("memtrain_qdylora", "memcompile.prepare (NF4 + DyLoRA) + backend=memtrain, VeLoRA", adapter="prepare",
           compile="memtrain", memtrain={"activation": "velora"}),
-    # Everything memtrain has for fine-tuning: the NF4 + DyLoRA model, and VeLoRA on every linear input
-    # saved only for a weight gradient rather than on the method's default layer list.
-    Setup("memtrain_all", "memcompile.prepare (NF4 + DyLoRA) + memtrain VeLoRA on every linear",
-          adapter="prepare", compile="memtrain", memtrain={"activation": "velora", "targets": ("*",)}),
+    # Everything memtrain has for fine-tuning: the NF4 + DyLoRA model, VeLoRA on every linear input
+    # saved only for a weight gradient rather than on the method's default layer list, and the loss on
+    # the bf16 logits (no fp32 copy).
+    Setup("memtrain_all", "memcompile.prepare (NF4 + DyLoRA) + memtrain VeLoRA on every linear + fused loss",
+          adapter="prepare", compile="memtrain",
+          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True}),
     # ... and recomputation of what compression leaves, under memtrain's recompute_budget (--budget).
     Setup("memtrain_all_budget", "memtrain_all + recompute_budget (--budget): the partitioner recomputes the rest",
           adapter="prepare", compile="memtrain", memory_budget=True,
-          memtrain={"activation": "velora", "targets": ("*",)}),
+          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True}),
     # Full-parameter pre-training with the optimizers of memcompile.optim, AdamW as their baseline.
     # 1.5e-3: the best of a sweep (7.5e-4, 1.5e-3, 3e-3, 6e-3) pre-training a 4-layer tiny Llama on bytes
     Setup("adamw", "full-parameter training, AdamW", adapter="none", lr=1.5e-3),

@@ -1,0 +1,87 @@
+"""The fused cross-entropy pass: on a Dynamo graph on its own, and through the backend on a bf16 Llama."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memcompile
+from memcompile.passes.cross_entropy import fuse_cross_entropy
+from tests import models
+
+V = 50
+
+
+def _loss(logits, labels, **kw):
+    return F.cross_entropy(logits.float().view(-1, V), labels.view(-1), **kw)
+
+
+def _run(fn, logits, labels):
+    """Compile ``fn`` with a backend that applies the pass to Dynamo's graph; returns the result, the
+    pass's record and the targets left in the graph."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["record"] = fuse_cross_entropy(gm)
+        seen["targets"] = [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        return gm.forward
+
+    x = logits.clone().requires_grad_()
+    loss = torch.compile(fn, backend=backend, fullgraph=True)(x, labels)
+    loss.backward()
+    return loss, x.grad, seen
+
+
+def _data(dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, V, generator=gen).to(dtype)
+    labels = torch.randint(0, V, (2, 8), generator=gen)
+    labels[0, :3] = -100
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rewrites_the_loss_and_drops_the_upcast(dtype):
+    logits, labels = _data(dtype)
+    loss, grad, seen = _run(_loss, logits, labels)
+    assert seen["record"]["counters"] == {"rewritten": 1, "skipped": 0}
+    assert F.cross_entropy not in seen["targets"]
+    assert memcompile.kernels.cross_entropy.cross_entropy in seen["targets"]
+    # A 16-bit input loses its .float(); an fp32 one had nothing to drop (float() of fp32 is itself).
+    assert ("float" in seen["targets"]) == (dtype == torch.float32)
+    assert seen["record"]["losses"][0]["upcast_dropped"] == (dtype != torch.float32)
+    x = logits.clone().requires_grad_()
+    expected = _loss(x, labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+def test_unsupported_calls_are_left_alone_and_reported():
+    logits, labels = _data()
+    loss, grad, seen = _run(lambda a, b: _loss(a, b, label_smoothing=0.1), logits, labels)
+    assert seen["record"]["counters"] == {"rewritten": 0, "skipped": 1}
+    assert seen["record"]["skipped"][0]["reason"] == "not fused: label smoothing"
+    assert F.cross_entropy in seen["targets"]
+
+
+def test_backend_bf16_llama_saves_no_fp32_logits():
+    model, ids = models.tiny_lora_llama(), models.batch()
+    model = model.to(torch.bfloat16)
+    vocab = model.config.vocab_size
+    results = {}
+    for fused in (False, True):
+        torch.compiler.reset()
+        model.zero_grad(set_to_none=True)
+        opts = {"compiler": "aot_eager", "activation": "none", "fused_cross_entropy": fused}
+        loss = torch.compile(model, backend="memtrain", options=opts)(input_ids=ids, labels=ids).loss
+        loss.backward()
+        rep = memcompile.report()
+        fp32_logits = [t for t in rep.saved_after if t.shape and t.shape[-1] == vocab and t.dtype == "float32"]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fused] = (loss.detach(), grads, fp32_logits, rep)
+    (loss_a, grads_a, fp32_a, _), (loss_b, grads_b, fp32_b, rep) = results[False], results[True]
+    assert fp32_a and not fp32_b  # torch's loss keeps log_softmax's fp32 output; the fused one does not
+    assert rep.passes["cross_entropy"]["counters"]["rewritten"] == 1
+    assert "fused loss" in str(rep)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+    for name in grads_a:  # bf16 gradients: one rounding of a differently summed fp32 value
+        torch.testing.assert_close(grads_b[name].float(), grads_a[name].float(), rtol=2e-2, atol=1e-3, msg=name)
