@@ -126,6 +126,10 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default="runs", help="where the pre-trained base is cached")
     ap.add_argument("--csv", help="write step,loss rows here")
     ap.add_argument("--dump-dir", help="write the graphs before/after each pass here")
+    ap.add_argument("--recompute-budget", type=float, help="memtrain recompute_budget in (0, 1]: recompute the "
+                    "rest of what compression leaves saved, within each layer (exact; costs backward time)")
+    ap.add_argument("--fused-loss", action="store_true", help="memtrain fused_cross_entropy: the loss on the "
+                    "logits in their own dtype, without an fp32 copy")
     args = ap.parse_args(argv)
 
     tokens = encode(args)
@@ -139,7 +143,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     options = {"activation": args.activation, "compiler": args.compiler if args.compiler != "eager" else "aot_eager",
                "velora": {"num_groups": args.velora_groups}, "compact": {"rank": args.compact_rank},
-               "dump_dir": args.dump_dir}
+               "dump_dir": args.dump_dir, "recompute_budget": args.recompute_budget,
+               "fused_cross_entropy": args.fused_loss}
     step_fn = model if args.compiler == "eager" else torch.compile(model, backend="memtrain", options=options)
     print(f"trainable parameters: {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,}")
 

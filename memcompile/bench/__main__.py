@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     _common(t, TRAIN_DEFAULT)
     t.add_argument("--warmup", type=int, help="untimed steps first (the first one compiles)")
     t.add_argument("--baseline", default="lora_compile", help="setup the ratios compare against")
-    t.add_argument("--budget", type=float, default=0.3, help="activation memory budget of the *_budget setups")
+    t.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
     t.add_argument("--json", help="write one JSON line per setup here")
 
     c = sub.add_parser("converge", help="loss curves of each setup on the bundled text")
@@ -52,12 +52,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/converge", help="directory for losses.csv and losses.png")
     c.add_argument("--lr", type=float, help="learning rate of every setup (default: each setup's own)")
     c.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: steps/10)")
-    c.add_argument("--budget", type=float, default=0.3, help="activation memory budget of the *_budget setups")
+    c.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
 
     e = sub.add_parser("estimate", help="each setup's CUDA peak memory and saved activations, worked out on "
                        "the meta device (no GPU, nothing allocated), beside the anchors' H100 figures")
     _common(e, TRAIN_DEFAULT)
-    e.add_argument("--budget", type=float, default=0.3, help="activation memory budget of the *_budget setups")
+    e.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
     e.add_argument("--json", help="write one JSON line per setup here")
 
     k = sub.add_parser("kernels", help="each Triton kernel against torch and bitsandbytes")

@@ -151,7 +151,8 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float
         name = f"memtrain/{compiler}"
         if setup.memory_budget:  # memtrain's own option: the budget applies to its graphs only
             options["recompute_budget"] = budget
-            name += f", budget {budget:g}"
+        if options.get("recompute_budget") is not None:
+            name += f", budget {options['recompute_budget']:g}"
         return torch.compile(model, backend="memtrain", options=options), name
     backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
     return torch.compile(model, backend=backend), backend

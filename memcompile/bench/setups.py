@@ -26,7 +26,7 @@ class Setup:
         checkpointing: Hugging Face gradient checkpointing, non-reentrant.
         compile: ``"none"`` (eager), ``"inductor"`` (``torch.compile`` defaults) or ``"memtrain"``.
         memory_budget: recompute under an activation memory budget (``--budget``): AOTAutograd's
-            ``activation_memory_budget`` for ``torch.compile``, memtrain's ``recompute_budget``.
+            ``activation_memory_budget`` for ``torch.compile``, ``recompute_budget`` for memtrain.
         memtrain: ``backend="memtrain"`` options (the compiler is added by the bench).
         optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
         selection: which rows of each drawn pool train: ``"all"``, ``"coreset"`` (the CoLM coreset of
@@ -93,10 +93,12 @@ SETUPS: dict[str, Setup] = _table(
     Setup("memtrain_all", "memcompile.prepare (NF4 + DyLoRA) + memtrain VeLoRA on every linear + fused loss",
           adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True}),
-    # ... and recomputation of what compression leaves, under memtrain's recompute_budget (--budget).
-    Setup("memtrain_all_budget", "memtrain_all + recompute_budget (--budget): the partitioner recomputes the rest",
-          adapter="prepare", compile="memtrain", memory_budget=True,
-          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True}),
+    # ... and recomputation of what compression leaves, within each layer. 0.2: the lowest estimated
+    # peak of 0.1/0.2/0.3/0.5 (python -m memcompile.bench estimate --setups memtrain_all_budget).
+    Setup("memtrain_all_budget", "memtrain_all + recompute_budget 0.2: the partitioner recomputes the rest",
+          adapter="prepare", compile="memtrain",
+          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
+                    "recompute_budget": 0.2}),
     # Full-parameter pre-training with the optimizers of memcompile.optim, AdamW as their baseline.
     # 1.5e-3: the best of a sweep (7.5e-4, 1.5e-3, 3e-3, 6e-3) pre-training a 4-layer tiny Llama on bytes
     Setup("adamw", "full-parameter training, AdamW", adapter="none", lr=1.5e-3),
