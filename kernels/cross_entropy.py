@@ -36,7 +36,7 @@ def _scale(target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Ten
     return 1.0 / (target != ignore_index).sum().to(torch.float32)
 
 
-def _rows(v: int) -> int:
+def rows_per_chunk(v: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(v, 1))
 
 
@@ -46,7 +46,7 @@ def cross_entropy_ref(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
     _check(x, target, reduction)
     lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
-    step = _rows(x.shape[1])
+    step = rows_per_chunk(x.shape[1])
     for i in range(0, x.shape[0], step):
         xs, ts = x[i:i + step].float(), target[i:i + step]
         lse_s = torch.logsumexp(xs, dim=1)
@@ -57,18 +57,30 @@ def cross_entropy_ref(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
     return total * _scale(target, ignore_index, reduction), lse
 
 
+def softmax_grad(xs: torch.Tensor, ts: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                 ignore_index: int) -> torch.Tensor:
+    """``(softmax(xs) - onehot(ts)) * g`` for fp32 rows ``xs`` with their log-sum-exp; 0 on ignored rows.
+    ``g``: the loss gradient times the reduction's scale (fp32, 0-d)."""
+    valid = ts != ignore_index
+    p = torch.exp(xs - lse.unsqueeze(1))
+    p.scatter_add_(1, torch.where(valid, ts, 0).unsqueeze(1), torch.where(valid, -1.0, 0.0).unsqueeze(1))
+    return p * torch.where(valid, g, 0.0).unsqueeze(1)
+
+
+def grad_scale(grad: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """The upstream loss gradient times the reduction's scale (fp32, 0-d)."""
+    return grad.float() * _scale(target, ignore_index, reduction)
+
+
 def cross_entropy_backward_ref(grad: torch.Tensor, x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
                                ignore_index: int, reduction: str) -> torch.Tensor:
     """Reference: ``(softmax(x) - onehot(target)) * grad * scale`` per row, in ``x.dtype``."""
-    g = grad.float() * _scale(target, ignore_index, reduction)
+    g = grad_scale(grad, target, ignore_index, reduction)
     out = torch.empty_like(x)
-    step = _rows(x.shape[1])
+    step = rows_per_chunk(x.shape[1])
     for i in range(0, x.shape[0], step):
-        xs, ts = x[i:i + step].float(), target[i:i + step]
-        valid = ts != ignore_index
-        p = torch.exp(xs - lse[i:i + step].unsqueeze(1))
-        p.scatter_add_(1, torch.where(valid, ts, 0).unsqueeze(1), torch.where(valid, -1.0, 0.0).unsqueeze(1))
-        out[i:i + step] = (p * torch.where(valid, g, 0.0).unsqueeze(1)).to(x.dtype)
+        p = softmax_grad(x[i:i + step].float(), target[i:i + step], lse[i:i + step], g, ignore_index)
+        out[i:i + step] = p.to(x.dtype)
     return out
 
 
@@ -139,13 +151,19 @@ def cross_entropy_backward_triton(grad: torch.Tensor, x: torch.Tensor, target: t
     return out
 
 
+def loss_and_lse(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                 reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward on this device: the Triton kernel where it runs, else the reference."""
+    if use_triton(x.device):
+        return cross_entropy_triton(x, target, ignore_index, reduction)
+    return cross_entropy_ref(x, target, ignore_index, reduction)
+
+
 @torch.library.custom_op("memtrain::cross_entropy", mutates_args=())
 def cross_entropy_op(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
                      reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, lse)``: the fp32 loss and each row's log-sum-exp (kept for the backward)."""
-    if use_triton(x.device):
-        return cross_entropy_triton(x, target, ignore_index, reduction)
-    return cross_entropy_ref(x, target, ignore_index, reduction)
+    return loss_and_lse(x, target, ignore_index, reduction)
 
 
 @cross_entropy_op.register_fake

@@ -23,6 +23,7 @@ __all__ = [
     "TorchDispatchMode",
     "FakeTensor",
     "FakeTensorMode",
+    "LINEAR_FUNCTIONS",
     "aot_autograd",
     "compile_fx",
     "default_partition",
@@ -44,6 +45,10 @@ BACKWARD_TAG = "is_backward"
 def partitioner_tag(node: torch.fx.Node) -> str | None:
     """``"is_forward"``/``"is_backward"``: where AOTAutograd's joint graph places a node."""
     return node.meta.get("partitioner_tag")
+
+
+# What ``F.linear`` is in a Dynamo graph: the C function it wraps, or the Python one.
+LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
 def must_save(node: torch.fx.Node) -> None:

@@ -79,7 +79,8 @@ class GraphReport:
             lines.append(f"  pass {name}: {rec.get('counters', {})}")
             for r in rec.get("losses", []):
                 lines.append(f"    fused loss {r['loss']}: logits {r['logits']} {r['dtype']}"
-                             + (", their fp32 copy dropped" if r["upcast_dropped"] else ""))
+                             + (", their fp32 copy dropped" if r["upcast_dropped"] else "")
+                             + (", fused with the output projection" if r.get("linear") else ""))
             for r in rec.get("rewritten", []):
                 lines.append(f"    compressed {r['input']} {tuple(r['shape'])} {r['dtype']} -> {tuple(r['saved_shape'])}"
                              f" for {', '.join(r['layers'])}")

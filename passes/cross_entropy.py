@@ -9,6 +9,11 @@ fp32 row by row and saves one log-sum-exp per row (``memcompile.kernels.cross_en
 is dropped when nothing else reads it. An fp32 loss input is passed as it is: the saving is then
 ``log_softmax``'s output.
 
+When the 16-bit logits come straight from a bias-free ``F.linear`` (the output projection) and
+nothing reads them before the loss, the projection joins the loss
+(``memcompile.kernels.linear_cross_entropy``): the backward then recomputes the logits chunk by chunk
+and never holds their full gradient, nor keeps the logits themselves; the model still returns them.
+
 It runs on Dynamo's graph (torch functions, before AOTAutograd decomposes the loss into many aten ops)
 and changes no numbers beyond fp32 round-off. Calls it cannot take (class weights, label smoothing,
 ``reduction="none"``, inputs that are not (N, V) logits and (N,) targets) are left alone and reported.
@@ -20,13 +25,15 @@ Example::
 from __future__ import annotations
 
 import inspect
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from memcompile._torch_compat import FakeTensor
+from memcompile._torch_compat import LINEAR_FUNCTIONS, FakeTensor
 from memcompile.kernels import cross_entropy as kernel
+from memcompile.kernels import linear_cross_entropy as linear_kernel
 
 NAME = "cross_entropy"
 _SIGNATURE = inspect.signature(F.cross_entropy)
@@ -48,19 +55,29 @@ def _is_upcast(node: fx.Node) -> bool:
     return False
 
 
-def upcast_source(loss_input: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """``(x16, views)`` when ``loss_input`` is ``views(x16.float())`` for a 16-bit ``x16``, else ``None``."""
+def loss_source(loss_input: fx.Node) -> tuple[fx.Node, list[fx.Node], fx.Node | None]:
+    """``(x, views, upcast)`` for a loss input ``views(upcast(x))`` or ``views(x)``: the tensor before
+    any ``.float()``/``.to(torch.float32)``, the views after it (outermost last) and the upcast node."""
     views, node = [], loss_input
     while node.op == "call_method" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
         views.append(node)
         node = node.args[0]
-    if not _is_upcast(node) or not isinstance(node.args[0], fx.Node):
+    upcast = None
+    if _is_upcast(node) and isinstance(node.args[0], fx.Node):
+        upcast, node = node, node.args[0]
+    return node, views[::-1], upcast
+
+
+def linear_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(h, W)`` when ``node`` is ``F.linear(h, W)`` without a bias, else ``None``."""
+    if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
         return None
-    base = node.args[0]
-    val = _val(base)
-    if not isinstance(val, torch.Tensor) or val.dtype not in _LOW:
+    args = list(node.args) + [None] * (3 - len(node.args))
+    h, w = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
+    bias = node.kwargs.get("bias", args[2])
+    if bias is not None or not isinstance(h, fx.Node) or not isinstance(w, fx.Node):
         return None
-    return base, views[::-1]
+    return h, w
 
 
 def _unsupported(args: dict, x, t) -> str | None:
@@ -105,12 +122,16 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> dict:
         if reason is not None:
             skipped.append({"layer": node.name, "reason": f"not fused: {reason}"})
             continue
-        source = upcast_source(args["input"])
+        base, views, upcast = loss_source(args["input"])
+        if _fuse_linear(graph, node, args, base, views, upcast, losses):
+            continue
+        bval = _val(base)
+        use_base = upcast is not None and isinstance(bval, torch.Tensor) and bval.dtype in _LOW
         with graph.inserting_before(node):
             x = args["input"]
-            if source is not None:
-                x, views = source
-                for v in views:  # the same views, on the 16-bit tensor
+            if use_base:  # the same views, on the 16-bit tensor
+                x = base
+                for v in views:
                     new_view = graph.call_method(v.target, (x, *v.args[1:]), dict(v.kwargs))
                     new_view.meta["example_value"] = _fake_call(lambda t, *a: getattr(t, v.target)(*a), x,
                                                                 *v.args[1:])
@@ -121,15 +142,57 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> dict:
             fused.meta["example_value"] = _fake_call(kernel.cross_entropy, x, args["target"], **kwargs)
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
-        dropped = _erase_unused_chain(args["input"])
+        dropped = _erase_unused_chain(args["input"]) and use_base
         xval = _val(x)
         losses.append({"loss": fused.name, "logits": tuple(xval.shape) if xval is not None else None,
                        "dtype": str(xval.dtype).removeprefix("torch.") if xval is not None else None,
-                       "upcast_dropped": dropped})
+                       "upcast_dropped": dropped, "linear": False})
     if losses:
         graph.lint()
         gm.recompile()
     return {"counters": {"rewritten": len(losses), "skipped": len(skipped)}, "losses": losses, "skipped": skipped}
+
+
+def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, logits: fx.Node, views: list[fx.Node],
+                 upcast: fx.Node | None, losses: list) -> bool:
+    """Fuse the bias-free ``F.linear`` that makes the logits into the loss (``linear_cross_entropy``).
+
+    Only when the logits are ``(..., V)`` viewed to ``(N, V)`` for the loss, the upcast and views have no
+    other reader, and every other reader of the logits (the model's output) comes after the loss, where
+    the fused op's logits are defined. Returns whether it fused.
+    """
+    linear = linear_source(logits)
+    if linear is None:
+        return False
+    chain = [*([upcast] if upcast is not None else []), *views]
+    if any(len(n.users) != 1 for n in chain):
+        return False
+    into_loss = chain[0] if chain else node  # the reader of the logits on the way to the loss
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if any(order[u] < order[node] for u in logits.users if u is not into_loss):
+        return False
+    lval, hval = _val(logits), _val(linear[0])
+    if lval is None or hval is None or lval.dim() < 2 or hval.shape[:-1] != lval.shape[:-1]:
+        return False
+    h, w = linear
+    kwargs = {"ignore_index": args["ignore_index"], "reduction": args["reduction"]}
+    with graph.inserting_before(node):
+        fused = graph.call_function(linear_kernel.linear_cross_entropy, (h, w, args["target"]), kwargs)
+        fused.meta["example_value"] = _fake_call(linear_kernel.linear_cross_entropy, h, w, args["target"], **kwargs)
+        loss = graph.call_function(operator.getitem, (fused, 0))
+        new_logits = graph.call_function(operator.getitem, (fused, 1))
+        if fused.meta["example_value"] is not None:
+            loss.meta["example_value"], new_logits.meta["example_value"] = fused.meta["example_value"]
+    loss.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+    node.replace_all_uses_with(loss)
+    graph.erase_node(node)
+    dropped = _erase_unused_chain(args["input"]) and lval.dtype in _LOW
+    old_logits, logits = logits, new_logits
+    old_logits.replace_all_uses_with(logits)
+    graph.erase_node(old_logits)
+    losses.append({"loss": loss.name, "logits": tuple(lval.shape), "dtype": str(lval.dtype).removeprefix("torch."),
+                   "upcast_dropped": dropped, "linear": True})
+    return True
 
 
 def _erase_unused_chain(node: fx.Node) -> bool:

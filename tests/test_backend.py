@@ -340,17 +340,20 @@ def test_recompute_budget_needs_mincut():
         memcompile.MemtrainConfig(recompute_budget=0)
 
 
-def test_inductor_recompute_budget_matches_unbudgeted_graph():
-    """The GPU path: Inductor compiles the budgeted partition; the numbers are the unbudgeted ones."""
+def test_inductor_recompute_budget_and_fused_loss_match_the_plain_graph():
+    """The GPU path with everything on: Inductor compiles the budgeted partition with the fused loss and
+    output projection; the numbers are the plain graph's, up to fp32 round-off."""
     opts = {"activation": "velora", "targets": ("*",), "velora": {"num_groups": 8}}
     model, ids = models.tiny_lora_llama(), models.batch()
     loss_a, grads_a, _ = _compiled_step(model, ids, {**opts, "compiler": "aot_eager"})
     torch.compiler.reset()
     activation_state.reset()
     model.zero_grad(set_to_none=True)
-    loss_b, grads_b, _ = _compiled_step(model, ids, {**opts, "compiler": "inductor", "recompute_budget": 0.05})
+    loss_b, grads_b, _ = _compiled_step(model, ids, {**opts, "compiler": "inductor", "recompute_budget": 0.05,
+                                                     "fused_cross_entropy": True})
     rep = memcompile.report()
     assert rep.passes["block_boundaries"]["counters"]["blocks"] == 2 and _groups(rep)
+    assert rep.passes["cross_entropy"]["losses"][0]["linear"] is True
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -55,6 +55,47 @@ def test_rewrites_the_loss_and_drops_the_upcast(dtype):
     torch.testing.assert_close(grad, x.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
 
 
+class Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, V, bias=False).to(torch.bfloat16)
+
+    def forward(self, h, labels):
+        logits = self.proj(h)
+        return _loss(logits, labels), logits
+
+
+@pytest.mark.parametrize("logits_trained", [False, True])
+def test_output_projection_joins_the_loss_and_the_logits_stay_an_output(logits_trained):
+    torch.manual_seed(0)
+    head, (_, labels) = Head(), _data()
+    h = torch.randn(2, 8, 16).to(torch.bfloat16)
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["record"] = fuse_cross_entropy(gm)
+        seen["targets"] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        return gm.forward
+
+    def run(fn):
+        head.zero_grad()
+        x = h.clone().requires_grad_()
+        loss, logits = fn(x, labels)
+        total = loss + logits.float().square().mean() if logits_trained else loss
+        total.backward()
+        return loss, logits, x.grad, head.proj.weight.grad
+
+    got = run(torch.compile(head, backend=backend, fullgraph=True))
+    want = run(head)
+    assert seen["record"]["losses"][0]["linear"] is True
+    assert memcompile.kernels.linear_cross_entropy.linear_cross_entropy in seen["targets"]
+    assert torch.nn.functional.linear not in seen["targets"]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1])  # the same bf16 logits, returned
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
 def test_unsupported_calls_are_left_alone_and_reported():
     logits, labels = _data()
     loss, grad, seen = _run(lambda a, b: _loss(a, b, label_smoothing=0.1), logits, labels)
@@ -64,7 +105,7 @@ def test_unsupported_calls_are_left_alone_and_reported():
 
 
 def test_backend_bf16_llama_saves_no_fp32_logits():
-    model, ids = models.tiny_lora_llama(), models.batch()
+    model, ids = models.tiny_lora_llama(vocab=96), models.batch(vocab=96)  # a width no other tensor has
     model = model.to(torch.bfloat16)
     vocab = model.config.vocab_size
     results = {}
@@ -81,6 +122,9 @@ def test_backend_bf16_llama_saves_no_fp32_logits():
     (loss_a, grads_a, fp32_a, _), (loss_b, grads_b, fp32_b, rep) = results[False], results[True]
     assert fp32_a and not fp32_b  # torch's loss keeps log_softmax's fp32 output; the fused one does not
     assert rep.passes["cross_entropy"]["counters"]["rewritten"] == 1
+    # lm_head joined the loss: no (tokens, vocab) tensor of any dtype is kept for the backward
+    assert rep.passes["cross_entropy"]["losses"][0]["linear"] is True
+    assert not [t for t in rep.saved_after if t.shape and t.shape[-1] == vocab]
     assert "fused loss" in str(rep)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name in grads_a:  # bf16 gradients: one rounding of a differently summed fp32 value
