@@ -95,6 +95,9 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dic
     if ctx.config.recompute_budget is not None:
         # After compression, so the compressed tensors, not the inputs they replace, are what is saved.
         ctx.report.passes[block_boundaries.NAME] = {"counters": block_boundaries.mark_block_inputs(joint)}
+        if ctx.config.fused_cross_entropy:
+            marked = cross_entropy.keep_loss_statistics(joint)
+            ctx.report.passes[cross_entropy.NAME]["counters"]["statistics_kept"] = marked
     by_name = dict(zip(ctx.input_names, ctx.example_inputs))
     for name, method in result.approximated_params.items():
         param = by_name.get(name)

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from memcompile._torch_compat import LINEAR_FUNCTIONS, FakeTensor
+from memcompile._torch_compat import LINEAR_FUNCTIONS, FakeTensor, must_save
 from memcompile.kernels import cross_entropy as kernel
 from memcompile.kernels import linear_cross_entropy as linear_kernel
 
@@ -205,3 +205,19 @@ def _erase_unused_chain(node: fx.Node) -> bool:
         node.graph.erase_node(node)
         node = parent
     return dropped
+
+
+def keep_loss_statistics(joint: fx.GraphModule) -> int:
+    """On the joint graph, under a recompute budget: never recompute a fused loss, so its per-row
+    log-sum-exp is saved. The partitioner prices custom ops at no cost and would otherwise rather rerun
+    the whole loss (for the projection: one more logits tensor and its matmul) in the backward than keep
+    4 bytes a token. Returns how many were marked."""
+    ops = (torch.ops.memtrain.cross_entropy.default, torch.ops.memtrain.linear_cross_entropy.default)
+    marked = 0
+    for node in joint.graph.nodes:
+        if node.op == "call_function" and node.target in ops:
+            # The op, not its getitems: the partitioner never bans recomputing a getitem, and banning the
+            # op makes it save the outputs the backward reads (the log-sum-exp) instead.
+            must_save(node)
+            marked += 1
+    return marked

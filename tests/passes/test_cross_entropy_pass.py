@@ -129,3 +129,17 @@ def test_backend_bf16_llama_saves_no_fp32_logits():
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name in grads_a:  # bf16 gradients: one rounding of a differently summed fp32 value
         torch.testing.assert_close(grads_b[name].float(), grads_a[name].float(), rtol=2e-2, atol=1e-3, msg=name)
+
+
+def test_budget_never_reruns_the_fused_loss_in_the_backward(tmp_path):
+    model, ids = models.tiny_lora_llama(vocab=96), models.batch(vocab=96)
+    model = model.to(torch.bfloat16)
+    opts = {"compiler": "aot_eager", "activation": "velora", "fused_cross_entropy": True, "recompute_budget": 0.05,
+            "dump_dir": str(tmp_path)}
+    torch.compile(model, backend="memtrain", options=opts)(input_ids=ids, labels=ids).loss.backward()
+    rep = memcompile.report()
+    assert rep.passes["cross_entropy"]["counters"]["statistics_kept"] == 1
+    backward = (tmp_path / f"graph{rep.graph_id}_backward.txt").read_text()
+    assert "linear_cross_entropy.default" not in backward  # only its backward's aten ops run there
+    forward = (tmp_path / f"graph{rep.graph_id}_forward.txt").read_text()
+    assert "linear_cross_entropy.default" in forward
