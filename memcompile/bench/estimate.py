@@ -26,8 +26,6 @@ The table puts the anchors' measured H100 figures beside the estimates where the
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Callable
 
 import torch
@@ -37,7 +35,7 @@ from memcompile.bench.builders import Options, Unavailable, _peft_lora, _prepare
     compile_forward
 from memcompile.bench.runner import run_setups
 from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
-from memcompile.bench.table import NA, fmt_num, render, status_notes
+from memcompile.bench.table import NA, fmt_num, render, status_notes, write_jsonl
 
 ATTENTION = "memcompile_cuda_fused_sdpa"
 DEFAULTS = dict(model="tinyllama", seq=2048, batch=4)
@@ -209,9 +207,6 @@ def main(args) -> list[dict]:
     print("\nest.: computed on the meta device as CUDA would run the step (python -m memcompile.bench estimate "
           "--help); H100: measured, " + anchors.SOURCE)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(args.json, rows)
         print(f"wrote {args.json}")
     return rows

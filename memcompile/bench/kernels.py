@@ -114,7 +114,7 @@ def main(args) -> list[dict]:
         return _in_interpreter(args)
     device = torch.device("cuda") if cuda else torch.device("cpu")
     rows = measure(device, tiny=not cuda)
-    from memcompile.bench.table import render
+    from memcompile.bench.table import render, write_jsonl
 
     columns = [
         ("op", lambda r: r["op"]), ("size", lambda r: r.get("size", "")), ("impl", lambda r: r.get("impl", "")),
@@ -126,10 +126,7 @@ def main(args) -> list[dict]:
     print(f"kernels on {where}")
     print(render(rows, columns))
     for path in filter(None, (args.json, args.rows_to)):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(path, rows)
     if args.json:
         print(f"wrote {args.json}")
     return rows

@@ -1,6 +1,8 @@
-"""Plain-text tables for the terminal, and the number formats the modes share."""
+"""Plain-text tables for the terminal, the number formats the modes share, and their JSON lines."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Sequence
 
 NA = "n/a"
@@ -58,3 +60,11 @@ def status_notes(rows: Sequence[dict]) -> tuple[Callable[[dict], str], list[str]
             notes.append(f"[{len(notes) + 1}] {r['setup']}: {r['status']}")
             cell[id(r)] = f"{kind} [{len(notes)}]"
     return (lambda r: cell.get(id(r), r["status"])), notes
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    """One JSON line per row at ``path`` (its directory created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")

@@ -9,16 +9,14 @@ On CUDA the memory ratio compares peak memory, on CPU saved-activation bytes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Callable
 
 from memcompile.bench import measure, models
 from memcompile.bench.builders import TRAIN_LR, Options, build
 from memcompile.bench.runner import run_setups
 from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
-from memcompile.bench.table import NA, fmt_bytes, fmt_num, fmt_ratio, render, status_notes
+from memcompile.bench.table import NA, fmt_bytes, fmt_num, fmt_ratio, render, status_notes, write_jsonl
 
 # The anchors' run on CUDA (tinyllama, seq 2048, batch 4, 2 + 4 steps), a tiny one on CPU.
 GPU_DEFAULTS = dict(model="tinyllama", seq=2048, batch=4, steps=4, warmup=2)
@@ -142,10 +140,7 @@ def main(args) -> list[dict]:
     print(render(rows, columns(cuda, status)))
     print("\n".join(["", *notes] if notes else []) + legend(rows, args, cuda, compiler))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(args.json, rows)
         print(f"wrote {args.json}")
     return rows
 
