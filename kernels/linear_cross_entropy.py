@@ -92,6 +92,15 @@ def _backward(ctx, grad_loss, grad_lse, grad_logits):
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def linear_cross_entropy_ref(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                             reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: what a Hugging Face causal LM computes, ``F.linear`` then the loss on the upcast logits."""
+    logits = torch.nn.functional.linear(h, w.to(h.dtype))
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, w.shape[0]), target,
+                                             ignore_index=ignore_index, reduction=reduction)
+    return loss, logits
+
+
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                          reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, logits)``: ``F.cross_entropy(F.linear(h, W).float().view(-1, V), target)`` and

@@ -101,7 +101,65 @@ def nf4_linear(device: torch.device, tiny: bool) -> list[Case]:
     return cases
 
 
+def _logits(device: torch.device, tiny: bool):
+    """The anchors' TinyLlama loss: 8192 tokens over a 32k vocabulary, bf16 (tiny: fp32)."""
+    dtype = torch.float32 if tiny else torch.bfloat16
+    n, v, d = (16, 64, 32) if tiny else (8192, 32000, 2048)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, v, device=device, dtype=dtype, generator=gen)
+    t = torch.randint(0, v, (n,), device=device, generator=gen)
+    return x, t, d, f"{n}x{v} {str(dtype)[6:]}"
+
+
+def cross_entropy(device: torch.device, tiny: bool) -> list[Case]:
+    import torch.nn.functional as F
+
+    from memcompile.kernels import cross_entropy as ce
+
+    x, t, _, size = _logits(device, tiny)
+    return [Case(f"logits {size}", {
+        "triton": lambda: ce.cross_entropy_triton(x, t, -100, "mean")[0],
+        "torch": lambda: ce.cross_entropy_ref(x, t, -100, "mean")[0],
+        "F.cross_entropy(x.float())": lambda: F.cross_entropy(x.float(), t),  # what the model would run
+    })]
+
+
+def cross_entropy_backward(device: torch.device, tiny: bool) -> list[Case]:
+    from memcompile.kernels import cross_entropy as ce
+
+    x, t, _, size = _logits(device, tiny)
+    lse = torch.logsumexp(x.float(), 1)
+    g = torch.ones((), device=device)
+    return [Case(f"logits {size}", {
+        "triton": lambda: ce.cross_entropy_backward_triton(g, x, t, lse, -100, "mean"),
+        "torch": lambda: ce.cross_entropy_backward_ref(g, x, t, lse, -100, "mean"),
+    })]
+
+
+def linear_cross_entropy(device: torch.device, tiny: bool) -> list[Case]:
+    """Forward and backward of the output projection and the loss: the fused op against torch's."""
+    from memcompile.kernels import linear_cross_entropy as lce
+
+    x, t, d, size = _logits(device, tiny)
+    n, v = x.shape
+    h = torch.randn(n, d, device=device, dtype=x.dtype, requires_grad=True)
+    w = torch.randn(v, d, device=device, dtype=x.dtype) / d**0.5
+
+    def step(fn):
+        h.grad = None
+        fn(h, w, t)[0].backward()
+        return h.grad
+
+    return [Case(f"h {n}x{d} @ W {v}x{d}, fwd+bwd", {
+        "memtrain::linear_cross_entropy": lambda: step(lce.linear_cross_entropy),
+        "torch": lambda: step(lce.linear_cross_entropy_ref),
+    })]
+
+
 CASES: dict[str, Callable[[torch.device, bool], list[Case]]] = {
+    "cross_entropy": cross_entropy,
+    "cross_entropy_backward": cross_entropy_backward,
+    "linear_cross_entropy": linear_cross_entropy,
     "gaussian_sketch": gaussian_sketch,
     "nf4_dequant": nf4_dequant,
     "nf4_linear": nf4_linear,
