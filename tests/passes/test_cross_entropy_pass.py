@@ -143,3 +143,20 @@ def test_budget_never_reruns_the_fused_loss_in_the_backward(tmp_path):
     assert "linear_cross_entropy.default" not in backward  # only its backward's aten ops run there
     forward = (tmp_path / f"graph{rep.graph_id}_forward.txt").read_text()
     assert "linear_cross_entropy.default" in forward
+
+
+def test_gpt2_tied_trainable_output_projection_gets_its_gradient():
+    """Full training of GPT-2, whose output projection is the (trained) token embedding: the fused op's
+    weight gradient adds to the embedding's own, as torch's would."""
+    model, ids = models.tiny_gpt2(), models.batch()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    opts = {"compiler": "aot_eager", "activation": "none", "fused_cross_entropy": True}
+    loss = torch.compile(model, backend="memtrain", options=opts)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert memcompile.report().passes["cross_entropy"]["losses"][0]["linear"] is True
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
