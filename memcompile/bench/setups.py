@@ -85,6 +85,8 @@ SETUPS: dict[str, Setup] = _table(
           memtrain={"activation": "velora"}),
     Setup("memtrain_compact", "LoRA + backend=memtrain, CompAct", compile="memtrain",
           memtrain={"activation": "compact"}),
+    Setup("memtrain_velora_loss", "LoRA + backend=memtrain, VeLoRA + fused loss", compile="memtrain",
+          memtrain={"activation": "velora", "fused_cross_entropy": True}),
     Setup("memtrain_qdylora", "memcompile.prepare (NF4 + DyLoRA) + backend=memtrain, VeLoRA", adapter="prepare",
           compile="memtrain", memtrain={"activation": "velora"}),
     # Everything memtrain has for fine-tuning: the NF4 + DyLoRA model, VeLoRA on every linear input
@@ -117,7 +119,8 @@ SETUPS: dict[str, Setup] = _table(
 )
 
 TRAIN_DEFAULT = ("lora", "qlora", "qlora_gc", "lora_gc", "lora_compile", "qlora_compile", "lora_budget",
-                 "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "memtrain_all", "memtrain_all_budget")
+                 "memtrain_velora", "memtrain_compact", "memtrain_velora_loss", "memtrain_qdylora", "memtrain_all",
+                 "memtrain_all_budget")
 CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "full_batch",
                     "random_half", "coreset", "adamw", "galore", "fira")
 # The coreset comparison on its own: python -m memcompile.bench converge --setups full_batch,random_half,coreset
