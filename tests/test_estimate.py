@@ -91,12 +91,13 @@ SETUPS = ("lora", "lora_compile", "memtrain_velora", "memtrain_qdylora", "qlora"
 
 
 @pytest.fixture(scope="module")
-def estimate_rows():
+def estimate_rows(tmp_path_factory):
     from memcompile.bench.__main__ import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rows = main(["estimate", "--model", "tiny", "--seq", "64", "--batch", "2", "--setups", ",".join(SETUPS)])
+        rows = main(["estimate", "--model", "tiny", "--seq", "64", "--batch", "2", "--setups", ",".join(SETUPS),
+                     "--plot", str(tmp_path_factory.mktemp("estimate") / "estimate.png")])
     return rows, out.getvalue()
 
 
@@ -122,3 +123,6 @@ def test_estimate_rows(estimate_rows):
         r = by[name]
         assert r["at_peak"] and sum(g["bytes"] for g in r["at_peak"]) <= r["step_peak_bytes"]
     assert "where each peak is" in text
+    png = text.split("wrote ")[-1].strip()
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     _common(e, TRAIN_DEFAULT)
     e.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
     e.add_argument("--json", help="write one JSON line per setup here")
+    e.add_argument("--plot", help="write a bar chart of the estimates here (PNG)")
 
     k = sub.add_parser("kernels", help="each Triton kernel against torch and bitsandbytes")
     k.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the kernels in Triton's "

@@ -39,6 +39,7 @@ from memcompile.bench.table import NA, fmt_num, render, status_notes, write_json
 
 ATTENTION = "memcompile_cuda_fused_sdpa"
 DEFAULTS = dict(model="tinyllama", seq=2048, batch=4)
+GOAL_GIB = 4.5  # the project's memory goal at the anchors' TinyLlama setup (README, "Estimated GPU memory")
 GIB = 2**30
 
 
@@ -177,6 +178,36 @@ def peak_lines(rows: list[dict], top: int = 3) -> list[str]:
     return lines
 
 
+def plot(rows: list[dict], path: str, title: str, goal_gib: float | None = None) -> None:
+    """Bars of each setup's estimated peak (saved activations darker), the anchors' measured peak as a
+    mark where there is one, and ``goal_gib`` as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(done) + 2), layout="constrained")
+    y = range(len(done))[::-1]
+    ax.barh(y, [r["peak_gib"] for r in done], color="#9ecae1", label="estimated peak")
+    ax.barh(y, [r["saved_gib"] for r in done], color="#3182bd", height=0.45, label="of which saved activations")
+    measured = [(yi, r["anchor_peak_gib"]) for yi, r in zip(y, done) if r.get("anchor_peak_gib")]
+    if measured:
+        ax.scatter([m for _, m in measured], [yi for yi, _ in measured], marker="|", s=400, color="black",
+                   zorder=3, label="measured peak (H100 anchors)")
+    if goal_gib is not None:
+        ax.axvline(goal_gib, color="#d62728", linestyle="--", linewidth=1, label=f"goal {goal_gib:g} GiB")
+    for yi, r in zip(y, done):
+        ax.text(r["peak_gib"] + 0.2, yi, f"{r['peak_gib']:.2f}", va="center", fontsize=8)
+    ax.set_yticks(list(y), [r["setup"] for r in done], fontsize=8)
+    ax.set_xlabel("GiB")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def columns(status) -> list:
     ok = lambda fn: lambda r: fn(r) if r["status"] == "ok" else ""  # noqa: E731
     return [("setup", lambda r: r["setup"]), ("status", status), ("compiler", ok(lambda r: r["compiler"])),
@@ -209,4 +240,9 @@ def main(args) -> list[dict]:
     if args.json:
         write_jsonl(args.json, rows)
         print(f"wrote {args.json}")
+    if args.plot:
+        goal = GOAL_GIB if (args.model, args.seq, args.batch) == tuple(DEFAULTS.values()) else None
+        plot(rows, args.plot, f"estimated peak memory per step: {args.model}, {args.batch} x {args.seq} tokens, "
+                              "bf16, on the meta device", goal)
+        print(f"wrote {args.plot}")
     return rows
