@@ -197,8 +197,9 @@ def plot(rows: list[dict], path: str, title: str, goal_gib: float | None = None)
                    zorder=3, label="measured peak (H100 anchors)")
     if goal_gib is not None:
         ax.axvline(goal_gib, color="#d62728", linestyle="--", linewidth=1, label=f"goal {goal_gib:g} GiB")
+    pad = 0.01 * max([r["peak_gib"] for r in done] + [goal_gib or 0])
     for yi, r in zip(y, done):
-        ax.text(r["peak_gib"] + 0.2, yi, f"{r['peak_gib']:.2f}", va="center", fontsize=8)
+        ax.text(r["peak_gib"] + pad, yi, f"{r['peak_gib']:.2f}", va="center", fontsize=8)
     ax.set_yticks(list(y), [r["setup"] for r in done], fontsize=8)
     ax.set_xlabel("GiB")
     ax.set_title(title, fontsize=9)
