@@ -160,3 +160,15 @@ def test_gpt2_tied_trainable_output_projection_gets_its_gradient():
     assert model.lm_head.weight is model.transformer.wte.weight
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_style_sum_reduction_over_num_items_in_batch():
+    """Hugging Face's Trainer passes num_items_in_batch: the loss is then a sum divided by it."""
+    model, ids = models.tiny_lora_llama(vocab=96), models.batch(vocab=96)
+    model = model.to(torch.bfloat16)
+    n = torch.tensor(25)
+    want = model(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+    opts = {"compiler": "aot_eager", "activation": "none", "fused_cross_entropy": True}
+    got = torch.compile(model, backend="memtrain", options=opts)(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+    assert memcompile.report().passes["cross_entropy"]["counters"] == {"rewritten": 1, "skipped": 0}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
