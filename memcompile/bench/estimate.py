@@ -16,7 +16,8 @@ What the meta device cannot know is modelled on CUDA and said here:
   repeat them to the query heads first, as the anchors' profile of Inductor shows;
 - compiled setups run their graphs in Python (``aot_eager``; ``torch.compile`` setups get Inductor's
   decompositions and partitioner), so the saved tensors are Inductor's but temporaries are counted
-  unfused: the peak of a compiled setup is an upper bound;
+  unfused, which overstates Inductor's temporaries (yet under an activation budget the estimate has
+  come out below the anchors' measurement: it is not a bound);
 - bitsandbytes setups cannot be built on meta and are skipped (their measured anchors are listed);
   ``memcompile.prepare``'s NF4 model is quantised on the CPU from constant weights, then moved to meta;
 - no allocator: block rounding, fragmentation and library workspaces are not counted.
