@@ -135,27 +135,30 @@ def _optimizer(setup: Setup, model: nn.Module, params: list, lr: float, device: 
     return Fira(groups, lr=lr)
 
 
-def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float = 0.3) -> tuple[Callable, str]:
-    """The forward the setup trains through, and the name of what compiles it.
+def compile_forward(setup: Setup, model: nn.Module, compiler: str,
+                    budget: float = 0.3) -> tuple[Callable, str, contextlib.AbstractContextManager]:
+    """The forward the setup trains through, the name of what compiles it, and the context the training
+    loop must hold (AOTAutograd's ``activation_memory_budget`` for setups with ``memory_budget``;
+    compiles happen at the first call, inside it).
 
     ``compiler="aot_eager"`` (the CPU default, where Inductor's C++ compile of one step takes a minute)
     runs the graphs in Python: memtrain setups get ``compiler="aot_eager"`` (with its min-cut
     partitioner), and ``torch.compile`` setups the ``aot_eager_decomp_partition`` backend, which
     partitions with Inductor's decompositions and min-cut partitioner, so saved activations match
-    Inductor's. ``budget``: the activation memory budget of setups with ``memory_budget``.
+    Inductor's.
     """
     if setup.compile == "none":
-        return model, "eager"
+        return model, "eager", contextlib.nullcontext()
     if setup.compile == "memtrain":
         options = {**setup.memtrain, "compiler": compiler}
         name = f"memtrain/{compiler}"
-        if setup.memory_budget:  # memtrain's own option: the budget applies to its graphs only
-            options["recompute_budget"] = budget
         if options.get("recompute_budget") is not None:
             name += f", budget {options['recompute_budget']:g}"
-        return torch.compile(model, backend="memtrain", options=options), name
+        return torch.compile(model, backend="memtrain", options=options), name, contextlib.nullcontext()
     backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
-    return torch.compile(model, backend=backend), backend
+    if setup.memory_budget:
+        return torch.compile(model, backend=backend), f"{backend}, budget {budget:g}", activation_memory_budget(budget)
+    return torch.compile(model, backend=backend), backend, contextlib.nullcontext()
 
 
 def build(setup: Setup, opts: Options, device: torch.device, dtype: torch.dtype, lr: float) -> Built:
@@ -177,12 +180,9 @@ def build(setup: Setup, opts: Options, device: torch.device, dtype: torch.dtype,
         model, before_step, before_eval = _prepare(model, setup.memtrain)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(setup, model, params, lr, device)
-    forward, compiler = compile_forward(setup, model, opts.compiler, opts.budget)
-    built = Built(setup, model, forward, optimizer, params, compiler, before_step=before_step,
+    forward, compiler, context = compile_forward(setup, model, opts.compiler, opts.budget)
+    built = Built(setup, model, forward, optimizer, params, compiler, context=context, before_step=before_step,
                   before_eval=before_eval)
-    if setup.memory_budget and setup.compile == "inductor":
-        built.context = activation_memory_budget(opts.budget)
-        built.compiler += f", budget {opts.budget:g}"
     built.pool_factor = setup.pool_factor
     if setup.selection != "all":
         built.keep = opts.batch

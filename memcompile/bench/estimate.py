@@ -32,8 +32,7 @@ from typing import Callable
 import torch
 
 from memcompile.bench import anchors, measure, models
-from memcompile.bench.builders import Options, Unavailable, _peft_lora, _prepare, activation_memory_budget, \
-    compile_forward
+from memcompile.bench.builders import Options, Unavailable, _peft_lora, _prepare, compile_forward
 from memcompile.bench.runner import run_setups
 from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
 from memcompile.bench.table import NA, fmt_num, render, status_notes, write_jsonl
@@ -98,28 +97,23 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
             model.enable_input_require_grads()
     if setup.adapter == "peft":
         model = _peft_lora(model)
-    forward, compiler = compile_forward(setup, model, "aot_eager", opts.budget)
-    return model, forward, compiler
+    forward, compiler, context = compile_forward(setup, model, "aot_eager", opts.budget)
+    return model, forward, compiler, context
 
 
 def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
     """In the setup's own process: a compiling step, then a counted one."""
-    import contextlib
-
     setup = SETUPS[job["setup"]]
     opts = Options(**job["options"])
     dtype = torch.bfloat16
     progress("building the model on the meta device")
-    model, forward, compiler = build_meta(setup, opts, dtype)
+    model, forward, compiler, context = build_meta(setup, opts, dtype)
     ids = torch.zeros(opts.batch, opts.seq, dtype=torch.long, device="meta")
     # An all-ones mask: without one, Hugging Face checks the positions for packed sequences with a
     # host sync, which meta tensors cannot answer. The attention ignores it (``_no_mask``).
     mask = torch.ones_like(ids)
     params = [p for p in model.parameters() if p.requires_grad]
-    inductor_budget = setup.memory_budget and setup.compile == "inductor"
-    context = activation_memory_budget(opts.budget) if inductor_budget else contextlib.nullcontext()
-    if inductor_budget:
-        compiler += f", budget {opts.budget:g}"
+    held = [*model.parameters(), *model.buffers(), ids, mask]  # the caller's: not the step's memory
 
     def step():
         return forward(input_ids=ids, attention_mask=mask, labels=ids)
@@ -133,9 +127,9 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         weights = tensor_bytes([*model.parameters(), *model.buffers()])
         # AdamW's exp_avg and exp_avg_sq, each like its parameter.
         optimizer = 2 * sum(p.numel() * p.element_size() for p in params)
-        with measure.LiveBytes(existing=[*model.parameters(), *model.buffers(), ids, mask], describe=True) as live:
-            saved = measure.saved_bytes(step, [*model.parameters(), *model.buffers(), ids, mask],
-                                        measure.checkpointed_layers(model), then=lambda out: out.loss.backward())
+        with measure.LiveBytes(existing=held, describe=True) as live:
+            saved = measure.saved_bytes(step, held, measure.checkpointed_layers(model),
+                                        then=lambda out: out.loss.backward())
     resident = weights + optimizer
     return dict(device="meta", dtype="bfloat16", compiler=compiler, model=opts.model, seq=opts.seq,
                 batch=opts.batch, saved_bytes=saved, weights_bytes=weights, optimizer_bytes=optimizer,

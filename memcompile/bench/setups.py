@@ -25,8 +25,8 @@ class Setup:
         quant: load the base in bitsandbytes NF4 with double quantisation (QLoRA).
         checkpointing: Hugging Face gradient checkpointing, non-reentrant.
         compile: ``"none"`` (eager), ``"inductor"`` (``torch.compile`` defaults) or ``"memtrain"``.
-        memory_budget: recompute under an activation memory budget (``--budget``): AOTAutograd's
-            ``activation_memory_budget`` for ``torch.compile``, ``recompute_budget`` for memtrain.
+        memory_budget: ``torch.compile`` under AOTAutograd's ``activation_memory_budget`` (``--budget``).
+            memtrain setups put ``recompute_budget`` in their ``memtrain`` options instead.
         memtrain: ``backend="memtrain"`` options (the compiler is added by the bench).
         optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
         selection: which rows of each drawn pool train: ``"all"``, ``"coreset"`` (the CoLM coreset of
@@ -61,6 +61,9 @@ class Setup:
         return self.selection == "coreset"
 
     def __post_init__(self):
+        if self.memory_budget and self.compile != "inductor":
+            raise ValueError(f"{self.name}: memory_budget is for torch.compile setups; memtrain setups set "
+                             "recompute_budget in their memtrain options")
         if self.selection not in ("all", "coreset", "random"):
             raise ValueError(f"{self.name}: selection must be 'all', 'coreset' or 'random', got {self.selection!r}")
         if self.pool_factor < 1 or (self.selection != "all" and self.pool_factor < 2):
