@@ -123,7 +123,8 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> dict:
             skipped.append({"layer": node.name, "reason": f"not fused: {reason}"})
             continue
         base, views, upcast = loss_source(args["input"])
-        if _fuse_linear(graph, node, args, base, views, upcast, losses):
+        kwargs = {"ignore_index": args["ignore_index"], "reduction": args["reduction"]}
+        if _fuse_linear(graph, node, args, kwargs, base, views, upcast, losses):
             continue
         bval = _val(base)
         use_base = upcast is not None and isinstance(bval, torch.Tensor) and bval.dtype in _LOW
@@ -136,24 +137,33 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> dict:
                     new_view.meta["example_value"] = _fake_call(lambda t, *a: getattr(t, v.target)(*a), x,
                                                                 *v.args[1:])
                     x = new_view
-            kwargs = {"ignore_index": args["ignore_index"], "reduction": args["reduction"]}
             fused = graph.call_function(kernel.cross_entropy, (x, args["target"]), kwargs)
-            fused.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
             fused.meta["example_value"] = _fake_call(kernel.cross_entropy, x, args["target"], **kwargs)
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-        dropped = _erase_unused_chain(args["input"]) and use_base
-        xval = _val(x)
-        losses.append({"loss": fused.name, "logits": tuple(xval.shape) if xval is not None else None,
-                       "dtype": str(xval.dtype).removeprefix("torch.") if xval is not None else None,
-                       "upcast_dropped": dropped, "linear": False})
+        dropped = _replace_loss(node, fused, args["input"]) and use_base
+        losses.append(_record(fused, _val(x), dropped, linear=False))
     if losses:
         graph.lint()
         gm.recompile()
     return {"counters": {"rewritten": len(losses), "skipped": len(skipped)}, "losses": losses, "skipped": skipped}
 
 
-def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, logits: fx.Node, views: list[fx.Node],
+def _replace_loss(node: fx.Node, new: fx.Node, loss_input: fx.Node) -> bool:
+    """Put ``new`` in place of the ``F.cross_entropy`` node (its metadata but the example value, its
+    readers), then erase the upcast and views that fed it; True if an upcast went."""
+    new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+    return _erase_unused_chain(loss_input)
+
+
+def _record(loss: fx.Node, logits, upcast_dropped: bool, linear: bool) -> dict:
+    """What the report shows of one fused loss."""
+    return {"loss": loss.name, "logits": tuple(logits.shape) if logits is not None else None,
+            "dtype": str(logits.dtype).removeprefix("torch.") if logits is not None else None,
+            "upcast_dropped": upcast_dropped, "linear": linear}
+
+
+def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, kwargs: dict, logits: fx.Node, views: list[fx.Node],
                  upcast: fx.Node | None, losses: list) -> bool:
     """Fuse the bias-free ``F.linear`` that makes the logits into the loss (``linear_cross_entropy``).
 
@@ -175,7 +185,6 @@ def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, logits: fx.Node, vi
     if lval is None or hval is None or lval.dim() < 2 or hval.shape[:-1] != lval.shape[:-1]:
         return False
     h, w = linear
-    kwargs = {"ignore_index": args["ignore_index"], "reduction": args["reduction"]}
     with graph.inserting_before(node):
         fused = graph.call_function(linear_kernel.linear_cross_entropy, (h, w, args["target"]), kwargs)
         fused.meta["example_value"] = _fake_call(linear_kernel.linear_cross_entropy, h, w, args["target"], **kwargs)
@@ -183,15 +192,10 @@ def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, logits: fx.Node, vi
         new_logits = graph.call_function(operator.getitem, (fused, 1))
         if fused.meta["example_value"] is not None:
             loss.meta["example_value"], new_logits.meta["example_value"] = fused.meta["example_value"]
-    loss.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
-    node.replace_all_uses_with(loss)
-    graph.erase_node(node)
-    dropped = _erase_unused_chain(args["input"]) and lval.dtype in _LOW
-    old_logits, logits = logits, new_logits
-    old_logits.replace_all_uses_with(logits)
-    graph.erase_node(old_logits)
-    losses.append({"loss": loss.name, "logits": tuple(lval.shape), "dtype": str(lval.dtype).removeprefix("torch."),
-                   "upcast_dropped": dropped, "linear": True})
+    dropped = _replace_loss(node, loss, args["input"]) and lval.dtype in _LOW
+    logits.replace_all_uses_with(new_logits)  # the model's output now comes from the fused op
+    graph.erase_node(logits)
+    losses.append(_record(loss, lval, dropped, linear=True))
     return True
 
 
