@@ -17,29 +17,29 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compiled_step(model, ids, options, embeds=False):
-    compiled = torch.compile(model, backend="memtrain", options=options)
+def _step(forward, model, ids, embeds):
+    """One forward and backward through ``forward``: loss, parameter gradients, input-embedding gradient
+    (``embeds``: the embeddings are a leaf input, so their gradient is checked too)."""
     if embeds:
         x = model.get_input_embeddings()(ids).detach().requires_grad_()
-        loss = compiled(inputs_embeds=x, labels=ids).loss
+        loss = forward(inputs_embeds=x, labels=ids).loss
     else:
-        x, loss = None, compiled(input_ids=ids, labels=ids).loss
+        x, loss = None, forward(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), _grads(model), (x.grad.clone() if x is not None else None)
+
+
+def _compiled_step(model, ids, options, embeds=False):
+    return _step(torch.compile(model, backend="memtrain", options=options), model, ids, embeds)
 
 
 def _eager_step(model, ids, capture_names, embeds=False):
     model.zero_grad(set_to_none=True)
     store, handles = reference.capture(model, capture_names)
-    if embeds:
-        x = model.get_input_embeddings()(ids).detach().requires_grad_()
-        loss = model(inputs_embeds=x, labels=ids).loss
-    else:
-        x, loss = None, model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    result = _step(model, model, ids, embeds)
     for h in handles:
         h.remove()
-    return loss.detach(), _grads(model), (x.grad.clone() if x is not None else None), store
+    return (*result, store)
 
 
 def _groups(rep):
