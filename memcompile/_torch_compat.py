@@ -124,3 +124,10 @@ def size_hint(s) -> int | None:
     if not symbolic_shapes.has_guarding_hint(s):  # unbacked sizes have no hint
         return None
     return int(symbolic_shapes.guarding_hint_or_throw(s))
+
+
+def dynamo_graph_count() -> int:
+    """How many graphs Dynamo has compiled in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -149,6 +149,12 @@ class _Partitioner(tc.CustomPartitionerFn):
     def uuid(self):
         return activation_compression.uuid(self.ctx.config, self.ctx.input_names)
 
+    def __deepcopy__(self, memo):
+        # Inductor deep-copies its config to build cache keys; a copy would duplicate the context,
+        # whose example inputs are the model's real parameters (or FakeTensors, which cannot be
+        # copied at all). The hook is keyed by ``uuid()``, so the same object serves as its copy.
+        return self
+
 
 def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
     def compiler(gm: fx.GraphModule, example_inputs):
@@ -163,13 +169,19 @@ def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig) -> Callable:
     """Run every stage on one Dynamo graph and return the compiled callable."""
     ctx = CompileContext(gm, example_inputs, config)
-    gm = pre_aot(gm, ctx)
-    if config.compiler == "inductor":
-        return _compile_inductor(gm, example_inputs, ctx)
-    part = lambda joint, ji, **kw: partition(joint, ji, ctx, None, **kw)  # noqa: E731
-    backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
-                              inference_compiler=_python_compiler("inference", ctx), partition_fn=part)
-    return backend(gm, example_inputs)
+    try:
+        gm = pre_aot(gm, ctx)
+        if config.compiler == "inductor":
+            return _compile_inductor(gm, example_inputs, ctx)
+        part = lambda joint, ji, **kw: partition(joint, ji, ctx, None, **kw)  # noqa: E731
+        backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
+                                  inference_compiler=_python_compiler("inference", ctx), partition_fn=part)
+        return backend(gm, example_inputs)
+    except BaseException:
+        # Dynamo restarts a compile it abandons (with dynamic shapes, to turn a scalar into a tensor):
+        # the abandoned attempt's report describes no graph that runs.
+        report_mod.discard(ctx.report)
+        raise
 
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:

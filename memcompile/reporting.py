@@ -6,6 +6,7 @@ for code.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -135,13 +136,20 @@ def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[Saved
 
 _LOCK = threading.Lock()
 _REPORTS: list[GraphReport] = []
+_IDS = itertools.count()
 
 
 def new_report(**kw) -> GraphReport:
     with _LOCK:
-        rep = GraphReport(graph_id=len(_REPORTS), **kw)
+        rep = GraphReport(graph_id=next(_IDS), **kw)
         _REPORTS.append(rep)
         return rep
+
+
+def discard(rep: GraphReport) -> None:
+    """Forget the report of a compile that did not finish."""
+    with _LOCK:
+        _REPORTS[:] = [r for r in _REPORTS if r is not rep]
 
 
 def report() -> GraphReport | None:
