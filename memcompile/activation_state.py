@@ -1,47 +1,107 @@
 """State that activation compression keeps across training steps, and the two ops that read it.
 
 VeLoRA's vector ``v`` is estimated on the first training batch and then frozen; CompAct's seed moves
-to a new projection every ``refresh`` steps. Both must persist between calls of a compiled graph
-without becoming graph inputs the user would have to pass, so they live here, keyed by the name of
-the layer (group) they belong to, and are read by two opaque custom ops. The keys are stable across
-recompiles, and ``state_dict()``/``load_state_dict()`` carry them through checkpoints.
+to a new projection every ``refresh`` steps. The state belongs to the layer whose input is
+compressed: it lives on that layer's weight parameter (the first weight of a group that shares one
+input), which the ops receive as an input at run time. So it follows the model rather than the
+compiled graph: one compiled decoder block that serves every layer (regional compilation) keeps
+each layer's own ``v`` and step counter, two models with the same module names keep theirs, and a
+``.to()`` moves ``v`` with the next call. Checkpoint it with ``state_dict(model)`` /
+``load_state_dict(model, state)``, keyed by the model's parameter names.
+
+The graph nodes of these ops are never recomputed (the pass marks them must-save): recomputing them
+in the backward would count a step twice or re-estimate ``v`` from another batch.
 """
 from __future__ import annotations
 
 import threading
+import warnings
+import weakref
 import zlib
+from dataclasses import dataclass
 
 import torch
 
 _LOCK = threading.Lock()
-_VELORA_V: dict[str, torch.Tensor] = {}
-_COMPACT_CALLS: dict[str, int] = {}
+_ATTR = "_memtrain_activation_state"
+# Owners (weight parameters) that hold state, by id; weak, so state dies with its model.
+_OWNERS: dict[int, weakref.ref] = {}
+# How many owners have drawn a CompAct seed under each (compile-time key, base seed): layers that
+# share one compiled block share its key, and each gets its own seed.
+_KEY_USES: dict[tuple[str, int], int] = {}
 
 
-def state_dict() -> dict:
-    """The VeLoRA vectors and CompAct step counters, to save with a training checkpoint."""
+@dataclass
+class LayerState:
+    """One layer group's compression state."""
+
+    velora_v: torch.Tensor | None = None  # [ceil(D/G)] fp32, unit norm; None until estimated
+    compact_seed: int | None = None  # this layer's base seed; None until the first step
+    compact_calls: int = 0  # forward calls so far (CompAct refreshes P every `refresh` calls)
+
+    def to_dict(self) -> dict:
+        return {"velora_v": None if self.velora_v is None else self.velora_v.detach().cpu().clone(),
+                "compact_seed": self.compact_seed, "compact_calls": self.compact_calls}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerState":
+        v = d.get("velora_v")
+        return cls(None if v is None else v.clone(), d.get("compact_seed"), int(d.get("compact_calls", 0)))
+
+
+def _state_of(owner: torch.Tensor, create: bool = True) -> LayerState | None:
+    state = owner.__dict__.get(_ATTR)
+    if state is None and create:
+        state = LayerState()
+        setattr(owner, _ATTR, state)
+        key = id(owner)
+        _OWNERS[key] = weakref.ref(owner, lambda _, key=key: _OWNERS.pop(key, None))
+    return state
+
+
+def state_dict(model: torch.nn.Module) -> dict[str, dict]:
+    """The VeLoRA vectors and CompAct seeds/counters of ``model``'s layers, by parameter name, to save
+    with a training checkpoint."""
     with _LOCK:
-        return {"velora_v": {k: v.detach().cpu().clone() for k, v in _VELORA_V.items()},
-                "compact_calls": dict(_COMPACT_CALLS)}
+        return {name: state.to_dict() for name, p in model.named_parameters(remove_duplicate=False)
+                if (state := _state_of(p, create=False)) is not None}
 
 
-def load_state_dict(state: dict) -> None:
-    """Restore what ``state_dict()`` returned, so a resumed run uses the same ``v`` and seeds."""
+def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
+    """Restore what ``state_dict(model)`` returned, so a resumed run uses the same ``v`` and seeds.
+    Layers absent from ``state`` start afresh; names ``model`` lacks are an error."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"activation state for parameters the model does not have: {unknown[:5]}")
     with _LOCK:
-        _VELORA_V.clear()
-        _VELORA_V.update({k: v.clone() for k, v in state.get("velora_v", {}).items()})
-        _COMPACT_CALLS.clear()
-        _COMPACT_CALLS.update(state.get("compact_calls", {}))
+        for name, p in params.items():
+            if name in state:
+                fresh = LayerState.from_dict(state[name])
+                _state_of(p).__dict__.update(fresh.__dict__)
+            elif _state_of(p, create=False) is not None:
+                setattr(p, _ATTR, LayerState())
 
 
-def reset() -> None:
-    """Forget all state: the next training step re-initialises VeLoRA's vectors."""
-    load_state_dict({})
-
-
-def velora_vectors() -> dict[str, torch.Tensor]:
+def reset(model: torch.nn.Module | None = None) -> None:
+    """Forget the state of ``model``'s layers (every model's, without one): the next training step
+    re-estimates VeLoRA's vectors and restarts CompAct's counters."""
     with _LOCK:
-        return dict(_VELORA_V)
+        if model is not None:
+            owners = [p for p in model.parameters() if _state_of(p, create=False) is not None]
+        else:
+            owners = [o for ref in list(_OWNERS.values()) if (o := ref()) is not None]
+            _KEY_USES.clear()
+        for p in owners:
+            p.__dict__.pop(_ATTR, None)
+            _OWNERS.pop(id(p), None)
+
+
+def velora_vectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each compressed layer group's estimated ``v``, by the name of the weight that owns it."""
+    with _LOCK:
+        return {name: s.velora_v for name, p in model.named_parameters()
+                if (s := _state_of(p, create=False)) is not None and s.velora_v is not None}
 
 
 def group_subtokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -60,45 +120,61 @@ def batch_average_vector(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("memtrain::velora_vector", mutates_args=())
-def velora_vector(x: torch.Tensor, num_groups: int, key: str, once: bool) -> torch.Tensor:
-    """VeLoRA's ``v`` for layer group ``key`` (shape ``[ceil(D/G)]``, fp32).
+def velora_vector(x: torch.Tensor, owner: torch.Tensor, num_groups: int, key: str, once: bool) -> torch.Tensor:
+    """VeLoRA's ``v`` for the layer group whose first weight is ``owner`` (shape ``[ceil(D/G)]``, fp32).
 
-    With ``once`` (``batch_average_once``) the first call computes it from ``x`` and later calls
-    return the stored one; otherwise it is re-estimated from every batch.
+    With ``once`` (``batch_average_once``) the first call with finite ``x`` computes it and later calls
+    return the stored one; otherwise it is re-estimated from every batch. A batch with NaN or inf
+    gives a non-finite ``v`` that is used for that batch only (its gradients are not finite anyway,
+    as in eager) and not kept, so the next finite batch estimates it.
     """
     with _LOCK:
-        v = _VELORA_V.get(key) if once else None
+        state = _state_of(owner)
+        v = state.velora_v if once else None
         if v is None:
             v = batch_average_vector(x.detach(), num_groups)
-            _VELORA_V[key] = v
+            if bool(torch.isfinite(v).all()):
+                state.velora_v = v
+            elif once:
+                warnings.warn(f"memtrain: VeLoRA's vector for {key} was estimated from a batch with NaN or "
+                              "inf values; it is estimated again from the next finite batch", stacklevel=2)
         elif v.device != x.device:
-            v = _VELORA_V[key] = v.to(x.device)
+            v = state.velora_v = v.to(x.device)
     return v.clone()
 
 
 @velora_vector.register_fake
-def _(x, num_groups, key, once):
+def _(x, owner, num_groups, key, once):
     return x.new_empty(-(-x.shape[-1] // num_groups), dtype=torch.float32)
 
 
-def layer_seed(key: str, base_seed: int) -> int:
-    """A per-layer seed: stable across runs (crc32, not Python's salted hash)."""
-    return (zlib.crc32(key.encode()) + 1_000_003 * base_seed) % (2**31 - 1)
+def layer_seed(key: str, base_seed: int, ordinal: int = 0) -> int:
+    """A per-layer seed, stable across runs (crc32, not Python's salted hash). ``ordinal`` tells apart
+    the layers that one compiled block serves, in the order they first run."""
+    return (zlib.crc32(key.encode()) + 1_000_003 * base_seed + 7_919 * ordinal) % (2**31 - 1)
 
 
 @torch.library.custom_op("memtrain::compact_seed", mutates_args=())
-def compact_seed(x: torch.Tensor, key: str, base_seed: int, refresh: int) -> torch.Tensor:
-    """CompAct's seed for ``key`` at this step (0-d int64 on CPU); counts one step per call.
+def compact_seed(x: torch.Tensor, owner: torch.Tensor, key: str, base_seed: int, refresh: int) -> torch.Tensor:
+    """CompAct's seed for the layer group whose first weight is ``owner``, at this step (0-d int64 on
+    CPU); counts one step per call.
 
     ``x`` only orders the call inside the forward. The seed is saved for the backward, so the backward
     regenerates the very ``P`` its forward used even if another forward ran in between.
     """
     with _LOCK:
-        calls = _COMPACT_CALLS.get(key, 0)
-        _COMPACT_CALLS[key] = calls + 1
-    return torch.tensor(layer_seed(key, base_seed) + calls // refresh, dtype=torch.int64)
+        state = _state_of(owner)
+        if state.compact_seed is None:
+            ordinal = _KEY_USES.get((key, base_seed), 0)
+            _KEY_USES[(key, base_seed)] = ordinal + 1
+            state.compact_seed = layer_seed(key, base_seed, ordinal)
+        calls = state.compact_calls
+        state.compact_calls = calls + 1
+        seed = state.compact_seed
+    return torch.tensor(seed + calls // refresh, dtype=torch.int64)
 
 
 @compact_seed.register_fake
-def _(x, key, base_seed, refresh):
+def _(x, owner, key, base_seed, refresh):
     return torch.empty((), dtype=torch.int64)
+

@@ -156,20 +156,24 @@ def test_velora_vector_frozen_after_first_batch_and_compact_seed_refresh():
     compiled = torch.compile(model, backend="memtrain", options={
         "activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}})
     compiled(input_ids=models.batch(seed=1), labels=models.batch(seed=1)).loss.backward()
-    first = {k: v.clone() for k, v in activation_state.velora_vectors().items()}
-    assert len(first) == 6
+    first = {k: v.clone() for k, v in activation_state.velora_vectors(model).items()}
+    assert len(first) == 6 and all(k.endswith("lora_A.default.weight") for k in first)
     compiled(input_ids=models.batch(seed=2), labels=models.batch(seed=2)).loss.backward()
-    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors().items())
-    saved = activation_state.state_dict()
-    activation_state.reset()
-    assert activation_state.velora_vectors() == {}
-    activation_state.load_state_dict(saved)
-    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors().items())
+    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors(model).items())
+    saved = activation_state.state_dict(model)
+    activation_state.reset(model)
+    assert activation_state.velora_vectors(model) == {}
+    activation_state.load_state_dict(model, saved)
+    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors(model).items())
 
-    # CompAct: a new projection every `refresh` steps, the same within a step's forward and backward
-    s0 = [int(activation_state.compact_seed(torch.zeros(1), "layer", 0, 2)) for _ in range(5)]
+    # CompAct: a new projection every `refresh` steps, the same within a step's forward and backward;
+    # two owners under one key (one compiled block serving two layers) draw different seeds.
+    owner_a, owner_b = torch.zeros(1), torch.zeros(1)
+    s0 = [int(activation_state.compact_seed(torch.zeros(1), owner_a, "layer", 0, 2)) for _ in range(5)]
     base = activation_state.layer_seed("layer", 0)
     assert s0 == [base, base, base + 1, base + 1, base + 2]
+    assert int(activation_state.compact_seed(torch.zeros(1), owner_b, "layer", 0, 2)) == \
+        activation_state.layer_seed("layer", 0, ordinal=1) != base
 
 
 def test_model_without_linear_layers_is_left_alone():
@@ -298,7 +302,7 @@ def test_dynamic_token_count_compresses_and_matches_formula(method):
         h = torch.nn.functional.gelu(model[0](x)).detach()
         g = torch.ones(n, 16)
         if method == "velora":
-            x_hat, _ = reference.velora_x_hat(h, 4, 1.0, v=activation_state.velora_vectors()["2"])
+            x_hat, _ = reference.velora_x_hat(h, 4, 1.0, v=activation_state.velora_vectors(model)["2.weight"])
         else:
             x_hat = reference.compact_x_hat(h, activation_state.layer_seed("2", 0), 8)
         torch.testing.assert_close(model[2].weight.grad.double(), reference.linear_wgrad(g, x_hat), rtol=1e-4, atol=1e-6)

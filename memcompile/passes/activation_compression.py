@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import activation_state  # registers memtrain::velora_vector / compact_seed
-from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, partitioner_tag, size_hint
+from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, must_save, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
 from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
 
@@ -126,11 +126,12 @@ def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
 
 
 def _velora_fns(cfg, key: str, n: int, d: int):
+    # compress(x, owner): ``owner`` is the group's first weight, which holds the layer's state at run time
     g, scale, once = cfg.velora.num_groups, float(cfg.velora.scale), cfg.velora.init == "batch_average_once"
     m = -(-d // g)
 
-    def compress(x):
-        v = memtrain.velora_vector(x, g, key, once)
+    def compress(x, owner):
+        v = memtrain.velora_vector(x, owner, g, key, once)
         if m * g != d:
             x = torch.nn.functional.pad(x, (0, m * g - d))
         # -1, not n: the token count may be symbolic (dynamic shapes); the width never is
@@ -155,8 +156,8 @@ def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
     r = max(1, round(rank * d)) if isinstance(rank, float) else min(int(rank), d)
     seed0, refresh = cfg.compact.seed, cfg.compact.refresh
 
-    def compress(x):
-        seed = memtrain.compact_seed(x, key, seed0, refresh)
+    def compress(x, owner):
+        seed = memtrain.compact_seed(x, owner, key, seed0, refresh)
         p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 0)
         return torch.mm(x, p), seed
 
@@ -247,8 +248,12 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         else:
             compress, wg_lin, wg_conv, width, state_bytes = _compact_fns(config, key, n, d, val.dtype, val.device)
         anchor = x.next if x.op != "placeholder" else first_non_placeholder(graph)
-        z, state = insert_traced(graph, compress, [x], before=anchor, tag=FORWARD_TAG,
+        z, state = insert_traced(graph, compress, [x, layers[0].weight], before=anchor, tag=FORWARD_TAG,
                                  decompositions=decompositions, name=NAME)
+        # Reading or advancing the state twice (a recompute in the backward) would count a step twice
+        # or re-estimate v from another batch: these nodes are saved, never recomputed.
+        assert is_call(state, {memtrain.velora_vector.default, memtrain.compact_seed.default}), state
+        must_save(state)
         for layer in layers:
             for mm in layer.wgrads:
                 if layer.conv1d:
