@@ -6,6 +6,7 @@
 """
 from memcompile.backend import memtrain
 from memcompile.config import CompActConfig, LoRAConfig, MemtrainConfig, VeLoRAConfig
+from memcompile.regional import compile_blocks
 from memcompile.reporting import clear_reports, report, reports
 from memcompile import activation_state
 from memcompile.lora import LoRALinear, RankSampler, get_rank, set_rank
@@ -20,6 +21,7 @@ __all__ = [
     "VeLoRAConfig",
     "activation_state",
     "clear_reports",
+    "compile_blocks",
     "export_peft_adapter",
     "get_rank",
     "memtrain",

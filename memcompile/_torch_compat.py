@@ -131,3 +131,12 @@ def dynamo_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def current_frame_id() -> int | None:
+    """Dynamo's id of the frame being compiled: a recompile of the same code keeps it, a graph break's
+    resumed code gets its own."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return getattr(compile_id, "frame_id", None)

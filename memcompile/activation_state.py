@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +25,8 @@ _LOCK = threading.Lock()
 _ATTR = "_memtrain_activation_state"
 # Owners (weight parameters) that hold state, by id; weak, so state dies with its model.
 _OWNERS: dict[int, weakref.ref] = {}
-# How many owners have drawn a CompAct seed under each (compile-time key, base seed): layers that
-# share one compiled block share its key, and each gets its own seed.
-_KEY_USES: dict[tuple[str, int], int] = {}
+# How many layer groups have drawn a CompAct seed under each base seed.
+_SEEDS_DRAWN: dict[int, int] = {}
 
 
 @dataclass
@@ -91,7 +89,7 @@ def reset(model: torch.nn.Module | None = None) -> None:
             owners = [p for p in model.parameters() if _state_of(p, create=False) is not None]
         else:
             owners = [o for ref in list(_OWNERS.values()) if (o := ref()) is not None]
-            _KEY_USES.clear()
+            _SEEDS_DRAWN.clear()
         for p in owners:
             p.__dict__.pop(_ATTR, None)
             _OWNERS.pop(id(p), None)
@@ -148,10 +146,11 @@ def _(x, owner, num_groups, key, once):
     return x.new_empty(-(-x.shape[-1] // num_groups), dtype=torch.float32)
 
 
-def layer_seed(key: str, base_seed: int, ordinal: int = 0) -> int:
-    """A per-layer seed, stable across runs (crc32, not Python's salted hash). ``ordinal`` tells apart
-    the layers that one compiled block serves, in the order they first run."""
-    return (zlib.crc32(key.encode()) + 1_000_003 * base_seed + 7_919 * ordinal) % (2**31 - 1)
+def layer_seed(ordinal: int, base_seed: int) -> int:
+    """The base seed of the ``ordinal``-th layer group to run CompAct in this process (counted from
+    ``reset()``): the order in which layers first run, the same whether the model is compiled whole or
+    block by block, so both draw the same projections. A checkpoint carries each layer's seed."""
+    return (1_000_003 * base_seed + 7_919 * ordinal + 12_345) % (2**31 - 1)
 
 
 @torch.library.custom_op("memtrain::compact_seed", mutates_args=())
@@ -165,9 +164,9 @@ def compact_seed(x: torch.Tensor, owner: torch.Tensor, key: str, base_seed: int,
     with _LOCK:
         state = _state_of(owner)
         if state.compact_seed is None:
-            ordinal = _KEY_USES.get((key, base_seed), 0)
-            _KEY_USES[(key, base_seed)] = ordinal + 1
-            state.compact_seed = layer_seed(key, base_seed, ordinal)
+            ordinal = _SEEDS_DRAWN.get(base_seed, 0)
+            _SEEDS_DRAWN[base_seed] = ordinal + 1
+            state.compact_seed = layer_seed(ordinal, base_seed)
         calls = state.compact_calls
         state.compact_calls = calls + 1
         seed = state.compact_seed

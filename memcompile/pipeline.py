@@ -40,12 +40,14 @@ log = logging.getLogger(__name__)
 class CompileContext:
     """What the stages of one graph's compile share: names of its inputs, the report, options."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
+                 served: Sequence[str] = ()):
         self.config = config
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
-                                            activation=config.activation)
+                                            activation=config.activation, frame_id=tc.current_frame_id())
+        self.report.served = tuple(served)
         self.dump_prefix = f"graph{self.report.graph_id}"
 
     def dump(self, stage: str, gm) -> None:
@@ -166,9 +168,11 @@ def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
     return compiler
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig) -> Callable:
-    """Run every stage on one Dynamo graph and return the compiled callable."""
-    ctx = CompileContext(gm, example_inputs, config)
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
+                  served: Sequence[str] = ()) -> Callable:
+    """Run every stage on one Dynamo graph and return the compiled callable. ``served``: the modules
+    the graph runs for, when one compiled block serves several (regional compilation)."""
+    ctx = CompileContext(gm, example_inputs, config, served)
     try:
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":

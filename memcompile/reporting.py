@@ -1,7 +1,8 @@
 """What each compile did: saved tensors before/after the passes, per-pass rewrites and skips.
 
-``memcompile.report()`` returns the report of the last graph compiled by the memtrain backend;
-``memcompile.reports()`` all of this process's. ``str(report)`` is a table for people; the fields are
+``memcompile.report()`` returns what a training step's graphs did together (every graph of a model
+split by graph breaks, a compiled block once per layer it serves); ``memcompile.reports()`` every
+graph's own report. ``str(report)`` is a table for people; the fields are
 for code.
 """
 from __future__ import annotations
@@ -40,6 +41,12 @@ class GraphReport:
     quantized_layers: list[dict] = field(default_factory=list)
     inference: bool = False  # compiled under no_grad: no backward, nothing saved
     num_tokens: int | None = None
+    frame_id: int | None = None  # Dynamo's frame: a recompile replaces the graph of the same frame
+    served: tuple[str, ...] = ()  # the modules one compiled block runs for (regional compilation)
+
+    @property
+    def calls_per_step(self) -> int:
+        return max(1, len(self.served))
 
     @staticmethod
     def activation_bytes(saved: Sequence[SavedTensor] | None) -> int | None:
@@ -65,6 +72,9 @@ class GraphReport:
     def __str__(self) -> str:
         lines = [f"memtrain graph {self.graph_id}: compiler={self.compiler} partitioner={self.partitioner} "
                  f"activation={self.activation}"]
+        if self.served:
+            lines.append(f"  one compiled block for {len(self.served)} modules: {_span(self.served)}"
+                         " (its saved bytes count once per module in the step's totals)")
         if self.inference:
             lines.append("  inference graph (no_grad): no backward, nothing saved, passes not applied")
             return "\n".join(lines)
@@ -107,6 +117,10 @@ def _fmt(n: int) -> str:
     raise AssertionError
 
 
+def _span(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]}, {names[1]}, ..., {names[-1]}"
+
+
 def _row(t: SavedTensor) -> str:
     kind = "input" if t.is_input else (f"view of {t.alias_of}" if t.alias_of else "activation")
     return f"{t.name:<28} {str(t.shape):<22} {t.dtype:<9} {_fmt(t.bytes):>11}  {kind}"
@@ -146,16 +160,94 @@ def new_report(**kw) -> GraphReport:
         return rep
 
 
+@dataclass
+class StepReport:
+    """What one training step's graphs did together: the latest graph of every compiled frame (a graph
+    break splits a model into several; one compiled block serves every layer, and counts once per
+    layer it serves). Same fields as a graph's report, summed."""
+
+    graphs: list[GraphReport]
+
+    def _sum(self, attr: str) -> int | None:
+        values = [(getattr(g, attr), g.calls_per_step) for g in self.graphs if not g.inference]
+        if any(v is None for v, _ in values):
+            return None
+        return sum(v * k for v, k in values)
+
+    @property
+    def bytes_before(self) -> int | None:
+        return self._sum("bytes_before")
+
+    @property
+    def bytes_after(self) -> int:
+        return self._sum("bytes_after") or 0
+
+    @property
+    def predicted_saving(self) -> int:
+        return self._sum("predicted_saving") or 0
+
+    @property
+    def inference(self) -> bool:
+        return bool(self.graphs) and all(g.inference for g in self.graphs)
+
+    @property
+    def quantized_layers(self) -> list[dict]:
+        return [q for g in self.graphs for q in g.quantized_layers]
+
+    @property
+    def passes(self) -> dict[str, dict]:
+        """Each pass's records of every graph: lists joined, counters summed (once per graph)."""
+        merged: dict[str, dict] = {}
+        for g in self.graphs:
+            for name, rec in g.passes.items():
+                out = merged.setdefault(name, {})
+                for key, value in rec.items():
+                    if isinstance(value, list):
+                        out.setdefault(key, []).extend(value)
+                    elif isinstance(value, dict):
+                        counters = out.setdefault(key, {})
+                        for k, v in value.items():
+                            counters[k] = counters.get(k, 0) + v if isinstance(v, (int, float)) else v
+                    else:
+                        out[key] = value
+        return merged
+
+    def __getattr__(self, name):
+        # Fields that only make sense per graph (graph_id, compiler, ...) read from the single graph.
+        if name.startswith("_") or len(self.graphs) != 1:
+            raise AttributeError(name)
+        return getattr(self.graphs[0], name)
+
+    def __str__(self) -> str:
+        if len(self.graphs) == 1 and not self.graphs[0].served:
+            return str(self.graphs[0])
+        lines = [f"memtrain step: {len(self.graphs)} graphs"]
+        before, after = self.bytes_before, self.bytes_after
+        if before is not None:
+            lines.append(f"  saved activations per step: {_fmt(before)} -> {_fmt(after)}; predicted saving "
+                         f"{_fmt(self.predicted_saving)}, measured {_fmt(before - after)}")
+        for g in self.graphs:
+            lines.append("")
+            lines.append(str(g))
+        return "\n".join(lines)
+
+
 def discard(rep: GraphReport) -> None:
     """Forget the report of a compile that did not finish."""
     with _LOCK:
         _REPORTS[:] = [r for r in _REPORTS if r is not rep]
 
 
-def report() -> GraphReport | None:
-    """The report of the last graph the memtrain backend compiled (None before any compile)."""
+def report() -> StepReport | None:
+    """What memtrain did to the graphs of a training step (None before any compile): the latest graph
+    of each compiled frame since ``clear_reports()``, so a graph break or regional compilation shows
+    every graph, and a recompile (a new length) replaces the graph it recompiled."""
     with _LOCK:
-        return _REPORTS[-1] if _REPORTS else None
+        latest: dict = {}
+        for rep in _REPORTS:
+            latest[rep.frame_id if rep.frame_id is not None else ("graph", rep.graph_id)] = rep
+        graphs = sorted(latest.values(), key=lambda r: r.graph_id)
+        return StepReport(graphs) if graphs else None
 
 
 def reports() -> list[GraphReport]:

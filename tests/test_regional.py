@@ -1,0 +1,234 @@
+"""Regional compilation: one compiled block for every layer, each layer keeping its own compression
+state, against the whole model compiled at once."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memcompile
+from memcompile import _torch_compat as tc
+from memcompile import activation_state
+from tests import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(model, forward, steps, seed0=0, t=16):
+    """Loss and every parameter gradient of each step (SGD updates in between, so later steps see
+    moved weights and state)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    history = []
+    for step in range(steps):
+        ids = models.batch(seed=seed0 + step, t=t)
+        opt.zero_grad(set_to_none=True)
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        history.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        opt.step()
+    return history
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    assert len(a) == len(b)
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(a, b):
+        torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _whole_and_regional(build, opts, steps):
+    model = build()
+    whole = _train(model, torch.compile(model, backend="memtrain", options=opts), steps)
+    whole_state = activation_state.state_dict(model)
+    torch.compiler.reset()
+    activation_state.reset()
+    memcompile.clear_reports()
+    model = build()
+    memcompile.compile_blocks(model, opts)
+    graphs = tc.dynamo_graph_count()
+    regional = _train(model, model, steps)
+    assert tc.dynamo_graph_count() - graphs == 2  # one block graph for every layer, and the loss
+    return whole, regional, whole_state, activation_state.state_dict(model)
+
+
+@pytest.mark.parametrize("method", ["velora", "compact"])
+def test_regional_equals_whole_model_peft_lora(method):
+    """Several steps, across CompAct refreshes (refresh 2, 3 steps): the same losses and gradients,
+    every parameter, and each layer's own state (3 layers: 3 different VeLoRA vectors per group)."""
+    opts = {"activation": method, "compiler": "aot_eager", "velora": {"num_groups": 8},
+            "compact": {"rank": 8, "refresh": 2, "seed": 5}}
+    whole, regional, s_whole, s_regional = _whole_and_regional(lambda: models.tiny_lora_llama(layers=3), opts, 3)
+    _assert_same(whole, regional)
+    rep = memcompile.report()
+    block = [g for g in rep.graphs if g.served]
+    assert len(block) == 1 and len(block[0].served) == 3
+    assert block[0].passes["activation_compression"]["rewritten"]
+    # state per layer: keyed by the model's own parameter names, the same in both runs
+    assert s_whole.keys() == s_regional.keys() and len(s_whole) == 9
+    for name, s in s_whole.items():
+        if method == "velora":
+            assert torch.equal(s["velora_v"], s_regional[name]["velora_v"])
+        else:
+            assert s["compact_calls"] == s_regional[name]["compact_calls"] == 3
+            assert s["compact_seed"] == s_regional[name]["compact_seed"]
+    per_layer = [s_regional[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_A.default.weight"] for i in range(3)]
+    if method == "velora":
+        assert not torch.equal(per_layer[0]["velora_v"], per_layer[1]["velora_v"])
+    else:
+        assert len({s["compact_seed"] for s in per_layer}) == 3
+
+
+def test_regional_equals_whole_model_prepared_nf4_compact():
+    from memcompile import prepare
+
+    def build():
+        model = prepare(models.tiny_llama(layers=2, hidden=64, inter=128),
+                        memcompile.MemtrainConfig(lora={"r_max": 4, "targets": models.LORA_TARGETS}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(std=0.05)
+        return model
+
+    opts = {"activation": "compact", "compiler": "aot_eager", "targets": ["*"], "compact": {"rank": 8, "refresh": 2}}
+    whole, regional, _, _ = _whole_and_regional(build, opts, 3)
+    _assert_same(whole, regional)
+    assert memcompile.report().passes["activation_compression"]["rewritten"]
+
+
+def test_regional_equals_whole_model_qwen2_velora():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+        model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        return model
+
+    opts = {"activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}}
+    whole, regional, _, _ = _whole_and_regional(build, opts, 2)
+    _assert_same(whole, regional)
+
+
+def test_two_models_with_the_same_names_keep_their_own_state():
+    """Two models in one process, compiled block by block: neither sees the other's VeLoRA vectors."""
+    opts = {"activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}}
+    alone = models.tiny_lora_llama(seed=1)
+    memcompile.compile_blocks(alone, opts)
+    _train(alone, alone, 1, seed0=10)
+    expected = activation_state.velora_vectors(alone)
+    torch.compiler.reset()
+    activation_state.reset()
+
+    first, second = models.tiny_lora_llama(seed=0), models.tiny_lora_llama(seed=1)
+    memcompile.compile_blocks(first, opts)
+    memcompile.compile_blocks(second, opts)
+    _train(first, first, 1, seed0=20)
+    _train(second, second, 1, seed0=10)
+    got = activation_state.velora_vectors(second)
+    assert got.keys() == expected.keys() and len(got) == 6
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert not torch.equal(activation_state.velora_vectors(first)[next(iter(got))], got[next(iter(got))])
+
+
+def test_recompute_budget_advances_the_state_once_per_step():
+    opts = {"activation": "compact", "compiler": "aot_eager", "targets": ["*"], "recompute_budget": 0.05}
+    model = models.tiny_lora_llama()
+    compiled = torch.compile(model, backend="memtrain", options=opts)
+    _train(model, compiled, 3)
+    calls = {s["compact_calls"] for s in activation_state.state_dict(model).values()}
+    assert calls == {3}
+    assert memcompile.report().passes["block_boundaries"]["counters"]["blocks"] == 2
+
+
+def test_non_finite_first_batch_does_not_freeze_velora_vector():
+    """A NaN batch gives NaN gradients for that step only; the vector comes from the next finite batch."""
+    opts = {"activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}}
+    model = models.tiny_lora_llama(layers=1)
+    compiled = torch.compile(model, backend="memtrain", options=opts)
+    ids = models.batch()
+    embeds = model.get_input_embeddings()(ids).detach()
+    bad = embeds.clone()
+    bad[0, 3] = float("nan")
+    with pytest.warns(UserWarning, match="NaN or inf"):
+        compiled(inputs_embeds=bad, labels=ids).loss.backward()
+    assert activation_state.velora_vectors(model) == {}
+    model.zero_grad(set_to_none=True)
+    loss = compiled(inputs_embeds=embeds, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    vectors = activation_state.velora_vectors(model)
+    assert len(vectors) == 3 and all(torch.isfinite(v).all() for v in vectors.values())
+
+
+_RESUME = textwrap.dedent("""
+    import sys, torch, memcompile
+    from memcompile import activation_state
+    from tests import models
+    from tests.test_regional import _train
+    ckpt = sys.argv[1]
+    opts = {"activation": "compact", "compiler": "aot_eager", "compact": {"rank": 8, "refresh": 2}}
+    model = models.tiny_lora_llama(seed=7)
+    saved = torch.load(ckpt)
+    model.load_state_dict(saved["model"])
+    activation_state.load_state_dict(model, saved["activation_state"])
+    memcompile.compile_blocks(model, opts)
+    for loss, _ in _train(model, model, 3, seed0=3):
+        print("loss", repr(loss.item()))
+""")
+
+
+def test_checkpoint_mid_run_resumes_with_the_same_losses_in_a_fresh_process(tmp_path):
+    opts = {"activation": "compact", "compiler": "aot_eager", "compact": {"rank": 8, "refresh": 2}}
+    model = models.tiny_lora_llama(seed=7)
+    memcompile.compile_blocks(model, opts)
+    _train(model, model, 3)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "activation_state": activation_state.state_dict(model)}, ckpt)
+    expected = [repr(loss.item()) for loss, _ in _train(model, model, 3, seed0=3)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", _RESUME, str(ckpt)], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("loss ")]
+    assert got == expected
+
+
+def test_compile_blocks_needs_repeated_blocks():
+    with pytest.raises(ValueError, match="no nn.ModuleList of repeated blocks"):
+        memcompile.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"compiler": "aot_eager"})
+    with pytest.raises(ValueError, match="unknown memtrain option"):
+        memcompile.compile_blocks(models.tiny_llama(layers=2), {"activaton": "velora"})
+
+
+@pytest.mark.slow
+def test_regional_inductor_bf16_variable_lengths():
+    """The path users run: Inductor, bf16 base with fp32 adapters, lengths that change; one block graph
+    (static, then one dynamic recompile) serves every layer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(models.tiny_llama(layers=3).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+    memcompile.compile_blocks(model, {"activation": "velora", "velora": {"num_groups": 8}})
+    graphs = tc.dynamo_graph_count()
+    for t in (16, 24, 40):
+        ids = models.batch(t=t, seed=t)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert tc.dynamo_graph_count() - graphs <= 4  # block and loss: static first, then dynamic
+    rep = memcompile.report()
+    assert [len(g.served) for g in rep.graphs if g.served] == [3]
+    assert rep.bytes_after < rep.bytes_before
