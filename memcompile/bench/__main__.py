@@ -6,6 +6,7 @@
     python -m memcompile.bench converge --setups full_batch,random_half,coreset --steps 200   # CoLM coresets
     python -m memcompile.bench kernels                       # needs CUDA; --allow-cpu: interpreter, tiny sizes
     python -m memcompile.bench estimate                      # CUDA peak memory at the anchors' shape, on any machine
+    python -m memcompile.bench compile-time                  # first step: whole model vs one compiled block per layer
 
 Defaults on CUDA: the anchors' run (tinyllama, seq 2048, batch 4, 2 warm-up + 4 timed steps).
 Defaults on CPU: the tiny model, seq 64, batch 2, 1 warm-up + 3 timed steps.
@@ -61,6 +62,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write one JSON line per setup here")
     e.add_argument("--plot", help="write a bar chart of the estimates here (PNG)")
 
+    ct = sub.add_parser("compile-time", help="time to the first step: the whole model compiled against one "
+                        "compiled block reused for every layer (memcompile.compile_blocks)")
+    ct.add_argument("--model", default="tinyllama", help="model shape (default: tinyllama)")
+    ct.add_argument("--seq", type=int, default=128)
+    ct.add_argument("--batch", type=int, default=1)
+    ct.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ct.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
+    ct.add_argument("--activation", default="velora", choices=["none", "velora", "compact"])
+    ct.add_argument("--variants", default="whole,regional", help="comma list: whole, regional")
+    ct.add_argument("--threads", type=int)
+    ct.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
+    ct.add_argument("--json", help="append one JSON line per variant here")
+    ct.add_argument("--variant", help=argparse.SUPPRESS)  # how the parent runs one variant in a child
+
     k = sub.add_parser("kernels", help="each Triton kernel against torch and bitsandbytes")
     k.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the kernels in Triton's "
                    "interpreter at tiny sizes (checks they run; the times mean nothing)")
@@ -79,6 +94,10 @@ def main(argv: list[str] | None = None):
         from memcompile.bench import estimate
 
         return estimate.main(args)
+    if args.mode == "compile-time":
+        from memcompile.bench import compile_time
+
+        return compile_time.main(args)
     if args.mode == "converge":
         from memcompile.bench import converge
 

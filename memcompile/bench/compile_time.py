@@ -1,0 +1,110 @@
+"""Time to the first training step: the whole model compiled at once against one compiled block
+reused for every layer (``memcompile.compile_blocks``).
+
+    python -m memcompile.bench compile-time --model tinyllama --seq 128 --batch 1
+
+Each variant runs in its own process with an empty Inductor cache, so neither reuses the other's
+kernels. The first step is timed (trace, compile, run), then a second step (run only); the
+difference is the compile. The second step also counts the bytes autograd keeps for the backward
+(``measure.saved_bytes``, eager parts included), which both variants must match.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+VARIANTS = {
+    "whole": "torch.compile(model, backend='memtrain', options=...)",
+    "regional": "memcompile.compile_blocks(model, options=...)",
+}
+
+
+def _build(model_name: str, dtype: torch.dtype, device: torch.device):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from memcompile.bench import models
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(models.model_config(model_name)).to(dtype)
+    model.config.use_cache = False
+    model.train()
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=list(models.LORA_TARGETS)))
+
+
+def run_variant(args) -> dict:
+    """One variant in this process: build, compile, two steps."""
+    import memcompile
+    from memcompile import _torch_compat as tc
+    from memcompile.bench import measure, models
+
+    device = models.default_device()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = _build(args.model, dtype, device)
+    options = {"activation": args.activation, "compiler": args.compiler}
+    graphs = tc.dynamo_graph_count()
+    if args.variant == "regional":
+        memcompile.compile_blocks(model, options)
+        forward = model
+    else:
+        forward = torch.compile(model, backend="memtrain", options=options)
+    ids = models.random_tokens(model.config.vocab_size, args.batch, args.seq, device)
+    times = []
+    with measure.timed(device, times):
+        forward(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    exclude = [*model.parameters(), *model.buffers(), ids]
+    with measure.timed(device, times):
+        saved = measure.saved_bytes(lambda: forward(input_ids=ids, labels=ids), exclude,
+                                    then=lambda out: out.loss.backward())
+    return {"variant": args.variant, "model": args.model, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+            "compiler": args.compiler, "activation": args.activation, "device": str(device),
+            "first_step_s": round(times[0], 2), "second_step_s": round(times[1], 3),
+            "compile_s": round(times[0] - times[1], 2), "dynamo_graphs": tc.dynamo_graph_count() - graphs,
+            "saved_bytes": saved, "report_saved_bytes": memcompile.report().bytes_after}
+
+
+def main(args) -> list[dict]:
+    if args.variant:
+        row = run_variant(args)
+        print("ROW " + json.dumps(row), flush=True)
+        return [row]
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        cmd = [sys.executable, "-m", "memcompile.bench", "compile-time", "--variant", variant,
+               "--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch), "--dtype", args.dtype,
+               "--compiler", args.compiler, "--activation", args.activation]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"[compile-time] {variant}: {VARIANTS[variant]} ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="memcompile-inductor-") as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
+        if out.returncode != 0 or not found:
+            row = {"variant": variant, "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        else:
+            row = json.loads(found[-1])
+        rows.append(row)
+        print(f"[compile-time] {variant}: {json.dumps(row)}", flush=True)
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    if {"whole", "regional"} <= ok.keys():
+        w, r = ok["whole"], ok["regional"]
+        print(f"first step: whole {w['first_step_s']} s, regional {r['first_step_s']} s "
+              f"({w['first_step_s'] / r['first_step_s']:.1f}x faster); compile {w['compile_s']} s vs {r['compile_s']} s; "
+              f"saved for the backward {w['saved_bytes']} vs {r['saved_bytes']} B")
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
