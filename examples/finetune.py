@@ -9,6 +9,7 @@ directory) and ``--text``.
     python examples/finetune.py                                   # VeLoRA, Inductor, 300 steps
     python examples/finetune.py --activation compact --steps 100
     python examples/finetune.py --activation none --csv runs/none.csv
+    python examples/finetune.py --min-seq 48 --seq 128 --regional  # lengths drawn per batch, one block graph
 """
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def main(argv=None):
     ap.add_argument("--dump-dir", help="write the graphs before/after each pass here")
     ap.add_argument("--recompute-budget", type=float, help="memtrain recompute_budget in (0, 1]: recompute the "
                     "rest of what compression leaves saved, within each layer (exact; costs backward time)")
+    ap.add_argument("--min-seq", type=int, help="draw each batch's length uniformly from [min-seq, seq] (as "
+                    "padding-free or length-grouped batching gives); the number of compiles is reported")
+    ap.add_argument("--regional", action="store_true", help="memcompile.compile_blocks: one compiled block for "
+                    "every layer, instead of compiling the whole model")
     ap.add_argument("--fused-loss", action="store_true", help="memtrain fused_cross_entropy: the loss on the "
                     "logits in their own dtype, without an fp32 copy")
     args = ap.parse_args(argv)
@@ -145,32 +150,47 @@ def main(argv=None):
                "velora": {"num_groups": args.velora_groups}, "compact": {"rank": args.compact_rank},
                "dump_dir": args.dump_dir, "recompute_budget": args.recompute_budget,
                "fused_cross_entropy": args.fused_loss}
-    step_fn = model if args.compiler == "eager" else torch.compile(model, backend="memtrain", options=options)
+    if args.min_seq is not None and not 1 < args.min_seq <= args.seq:
+        raise SystemExit(f"--min-seq must be in [2, --seq={args.seq}], got {args.min_seq}")
+    if args.compiler == "eager":
+        step_fn = model
+    elif args.regional:
+        memcompile.compile_blocks(model, options)
+        step_fn = model
+    else:
+        step_fn = torch.compile(model, backend="memtrain", options=options)
+    lengths = torch.Generator().manual_seed(args.seed + 1)
     print(f"trainable parameters: {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,}")
 
     rows, t0 = [], time.perf_counter()
     bar = tqdm(range(args.steps), desc=f"{args.activation}/{args.compiler}", unit="step")
     for step in bar:
         ids = next(data)
+        if args.min_seq is not None:
+            ids = ids[:, :int(torch.randint(args.min_seq, args.seq + 1, (), generator=lengths))]
         loss = step_fn(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rows.append((step, loss.item()))
+        rows.append((step, loss.item(), ids.numel()))
         bar.set_postfix(loss=f"{rows[-1][1]:.4f}")
         if step == 0 and args.compiler != "eager":
             print("\n" + str(memcompile.report()))
     elapsed = time.perf_counter() - t0
-    tail = [l for _, l in rows[-20:]]
+    if args.compiler != "eager":
+        # every memtrain compile leaves a report: first shapes, recompiles for new lengths, graph breaks
+        print(f"memtrain compiles: {len(memcompile.reports())} graphs in {args.steps} steps")
+    tail = [r[1] for r in rows[-20:]]
     print(f"final train loss (mean of last {len(tail)} steps): {sum(tail) / len(tail):.4f}")
     eval_loss = evaluate(model, tokens, args)
-    print(f"eval loss: {eval_loss:.4f}  ({elapsed:.1f} s, {args.steps * args.seq * args.batch / elapsed:,.0f} tokens/s)")
+    tokens_seen = sum(r[2] for r in rows)
+    print(f"eval loss: {eval_loss:.4f}  ({elapsed:.1f} s, {tokens_seen / elapsed:,.0f} tokens/s)")
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         with open(args.csv, "w", newline="") as f:
-            csv.writer(f).writerows([("step", "loss"), *rows])
+            csv.writer(f).writerows([("step", "loss", "tokens"), *rows])
         with open(os.path.splitext(args.csv)[0] + ".json", "w") as f:
             json.dump({"activation": args.activation, "compiler": args.compiler, "steps": args.steps,
                        "final_train_loss": sum(tail) / len(tail), "eval_loss": eval_loss}, f)
