@@ -1,6 +1,7 @@
 """The pass on its own, on a joint graph from AOTAutograd: structure of the rewritten graph."""
 import torch
 import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from memcompile import MemtrainConfig
 from memcompile._torch_compat import aot_autograd, make_boxed_func, min_cut_rematerialization_partition
@@ -53,6 +54,10 @@ def test_velora_rewrites_the_weight_gradient_matmul():
     assert result.rewritten[0]["saved_shape"] == (4, 4)
     assert torch.ops.memtrain.velora_vector.default in _targets(after)
     assert torch.ops.memtrain.velora_vector.default not in _targets(before)
+    # the op that reads the layer's state is saved, never recomputed, and reads the layer's own weight
+    state = next(n for n in after.graph.nodes if n.target == torch.ops.memtrain.velora_vector.default)
+    assert state.meta["recompute"] == CheckpointPolicy.MUST_SAVE
+    assert state.args[1].op == "placeholder"
     bwd_mm = lambda gm: sum(1 for n in gm.graph.nodes  # noqa: E731
                             if n.target == aten.mm.default and n.meta.get("partitioner_tag") == "is_backward")
     # the weight-gradient mm(t(g), gelu) became mm(t(g), z): same count, but none reads the gelu output
@@ -80,6 +85,8 @@ def test_graph_input_is_skipped_with_reason():
     assert any("graph input" in r for r in reasons)
     assert len(seen["result"].rewritten) == 1
     assert torch.ops.memtrain.gaussian_sketch.default in _targets(seen["after"])
+    seed = next(n for n in seen["after"].graph.nodes if n.target == torch.ops.memtrain.compact_seed.default)
+    assert seed.meta["recompute"] == CheckpointPolicy.MUST_SAVE
 
 
 def test_matches():
