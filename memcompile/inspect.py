@@ -51,13 +51,13 @@ def example_model(name: str, training: str, hidden: int, layers: int, lora_r: in
     return model
 
 
-def per_token_per_layer(rep: reporting.GraphReport, tokens: int, layers: int) -> dict:
+def per_token_per_layer(rep: reporting.StepReport, tokens: int, layers: int) -> dict:
     """Saved-activation bytes per token per decoder layer, before and after the passes."""
     return {"before": rep.bytes_before / tokens / layers, "after": rep.bytes_after / tokens / layers,
             "predicted_saving": rep.predicted_saving / tokens / layers}
 
 
-def main(argv=None) -> reporting.GraphReport:
+def main(argv=None) -> reporting.StepReport:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama", choices=["llama", "gpt2"])
     ap.add_argument("--model-dir", help="a local Hugging Face causal-LM directory instead of a random model")
