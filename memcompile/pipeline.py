@@ -100,6 +100,7 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dic
         if ctx.config.fused_cross_entropy:
             marked = cross_entropy.keep_loss_statistics(joint)
             ctx.report.passes[cross_entropy.NAME]["counters"]["statistics_kept"] = marked
+    ctx.report.approximated = dict(result.approximated_params)
     by_name = dict(zip(ctx.input_names, ctx.example_inputs))
     for name, method in result.approximated_params.items():
         param = by_name.get(name)

@@ -12,11 +12,14 @@ weights (``memcompile.activation_state``), so the shared graph keeps every layer
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from memcompile import reporting
 from memcompile.config import MemtrainConfig, to_config
+from memcompile.marks import mark_grad_approximation
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +28,25 @@ class BlockBackend:
     """The memtrain backend for a graph that serves several modules: one object for all of them, so
     Dynamo's cache (which checks the backend) reuses the first block's graph for the others."""
 
-    def __init__(self, config: MemtrainConfig, served: Sequence[str]):
+    def __init__(self, config: MemtrainConfig, served: Mapping[str, torch.nn.Module]):
         self.config, self.served = config, tuple(served)
+        self._modules = [weakref.ref(m) for m in served.values()]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
         from memcompile import pipeline
 
-        return pipeline.compile_graph(gm, example_inputs, self.config, served=self.served)
+        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served)
+        # The compile saw the first block's parameters; every block it serves has the same
+        # approximated gradients (Fira reads these marks to refuse them).
+        report = reporting.report_of_last_compile()
+        for ref in self._modules:
+            module = ref()
+            for name, method in (report.approximated.items() if module is not None else ()):
+                try:
+                    mark_grad_approximation(module.get_parameter(name), method)
+                except AttributeError:
+                    pass  # a graph input that is not one of the block's parameters
+        return compiled
 
 
 def repeated_blocks(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -81,7 +96,7 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         model.enable_input_require_grads()
     modules = dict(model.named_modules())
     for layers in blocks.values():
-        backend = BlockBackend(config, layers)
+        backend = BlockBackend(config, {name: modules[name] for name in layers})
         for name in layers:
             modules[name].compile(backend=backend, dynamic=dynamic)
     if loss:
@@ -89,6 +104,6 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         if owner is None:
             log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the loss stays eager")
         else:
-            owner.loss_function = torch.compile(owner.loss_function, backend=BlockBackend(config, ()),
+            owner.loss_function = torch.compile(owner.loss_function, backend=BlockBackend(config, {}),
                                                 dynamic=dynamic)
     return blocks

@@ -43,6 +43,7 @@ class GraphReport:
     num_tokens: int | None = None
     frame_id: int | None = None  # Dynamo's frame: a recompile replaces the graph of the same frame
     served: tuple[str, ...] = ()  # the modules one compiled block runs for (regional compilation)
+    approximated: dict[str, str] = field(default_factory=dict)  # graph input name -> method of its gradient
 
     @property
     def calls_per_step(self) -> int:
@@ -248,6 +249,12 @@ def report() -> StepReport | None:
             latest[rep.frame_id if rep.frame_id is not None else ("graph", rep.graph_id)] = rep
         graphs = sorted(latest.values(), key=lambda r: r.graph_id)
         return StepReport(graphs) if graphs else None
+
+
+def report_of_last_compile() -> GraphReport | None:
+    """The report of the graph compiled last (not the step's aggregate)."""
+    with _LOCK:
+        return _REPORTS[-1] if _REPORTS else None
 
 
 def reports() -> list[GraphReport]:

@@ -232,3 +232,19 @@ def test_regional_inductor_bf16_variable_lengths():
     rep = memcompile.report()
     assert [len(g.served) for g in rep.graphs if g.served] == [3]
     assert rep.bytes_after < rep.bytes_before
+
+
+def test_every_served_layer_carries_the_approximation_mark():
+    """The block graph is compiled on the first layer's parameters; every layer it serves gets the
+    marks Fira reads, so Fira refuses an approximated gradient in any layer."""
+    from memcompile.marks import grad_approximation
+
+    model = models.tiny_llama(layers=3)
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "compact"})
+    ids = models.batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    marked = {n for n, p in model.named_parameters() if grad_approximation(p) == "compact"}
+    # CompAct's default targets: q/k/v, gate/up, down of every layer (o_proj excluded as in the paper)
+    assert marked == {f"model.layers.{i}.{m}.weight" for i in range(3)
+                      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
