@@ -15,12 +15,12 @@ its own limit, and is skipped when under ``MIN_STEP_S`` is left. The estimate ne
 beside the GPU steps, on the CPU. The plan (README, "GPU check"):
 
     step                           limit  what
-    header                            20  GPU, driver, torch, triton, transformers, peft, bitsandbytes
+    header                            15  GPU, driver, torch, triton, transformers, peft, bitsandbytes
     estimate (beside the others)     420  meta-device estimate of the train setups, on the CPU
-    pytest-gpu                        75  pytest -m gpu: every Triton kernel, the backend end to end
-    kernels                           45  python -m memcompile.bench kernels
-    train-lora_compile               130  the anchor: torch.compile LoRA (19.87 GiB, 45.0k tok/s)
-    train-qlora_gc                    50  the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)
+    pytest-gpu                        95  pytest -m gpu: every Triton kernel, the backend end to end
+    kernels                           40  python -m memcompile.bench kernels
+    train-lora_compile               135  the anchor: torch.compile LoRA (19.87 GiB, 45.0k tok/s)
+    train-qlora_gc                    45  the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)
     train-memtrain_all_budget        150  everything on, under the recompute budget (est. 4.28 GiB)
     train-memtrain_velora_regional    40  regional compilation (memcompile.compile_blocks), when it exists
     train-memtrain_all_regional       40  likewise
@@ -86,19 +86,19 @@ def steps(dry: bool = False) -> list[Step]:
     """The check, in order of what a short run must not miss. ``dry``: the same commands at CPU sizes."""
     tiny = ["--model", "tiny", "--seq", "64", "--batch", "2"] if dry else []
     return [
-        Step("header", ["{py}", "-m", "memcompile.bench.gpu_check", "header", "{out}/header.json"], 20,
+        Step("header", ["{py}", "-m", "memcompile.bench.gpu_check", "header", "{out}/header.json"], 15,
              "GPU, driver, torch, triton, transformers, peft, bitsandbytes", results=("header.json",)),
         # The estimate needs no GPU: on the CPU, beside the GPU steps, with the GPU hidden from it.
         Step("estimate", _bench("estimate", *tiny, "--setups", ",".join(ESTIMATE), "--json", "{out}/estimate.jsonl"),
              420, "meta-device estimate of the train setups, on the CPU", background=True,
              env={"CUDA_VISIBLE_DEVICES": ""}, results=("estimate.jsonl",)),
         Step("pytest-gpu", ["{py}", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
-                            "--junitxml={out}/pytest-gpu.xml", "tests"], 75,
+                            "--junitxml={out}/pytest-gpu.xml", "tests"], 95,
              "pytest -m gpu: every Triton kernel, the backend end to end", results=("pytest-gpu.xml",)),
-        Step("kernels", _bench("kernels", *(["--allow-cpu"] if dry else []), "--json", "{out}/kernels.jsonl"), 45,
+        Step("kernels", _bench("kernels", *(["--allow-cpu"] if dry else []), "--json", "{out}/kernels.jsonl"), 40,
              "python -m memcompile.bench kernels", results=("kernels.jsonl",)),
-        train_step("lora_compile", 130, "the anchor: torch.compile LoRA (19.87 GiB, 45.0k tok/s)", dry),
-        train_step("qlora_gc", 50, "the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)", dry),
+        train_step("lora_compile", 135, "the anchor: torch.compile LoRA (19.87 GiB, 45.0k tok/s)", dry),
+        train_step("qlora_gc", 45, "the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)", dry),
         train_step("memtrain_all_budget", 150, "everything on, under the recompute budget (est. 4.28 GiB)", dry),
         # Regional compilation: one line per setup (setups.py names them; unavailable until compile_blocks is).
         train_step("memtrain_velora_regional", 40, "VeLoRA, each decoder layer compiled on its own", dry),
