@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="the same steps on CPU: tiny model, Triton interpreter, "
                    "no GPU needed (checks the plumbing; its figures mean nothing)")
     g.add_argument("--out", help="results folder (default: runs/gpu-<date>-<time>)")
-    g.add_argument("--total", type=float, default=480.0, help="seconds for the whole run (default 480)")
+    g.add_argument("--total", type=float, help="seconds for the whole run (default 480; a dry run 3x)")
     g.add_argument("--only", help="comma list of steps to run (default: all)")
 
     r = sub.add_parser("render-gpu", help="docs/gpu/ and the README's \"Performance (GPU)\" section from a gpu "
