@@ -194,3 +194,27 @@ def test_max_context_on_the_estimate_end_to_end():
     longer = sorted(probes)
     assert all(probes[x] <= probes[y] for x, y in zip(longer, longer[1:]))  # more tokens, more memory
     assert "longest that fits" in out.getvalue()
+
+
+def test_max_context_confirms_with_one_step_at_the_length_found_and_one_above(monkeypatch):
+    import argparse
+
+    from memcompile.bench import max_context
+
+    jobs = []
+
+    def fake_run(job, progress, timeout=None):
+        jobs.append(job)
+        return {"status": "ok" if job["options"]["seq"] <= 4096 else "OOM", "peak_gib": 1.5}
+
+    monkeypatch.setattr(max_context, "run_isolated", fake_run)
+    rows = [{"setup": "nf4_gc", "status": "ok", "fits": 4096, "resolution": 1024},
+            {"setup": "lora_gc", "status": "error: x"}]
+    args = argparse.Namespace(model="tiny", batch=1, budget=0.3, seed=0, timeout=None)
+    with contextlib.redirect_stderr(io.StringIO()):
+        max_context.confirm(rows, args)
+    assert [(j["setup"], j["options"]["seq"], j["steps"], j["warmup"]) for j in jobs] == [
+        ("nf4_gc", 4096, 1, 0), ("nf4_gc", 5120, 1, 0)]
+    assert all(j["mode"] == "train" and j["count_saved"] is False and j["options"]["batch"] == 1 for j in jobs)
+    assert rows[0]["gpu_at_fits"] == {"seq": 4096, "status": "ok", "peak_gib": 1.5}
+    assert rows[0]["gpu_above"]["status"] == "OOM" and "gpu_at_fits" not in rows[1]

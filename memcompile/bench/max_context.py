@@ -137,7 +137,7 @@ def confirm(rows: list[dict], args) -> None:
             opts = Options(model=args.model, seq=seq, batch=args.batch, compiler="inductor", budget=args.budget,
                            seed=args.seed)
             jobs.append((r, key, {"mode": "train", "setup": r["setup"], "options": dataclasses.asdict(opts),
-                                  "warmup": 0, "steps": 1}))
+                                  "warmup": 0, "steps": 1, "count_saved": False}))
     progress = Progress(len(jobs))
     for row, key, job in jobs:
         result = run_isolated(job, progress, timeout=args.timeout)
