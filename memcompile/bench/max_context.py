@@ -113,14 +113,18 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
             memcompile.activation_state.reset()
             memcompile.clear_reports()
         row = count_step(setup, model, forward, context, opts.batch, seq)
+        breakdown[seq] = row["at_peak"]
         return row["weights_bytes"] + row["optimizer_bytes"] + row["step_peak_bytes"]
+
+    breakdown: dict[int, list] = {}  # what was live at each probe's peak, by the op that made it
 
     found = search(peak_of, job["limit_bytes"], job["resolution"], job["longest"], job.get("start"))
     return dict(device="meta", compiler=compiler, model=opts.model, batch=opts.batch, limit_bytes=job["limit_bytes"],
                 fits_bytes=found["fits_peak"], fails_bytes=found["fails_peak"],
                 limit_gib=round(job["limit_bytes"] / GIB, 3), resolution=job["resolution"],
                 fits=found["fits"], fits_gib=_gib(found["fits_peak"]), fails=found["fails"],
-                fails_gib=_gib(found["fails_peak"]), probes=[[s, _gib(p)] for s, p in found["probes"]])
+                fails_gib=_gib(found["fails_peak"]), probes=[[s, _gib(p)] for s, p in found["probes"]],
+                at_fits_peak=breakdown.get(found["fits"], []))
 
 
 def _gib(n: int | None) -> float | None:
