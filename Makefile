@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench inspect clean
+.PHONY: demo test install bench inspect clean gpu-check gpu-check-dry gpu-render
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,24 @@ bench: $(STAMP)
 
 inspect: $(STAMP)
 	$(PY) -m memcompile.inspect $(ARGS)
+
+# On a GPU machine, from the repository root, with nothing installed: the bitsandbytes wheel in .whl/
+# (README, "GPU check") goes to /tmp/site and the project runs from the tree. GPU_PY: that machine's Python.
+GPU_PY ?= python3
+GPU_SITE ?= /tmp/site
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; \
+	fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m memcompile.bench gpu $(ARGS)
+
+# The same steps on CPU (tiny model, Triton interpreter): checks the plumbing without a GPU.
+gpu-check-dry: $(STAMP)
+	$(PY) -m memcompile.bench gpu --dry-run $(ARGS)
+
+# docs/gpu/ and the README's GPU section from a run's folder: make gpu-render RUN=runs/gpu-...
+gpu-render: $(STAMP)
+	$(PY) -m memcompile.bench render-gpu $(RUN)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -126,3 +126,27 @@ def test_estimate_rows(estimate_rows):
     png = text.split("wrote ")[-1].strip()
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prepare_on_meta_builds_what_prepare_on_real_weights_builds():
+    """The estimate quantises one decoder layer and copies it: every parameter and buffer has the name,
+    shape, dtype and trainability that preparing the whole model on real weights gives."""
+    import memcompile
+    from memcompile.bench.builders import _prepare
+    from memcompile.bench.estimate import prepare_on_meta
+
+    options = {"activation": "velora", "targets": ("*",)}
+    real, _, full_rank = _prepare(models.meta_model("tiny", torch.bfloat16, device="cpu"), options)
+    full_rank()
+    meta = models.meta_model("tiny", torch.bfloat16)
+    prepare_on_meta(meta, options)
+
+    def layout(m):
+        return {name: (tuple(t.shape), t.dtype, t.requires_grad) for name, t in
+                [*m.named_parameters(), *m.named_buffers()]}
+
+    assert layout(meta) == layout(real)
+    assert len(memcompile.quantized_layers(meta)) == 7 * models.MODELS["tiny"]["num_hidden_layers"]
+    assert all(t.device.type == "meta" for t in [*meta.parameters(), *meta.buffers()])
+    layers = meta.get_decoder().layers
+    assert layers[0].mlp.up_proj is not layers[1].mlp.up_proj  # copies: one layer's state is not another's

@@ -7,6 +7,10 @@
     python -m memcompile.bench kernels                       # needs CUDA; --allow-cpu: interpreter, tiny sizes
     python -m memcompile.bench estimate                      # CUDA peak memory at the anchors' shape, on any machine
     python -m memcompile.bench compile-time                  # first step: whole model vs one compiled block per layer
+    python -m memcompile.bench max-context --model llama8b --gpu-memory 80GiB   # longest sequence that trains
+    python -m memcompile.bench gpu                           # every GPU figure in one run (make gpu-check)
+    python -m memcompile.bench gpu --dry-run                 # the same steps on CPU, tiny model, in seconds
+    python -m memcompile.bench render-gpu runs/gpu-<date>    # docs/gpu/ and the README's GPU section from a run
 
 Defaults on CUDA: the anchors' run (tinyllama, seq 2048, batch 4, 2 warm-up + 4 timed steps).
 Defaults on CPU: the tiny model, seq 64, batch 2, 1 warm-up + 3 timed steps.
@@ -75,6 +79,35 @@ def parser() -> argparse.ArgumentParser:
     ct.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     ct.add_argument("--json", help="append one JSON line per variant here")
     ct.add_argument("--variant", help=argparse.SUPPRESS)  # how the parent runs one variant in a child
+    m = sub.add_parser("max-context", help="the longest sequence at batch 1 whose training step fits in "
+                       "--gpu-memory, by bisection on the estimate (meta device); with CUDA, confirmed by real steps")
+    m.add_argument("--model", default="llama8b", help="model shape (default: llama8b, Llama-3.1-8B)")
+    m.add_argument("--gpu-memory", default="80GiB", help="memory the step must fit in: 80GiB, 80GB (10^9 bytes), ...")
+    m.add_argument("--setups", help="comma list (default: lora_gc,nf4_gc,memtrain_all_budget)")
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--resolution", type=int, default=1024, help="tokens: lengths probed are multiples of this")
+    m.add_argument("--start", type=int, default=16384, help="first length probed; doubled until it does not fit")
+    m.add_argument("--longest", type=int, default=4 * 2**20, help="longest length probed")
+    m.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
+    m.add_argument("--no-confirm", action="store_true", help="with CUDA, skip the real steps that confirm the estimate")
+    m.add_argument("--timeout", type=float, default=None, help="seconds per setup before it is stopped")
+    m.add_argument("--threads", type=int, help="torch CPU threads per setup (default 1)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", help="write one JSON line per setup here")
+
+    g = sub.add_parser("gpu", help="every GPU figure in one run within --total seconds (make gpu-check): "
+                       "pytest -m gpu, kernels, train at the anchors' setup, the estimate beside it, a header")
+    g.add_argument("--dry-run", action="store_true", help="the same steps on CPU: tiny model, Triton interpreter, "
+                   "no GPU needed (checks the plumbing; its figures mean nothing)")
+    g.add_argument("--out", help="results folder (default: runs/gpu-<date>-<time>)")
+    g.add_argument("--total", type=float, help="seconds for the whole run (default 480; a dry run 3x)")
+    g.add_argument("--only", help="comma list of steps to run (default: all)")
+
+    r = sub.add_parser("render-gpu", help="docs/gpu/ and the README's \"Performance (GPU)\" section from a gpu "
+                       "run's folder")
+    r.add_argument("run", nargs="?", help="the run's folder (default: re-render from docs/gpu/)")
+    r.add_argument("--docs", default="docs/gpu", help="where the run's files are copied")
+    r.add_argument("--readme", default="README.md", help="the README whose GPU section is replaced")
 
     k = sub.add_parser("kernels", help="each Triton kernel against torch and bitsandbytes")
     k.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the kernels in Triton's "
@@ -102,6 +135,18 @@ def main(argv: list[str] | None = None):
         from memcompile.bench import converge
 
         return converge.main(args)
+    if args.mode == "gpu":
+        from memcompile.bench import gpu_check
+
+        return gpu_check.main(args)
+    if args.mode == "render-gpu":
+        from memcompile.bench import gpu_report
+
+        return gpu_report.main(args)
+    if args.mode == "max-context":
+        from memcompile.bench import max_context
+
+        return max_context.main(args)
     from memcompile.bench import kernels
 
     return kernels.main(args)

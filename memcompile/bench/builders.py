@@ -154,6 +154,13 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str,
         name = f"memtrain/{compiler}"
         if options.get("recompute_budget") is not None:
             name += f", budget {options['recompute_budget']:g}"
+        if setup.regional:
+            import memcompile
+
+            # compile_blocks compiles the decoder layers (and the loss) in place; the model's own forward
+            # calls them, so the model is what trains.
+            memcompile.compile_blocks(model, options=options)
+            return model, name + ", regional", contextlib.nullcontext()
         return torch.compile(model, backend="memtrain", options=options), name, contextlib.nullcontext()
     backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
     if setup.memory_budget:

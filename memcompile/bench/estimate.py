@@ -19,7 +19,9 @@ What the meta device cannot know is modelled on CUDA and said here:
   unfused, which overstates Inductor's temporaries (yet under an activation budget the estimate has
   come out below the anchors' measurement: it is not a bound);
 - bitsandbytes setups cannot be built on meta and are skipped (their measured anchors are listed);
-  ``memcompile.prepare``'s NF4 model is quantised on the CPU from constant weights, then moved to meta;
+  ``memcompile.prepare``'s NF4 model: its first decoder layer is quantised on the CPU from constant
+  weights and moved to meta, and every other layer gets copies of those adapted linears (same shapes,
+  same dtypes; quantising every layer of a 7B model took minutes and as much host memory as the model);
 - no allocator: block rounding, fragmentation and library workspaces are not counted.
 
 The table puts the anchors' measured H100 figures beside the estimates where the setup has them.
@@ -32,7 +34,7 @@ from typing import Callable
 import torch
 
 from memcompile.bench import anchors, measure, models
-from memcompile.bench.builders import Options, Unavailable, _peft_lora, _prepare, compile_forward
+from memcompile.bench.builders import LORA, Options, Unavailable, _peft_lora, _prepare, compile_forward
 from memcompile.bench.runner import run_setups
 from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
 from memcompile.bench.table import NA, fmt_num, render, status_notes, write_jsonl
@@ -76,6 +78,34 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def prepare_on_meta(model, options: dict) -> None:
+    """``memcompile.prepare``'s NF4 + DyLoRA model of ``model`` (on meta), in place, at DyLoRA's largest rank.
+
+    prepare quantises real values, so the first decoder layer is allocated on the CPU with constant
+    weights, prepared and moved back to meta; every other layer gets deep copies of its adapted
+    linears, which is what preparing it would give (the same constant weights, the same shapes).
+    """
+    import copy
+
+    import memcompile
+
+    layers = model.get_decoder().layers
+    first = layers[0].to_empty(device="cpu")
+    with torch.no_grad():
+        for t in (*first.parameters(), *first.buffers()):
+            t.fill_(0.01)  # any finite non-zero value: quantisers divide by block maxima
+    _prepare(first, options)
+    first.to("meta")
+    adapted = [name for name, m in first.named_modules() if isinstance(m, memcompile.LoRALinear)]
+    for layer in list(layers)[1:]:
+        for name in adapted:
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, copy.deepcopy(first.get_submodule(name)))
+    for name, p in model.named_parameters():  # prepare freezes all but the adapters of the whole model
+        p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
+    memcompile.set_rank(model, LORA["r"])  # DyLoRA's largest rank: the most it ever holds
+
+
 def build_meta(setup, opts: Options, dtype: torch.dtype):
     """``setup``'s model on the meta device and its forward; raises ``Unavailable`` where that cannot be."""
     if setup.quant:
@@ -83,13 +113,9 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
     if setup.optimizer != "adamw" or setup.selection != "all":
         raise Unavailable("the estimate covers AdamW fine-tuning on the whole batch")
     register_attention()
+    model = models.meta_model(opts.model, dtype)
     if setup.adapter == "prepare":
-        # prepare quantises real values: constant weights on the CPU, then everything moves to meta.
-        model, _, full_rank = _prepare(models.meta_model(opts.model, dtype, device="cpu"), setup.memtrain)
-        full_rank()  # DyLoRA's largest rank: the most it ever holds
-        model = model.to("meta")
-    else:
-        model = models.meta_model(opts.model, dtype)
+        prepare_on_meta(model, setup.memtrain)
     model.set_attn_implementation(ATTENTION)
     if setup.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -101,14 +127,11 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
     return model, forward, compiler, context
 
 
-def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
-    """In the setup's own process: a compiling step, then a counted one."""
-    setup = SETUPS[job["setup"]]
-    opts = Options(**job["options"])
-    dtype = torch.bfloat16
-    progress("building the model on the meta device")
-    model, forward, compiler, context = build_meta(setup, opts, dtype)
-    ids = torch.zeros(opts.batch, opts.seq, dtype=torch.long, device="meta")
+def count_step(setup, model, forward, context, batch: int, seq: int) -> dict:
+    """One step of ``batch`` x ``seq`` tokens on meta (after a compiling one for compiled setups), counted:
+    saved activations, resident bytes and the step's peak. The model can be counted again at another
+    length (``max-context`` does), after ``torch.compiler.reset()`` for compiled setups."""
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     # An all-ones mask: without one, Hugging Face checks the positions for packed sequences with a
     # host sync, which meta tensors cannot answer. The attention ignores it (``_no_mask``).
     mask = torch.ones_like(ids)
@@ -120,23 +143,34 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
 
     with context:
         if setup.compiled:
-            progress("compiling")
             step().loss.backward()
             model.zero_grad(set_to_none=True)
-        progress("counting")
         weights = tensor_bytes([*model.parameters(), *model.buffers()])
         # AdamW's exp_avg and exp_avg_sq, each like its parameter.
         optimizer = 2 * sum(p.numel() * p.element_size() for p in params)
         with measure.LiveBytes(existing=held, describe=True) as live:
             saved = measure.saved_bytes(step, held, measure.checkpointed_layers(model),
                                         then=lambda out: out.loss.backward())
+        model.zero_grad(set_to_none=True)
     resident = weights + optimizer
-    return dict(device="meta", dtype="bfloat16", compiler=compiler, model=opts.model, seq=opts.seq,
-                batch=opts.batch, saved_bytes=saved, weights_bytes=weights, optimizer_bytes=optimizer,
-                step_peak_bytes=live.peak, peak_gib=round((resident + live.peak) / GIB, 3),
-                saved_gib=round(saved / GIB, 3), trainable=sum(p.numel() for p in params),
+    return dict(saved_bytes=saved, weights_bytes=weights, optimizer_bytes=optimizer, step_peak_bytes=live.peak,
+                peak_gib=round((resident + live.peak) / GIB, 3), saved_gib=round(saved / GIB, 3),
+                trainable=sum(p.numel() for p in params),
                 at_peak=[dict(op=op, shape=list(shape), dtype=dt, count=c, bytes=b)
                          for op, shape, dt, c, b in live.peak_breakdown()])
+
+
+def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
+    """In the setup's own process: a compiling step, then a counted one."""
+    setup = SETUPS[job["setup"]]
+    opts = Options(**job["options"])
+    dtype = torch.bfloat16
+    progress("building the model on the meta device")
+    model, forward, compiler, context = build_meta(setup, opts, dtype)
+    progress("compiling and counting" if setup.compiled else "counting")
+    counted = count_step(setup, model, forward, context, opts.batch, opts.seq)
+    return dict(device="meta", dtype="bfloat16", compiler=compiler, model=opts.model, seq=opts.seq,
+                batch=opts.batch, **counted)
 
 
 def add_anchors(rows: list[dict], model: str, seq: int, batch: int) -> None:

@@ -20,6 +20,11 @@ MODELS: dict[str, dict] = {
                       num_key_value_heads=4, vocab_size=32000),
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=32000),
+    # Llama-3.1-8B (the long-context anchor's model): grouped-query attention, a 128k vocabulary, RoPE base
+    # 500k. Its llama3 RoPE scaling changes no shape, so it is left out.
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                    max_position_embeddings=131072),
     # Grouped-query attention like TinyLlama's, at a size that trains in milliseconds on a CPU core. The
     # MLP width is a multiple of 64: bitsandbytes' CPU inference path (eval mode) fails on other widths.
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
@@ -34,7 +39,7 @@ def model_config(name: str):
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return LlamaConfig(**MODELS[name], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(**{"max_position_embeddings": 4096, **MODELS[name]}, bos_token_id=1, eos_token_id=2)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -28,6 +28,8 @@ class Setup:
         memory_budget: ``torch.compile`` under AOTAutograd's ``activation_memory_budget`` (``--budget``).
             memtrain setups put ``recompute_budget`` in their ``memtrain`` options instead.
         memtrain: ``backend="memtrain"`` options (the compiler is added by the bench).
+        regional: compile each decoder layer on its own (``memcompile.compile_blocks``) rather than the
+            whole model: the compile takes one layer's time, not all of them.
         optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
         selection: which rows of each drawn pool train: ``"all"``, ``"coreset"`` (the CoLM coreset of
             ``--batch`` rows, ``memcompile.data``) or ``"random"`` (``--batch`` rows uniformly at random).
@@ -46,6 +48,7 @@ class Setup:
     compile: str = "none"
     memory_budget: bool = False
     memtrain: dict[str, Any] = field(default_factory=dict)
+    regional: bool = False
     optimizer: str = "adamw"
     selection: str = "all"
     pool_factor: int = 1
@@ -64,6 +67,8 @@ class Setup:
         if self.memory_budget and self.compile != "inductor":
             raise ValueError(f"{self.name}: memory_budget is for torch.compile setups; memtrain setups set "
                              "recompute_budget in their memtrain options")
+        if self.regional and self.compile != "memtrain":
+            raise ValueError(f"{self.name}: regional compilation is memtrain's (memcompile.compile_blocks)")
         if self.selection not in ("all", "coreset", "random"):
             raise ValueError(f"{self.name}: selection must be 'all', 'coreset' or 'random', got {self.selection!r}")
         if self.pool_factor < 1 or (self.selection != "all" and self.pool_factor < 2):
@@ -104,6 +109,16 @@ SETUPS: dict[str, Setup] = _table(
           adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
                     "recompute_budget": 0.2}),
+    # Regional compilation: the setups above, each decoder layer compiled on its own.
+    Setup("memtrain_velora_regional", "memtrain_velora, each decoder layer compiled on its own", compile="memtrain",
+          memtrain={"activation": "velora"}, regional=True, modes=("train",)),
+    Setup("memtrain_all_regional", "memtrain_all, each decoder layer compiled on its own", adapter="prepare",
+          compile="memtrain", memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True},
+          regional=True, modes=("train",)),
+    # QLoRA + checkpointing on memcompile's own NF4, eager: the bitsandbytes baseline's memory, in a form the
+    # meta device can build (max-context's comparison with Hugging Face's QLoRA).
+    Setup("nf4_gc", "memcompile.prepare (NF4 + DyLoRA) + gradient checkpointing (non-reentrant), eager",
+          adapter="prepare", checkpointing=True, modes=("train",)),
     # Full-parameter pre-training with the optimizers of memcompile.optim, AdamW as their baseline.
     # 1.5e-3: the best of a sweep (7.5e-4, 1.5e-3, 3e-3, 6e-3) pre-training a 4-layer tiny Llama on bytes
     Setup("adamw", "full-parameter training, AdamW", adapter="none", lr=1.5e-3),
@@ -159,6 +174,8 @@ def unavailable(setup: Setup) -> str | None:
 
     if setup.adapter == "prepare" and not callable(getattr(memcompile, "prepare", None)):
         return "memcompile.prepare is not exported by memcompile"
+    if setup.regional and not callable(getattr(memcompile, "compile_blocks", None)):
+        return "memcompile.compile_blocks (regional compilation) is not exported by memcompile"
     if setup.optimizer in ("fira", "galore"):
         try:
             from memcompile.optim import Fira, fira_param_groups

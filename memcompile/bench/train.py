@@ -67,8 +67,12 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
             if i == 0:
                 compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
         peak = measure.peak_gib(device)  # read before the counting forward below can add to it
-        progress("counting saved activations")
-        saved = _saved_activations(built, ids, first_report, compiled_reports)
+        if job.get("count_saved", True):
+            progress("counting saved activations")
+            saved = _saved_activations(built, ids, first_report, compiled_reports)
+        else:  # a step at the edge of memory (max-context): one more forward could run out where the step did not
+            saved = dict(saved_bytes=None, saved_by=None, saved_bytes_before=None, saved_bytes_hooks=None,
+                         saved_bytes_hooks_error="not counted")
     step_s = measure.median(times[warmup:])
     return dict(
         device=device.type, dtype=str(dtype).removeprefix("torch."), compiler=built.compiler, model=opts.model,

@@ -38,6 +38,8 @@ def run(job: dict) -> dict:
             from memcompile.bench.converge import run_setup
         elif job["mode"] == "estimate":
             from memcompile.bench.estimate import run_setup
+        elif job["mode"] == "max-context":
+            from memcompile.bench.max_context import run_setup
         else:
             raise ValueError(f"unknown mode {job['mode']!r}")
         return {"status": "ok", **run_setup(job, progress)}

@@ -29,3 +29,10 @@ def use_triton(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and INTERPRET and os.environ.get("MEMTRAIN_TRITON_ON_CPU") == "1"
+
+
+def autotune(gpu: list, interpreter, key: list[str]):
+    """``triton.autotune`` over the ``gpu`` configs on a GPU; under the interpreter the one config
+    ``interpreter``, where timing configs would time Python. Kernels autotuned this way must be
+    idempotent (the tuner runs them several times on the same arguments)."""
+    return triton.autotune(configs=[interpreter] if INTERPRET else gpu, key=key)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, autotune, tl, triton, use_triton
 
 REDUCTIONS = ("mean", "sum")
 CHUNK_ELEMENTS = 1 << 24  # the reference's fp32 working set: 64 MiB
@@ -85,7 +85,13 @@ def cross_entropy_backward_ref(grad: torch.Tensor, x: torch.Tensor, target: torc
 
 
 if HAS_TRITON:
+    # One program per row, looping over the vocabulary: wider blocks need more warps to keep the loads in
+    # flight; the list is short so the first call of each vocabulary size tunes in well under a second.
+    _CE_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8),
+                   triton.Config({"BLOCK": 4096}, num_warps=8), triton.Config({"BLOCK": 4096}, num_warps=16)]
+    _CE_INTERPRETER = triton.Config({"BLOCK": 4096}, num_warps=4)
 
+    @autotune(_CE_CONFIGS, _CE_INTERPRETER, key=["V"])
     @triton.jit
     def _ce_forward_kernel(x_ptr, stride, target_ptr, loss_ptr, lse_ptr, V, ignore_index, BLOCK: tl.constexpr):
         # grid: (N,). One row: online max and sum of exp over blocks of the vocabulary.
@@ -106,6 +112,7 @@ if HAS_TRITON:
         tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
         tl.store(lse_ptr + row, lse)
 
+    @autotune(_CE_CONFIGS, _CE_INTERPRETER, key=["V"])
     @triton.jit
     def _ce_backward_kernel(x_ptr, stride, target_ptr, lse_ptr, scale_ptr, grad_ptr, out_ptr, out_stride, V,
                             ignore_index, BLOCK: tl.constexpr):
@@ -123,10 +130,6 @@ if HAS_TRITON:
             tl.store(out_ptr + row * out_stride + cols, (p * g).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(v: int) -> int:
-    return min(4096, triton.next_power_of_2(v))
-
-
 def cross_entropy_triton(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
                          reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, target, reduction)
@@ -135,7 +138,7 @@ def cross_entropy_triton(x: torch.Tensor, target: torch.Tensor, ignore_index: in
     losses = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
-        _ce_forward_kernel[(n,)](x, x.stride(0), target, losses, lse, v, ignore_index, BLOCK=_block(v))
+        _ce_forward_kernel[(n,)](x, x.stride(0), target, losses, lse, v, ignore_index)
     return losses.sum() * _scale(target, ignore_index, reduction), lse
 
 
@@ -147,7 +150,7 @@ def cross_entropy_backward_triton(grad: torch.Tensor, x: torch.Tensor, target: t
     scale = _scale(target, ignore_index, reduction)
     if n:
         _ce_backward_kernel[(n,)](x, x.stride(0), target, lse, scale, grad.float().contiguous(), out, out.stride(0),
-                                  v, ignore_index, BLOCK=_block(v))
+                                  v, ignore_index)
     return out
 
 

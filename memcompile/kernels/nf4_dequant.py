@@ -16,11 +16,15 @@ from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, autotune, tl, triton, use_triton
 
 
 if HAS_TRITON:
 
+    # Memory-bound: a few block sizes and warp counts. The interpreter's cost is per program, so it gets
+    # few large programs.
+    @autotune([triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8),
+               triton.Config({"BLOCK": 4096}, num_warps=8)], triton.Config({"BLOCK": 1 << 14}), key=["numel"])
     @triton.jit
     def _nf4_dequant_kernel(
         out_ptr,  # [numel], output dtype
@@ -68,15 +72,13 @@ def nf4_dequant_triton(packed, absmax, code, nested_absmax, nested_code, nested_
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     numel = out.numel()
     nested = nested_absmax is not None
-    # The interpreter's cost is per program, so it gets few large programs; GPUs get many small ones.
-    block = 1024 if packed.is_cuda else triton.next_power_of_2(max(min(numel, 1 << 14), 16))
     dummy = absmax  # stands in for the nested pointers when NESTED is off; never read
-    _nf4_dequant_kernel[(triton.cdiv(numel, block),)](
+    _nf4_dequant_kernel[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
         out, packed.reshape(-1).view(torch.uint8), absmax, code,
         nested_absmax if nested else dummy, nested_code if nested else dummy,
         nested_offset.reshape(1) if nested else dummy, numel,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-        OUT_BF16=dtype == torch.bfloat16, BLOCK=block,
+        OUT_BF16=dtype == torch.bfloat16,
         # NOTE: without this the GPU compiler may fuse the nested decode's multiply-add into one FMA,
         # which rounds once instead of twice and no longer matches bitsandbytes bit for bit.
         enable_fp_fusion=False,

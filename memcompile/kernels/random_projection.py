@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, triton, tl, use_triton
+from ._triton import HAS_TRITON, autotune, triton, tl, use_triton
 
 
 def gaussian_sketch_ref(seed: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -24,6 +24,9 @@ def gaussian_sketch_ref(seed: int, n: int, r: int, dtype: torch.dtype, device: t
 
 if HAS_TRITON:
 
+    # Philox and a store per element: compute-light, so the block size and warps are all there is to tune.
+    @autotune([triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8),
+               triton.Config({"BLOCK": 4096}, num_warps=8)], triton.Config({"BLOCK": 1024}), key=["numel"])
     @triton.jit
     def _gaussian_sketch_kernel(
         out_ptr,  # [n, r] contiguous, output dtype
@@ -42,8 +45,8 @@ if HAS_TRITON:
 def gaussian_sketch_triton(seed: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     out = torch.empty(n, r, dtype=dtype, device=device)
     numel = n * r
-    block = 1024
-    _gaussian_sketch_kernel[(triton.cdiv(numel, block),)](out, int(seed), numel, 1.0 / math.sqrt(r), BLOCK=block)
+    _gaussian_sketch_kernel[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](out, int(seed), numel,
+                                                                              1.0 / math.sqrt(r))
     return out
 
 

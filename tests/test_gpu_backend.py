@@ -1,0 +1,134 @@
+"""backend="memtrain" end to end on CUDA, on small models: the loss and every gradient against the
+uncompiled model. Exact paths (no compression, NF4 weights through the Triton dequantisation) must be
+bit for bit; compressed layers' weight gradients must be the method's formula (``tests/reference.py``)
+computed in fp64 from the eager run's inputs and output gradients; Inductor's fused code is held to fp32
+round-off. All marked ``gpu``: ``pytest -m gpu`` (the ``pytest-gpu`` step of ``make gpu-check``).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import memcompile
+from memcompile import activation_state
+from tests import models, reference
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(forward, model, ids):
+    """Loss, parameter gradients and the input embeddings' gradient (a leaf, so it is checked too)."""
+    model.zero_grad(set_to_none=True)
+    x = model.get_input_embeddings()(ids).detach().requires_grad_()
+    loss = forward(inputs_embeds=x, labels=ids).loss
+    loss.backward()
+    return loss.detach(), _grads(model), x.grad.clone()
+
+
+def _eager(model, ids, capture):
+    store, handles = reference.capture(model, capture)
+    try:
+        return (*_step(model, model, ids), store)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _compiled(model, ids, options):
+    return _step(torch.compile(model, backend="memtrain", options=options), model, ids)
+
+
+def _compressed():
+    rep = memcompile.report()
+    return rep, [g for g in rep.passes["activation_compression"]["rewritten"]]
+
+
+def test_no_compression_is_exact_on_cuda():
+    model, ids = models.tiny_lora_llama().to(CUDA), models.batch().to(CUDA)
+    loss_c, grads_c, xg_c = _compiled(model, ids, {"activation": "none", "compiler": "aot_eager"})
+    loss_e, grads_e, xg_e, _ = _eager(model, ids, [])
+    assert torch.equal(loss_c, loss_e) and torch.equal(xg_c, xg_e)
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) == 28
+    for name in grads_e:
+        assert torch.equal(grads_c[name], grads_e[name]), name
+
+
+@pytest.mark.parametrize("method", ["velora", "compact"])
+def test_compressed_weight_gradients_are_the_formula_on_cuda(method):
+    model, ids = models.tiny_lora_llama().to(CUDA), models.batch().to(CUDA)
+    opts = {"activation": method, "compiler": "aot_eager", "velora": {"num_groups": 8, "scale": 0.5},
+            "compact": {"rank": 0.25, "seed": 3}}
+    loss_c, grads_c, xg_c = _compiled(model, ids, opts)
+    rep, groups = _compressed()
+    assert groups and rep.bytes_after < rep.bytes_before
+    lora_a = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+    loss_e, grads_e, xg_e, store = _eager(model, ids, lora_a)
+    assert torch.equal(loss_c, loss_e) and torch.equal(xg_c, xg_e)  # outputs and input gradients exact
+    compressed = {layer for g in groups for layer in g["layers"]}
+    for name in grads_e:
+        if name.removesuffix(".weight") not in compressed:
+            assert torch.equal(grads_c[name], grads_e[name]), name
+    for g in groups:
+        for layer in g["layers"]:
+            x, go = store[layer]["x"].cpu(), store[layer]["g"].cpu()
+            if method == "velora":
+                x_hat, _ = reference.velora_x_hat(x, 8, 0.5)
+            else:
+                # CUDA draws P with the Triton kernel's Philox stream: regenerate it the same way.
+                r = g["saved_shape"][1]
+                seed = torch.tensor(activation_state.layer_seed(g["layers"][0], 3))
+                p = torch.ops.memtrain.gaussian_sketch(seed, x.shape[1], r, x.dtype, CUDA, 0).cpu().double()
+                assert abs(p.var().item() * r - 1) < 6 * math.sqrt(2 / p.numel())
+                x_hat = (x.double() @ p) @ p.t()
+            expected = reference.linear_wgrad(go, x_hat)
+            torch.testing.assert_close(grads_c[layer + ".weight"].cpu().double(), expected, rtol=1e-4, atol=1e-6,
+                                       msg=layer)
+
+
+def _prepared(seed: int = 0):
+    model = memcompile.prepare(models.tiny_llama(seed=seed), {"lora": {"r_max": 4, "alpha": 8, "quant": "nf4"}})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    return model.to(CUDA)
+
+
+def test_nf4_model_is_exact_on_cuda():
+    """NF4 bases dequantised by the Triton kernel in the compiled graph and in eager: the same numbers."""
+    model, ids = _prepared(), models.batch().to(CUDA)
+    loss_c, grads_c, xg_c = _compiled(model, ids, {"activation": "none", "compiler": "aot_eager"})
+    assert len(memcompile.report().quantized_layers) == 14
+    loss_e, grads_e, xg_e, _ = _eager(model, ids, [])
+    assert torch.equal(loss_c, loss_e) and torch.equal(xg_c, xg_e)
+    for name in grads_e:
+        assert torch.equal(grads_c[name], grads_e[name]), name
+
+
+@pytest.mark.slow
+def test_everything_on_under_inductor_matches_the_plain_graph_on_cuda():
+    """memtrain_all_budget's configuration on a small model: NF4 + DyLoRA, VeLoRA on every linear, the fused
+    loss and output projection, a recompute budget, all compiled by Inductor; against the same method's
+    graph run op by op without budget or fused loss (the same numbers, up to fp32 round-off)."""
+    opts = {"activation": "velora", "targets": ("*",), "velora": {"num_groups": 8}}
+    model, ids = _prepared(), models.batch().to(CUDA)
+    loss_a, grads_a, xg_a = _compiled(model, ids, {**opts, "compiler": "aot_eager"})
+    torch.compiler.reset()
+    activation_state.reset()
+    loss_b, grads_b, xg_b = _compiled(model, ids, {**opts, "compiler": "inductor", "recompute_budget": 0.05,
+                                                   "fused_cross_entropy": True})
+    rep = memcompile.report()
+    assert rep.passes["block_boundaries"]["counters"]["blocks"] == 2
+    assert rep.passes["cross_entropy"]["losses"][0]["linear"] is True
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xg_b, xg_a, rtol=1e-4, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
