@@ -101,9 +101,10 @@ def memtrain_saved_bytes(first: int, last: int) -> tuple[int, int | None] | None
     graphs = [r for r in memcompile.reports()[first:last] if not r.inference]
     if not graphs:
         return None
-    after = sum(r.bytes_after for r in graphs)
+    # A compiled block counts once per layer it serves (regional compilation).
+    after = sum(r.bytes_after * r.calls_per_step for r in graphs)
     befores = [r.bytes_before for r in graphs]
-    return after, None if None in befores else sum(befores)
+    return after, None if None in befores else sum(b * r.calls_per_step for b, r in zip(befores, graphs))
 
 
 def peak_gib(device: torch.device) -> float | None:
