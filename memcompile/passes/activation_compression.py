@@ -101,8 +101,33 @@ def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | Non
     return (node, transposes) if isinstance(node, fx.Node) else (None, 0)
 
 
+def _gradient_matmuls(graph: fx.Graph, primals: dict[fx.Node, str]) -> dict[fx.Node, set[fx.Node]] | None:
+    """For each primal, the backward ``mm`` nodes its gradient output is made of (through views, casts
+    and the sums of a weight used more than once); ``None`` if the graph's outputs do not end with one
+    gradient per primal, as AOTAutograd's joint graphs do."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    if not isinstance(out, (list, tuple)) or len(out) < len(primals):
+        return None
+    found: dict[fx.Node, set[fx.Node]] = {}
+    for primal, grad in zip(primals, out[len(out) - len(primals):]):
+        mms, todo = set(), [grad]
+        while todo:
+            n = todo.pop()
+            if is_call(n, {aten.mm.default}):
+                mms.add(n)
+            elif is_call(n, {aten.add.Tensor}):
+                todo.extend(a for a in n.args if isinstance(a, fx.Node))
+            elif is_call(n, VIEW_OPS) or is_call(n, {aten._to_copy.default, aten.clone.default}):
+                todo.append(n.args[0])
+        found[primal] = mms
+    return found
+
+
 def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
     """Forward ``mm``/``addmm`` nodes with a primal weight, and their weight-gradient matmuls."""
+    # Layers that read one input (a frozen base and its LoRA A, gate and up on a 2-D input) each see
+    # every ``mm(t(g), x)``: only the matmuls that make a weight's own gradient output are its own.
+    grad_mms = _gradient_matmuls(graph, primals)
     layers = []
     for n in graph.nodes:
         if partitioner_tag(n) != FORWARD_TAG or not is_call(n, {aten.mm.default, aten.addmm.default}):
@@ -120,6 +145,8 @@ def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
                 wgrads.append(u)  # mm(t(g), x)
             elif conv1d and is_call(u, TRANSPOSE_OPS):
                 wgrads.extend(m for m in u.users if is_call(m, {aten.mm.default}) and m.args[0] is u)
+        if grad_mms is not None:
+            wgrads = [m for m in wgrads if m in grad_mms.get(weight, ())]
         if wgrads:  # frozen weights (no gradient) are not candidates
             layers.append(Layer(primals[weight], n, x, weight, conv1d, wgrads))
     return layers
