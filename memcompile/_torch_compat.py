@@ -126,6 +126,20 @@ def size_hint(s) -> int | None:
     return int(symbolic_shapes.guarding_hint_or_throw(s))
 
 
+def option_error(message: str) -> ValueError:
+    """A ``ValueError`` that Dynamo re-raises as it is, instead of inside ``BackendCompilerFailed``
+    (whose message starts with Dynamo's line, not ours). Dynamo hands ``options`` to a backend only
+    at the first compile, so that is where a bad option can be reported at all."""
+    from torch._dynamo.exc import ShortenTraceback
+
+    class MemtrainOptionError(ValueError, ShortenTraceback):
+        def __init__(self, msg: str):
+            ShortenTraceback.__init__(self, msg, first_useful_frame=None)
+
+    MemtrainOptionError.__module__, MemtrainOptionError.__qualname__ = "memcompile", "MemtrainOptionError"
+    return MemtrainOptionError(message)
+
+
 def dynamo_graph_count() -> int:
     """How many graphs Dynamo has compiled in this process (a recompile adds one)."""
     from torch._dynamo.utils import counters
