@@ -18,3 +18,37 @@ def test_bad_option_is_raised_as_our_own_value_error():
         compiled(torch.randn(2, 4))
     assert str(info.value).startswith("memtrain option 'activation': got 'velroa'; valid:")
     assert "BackendCompilerFailed" not in type(info.value).__name__
+
+
+def test_prepare_adapts_gpt2_conv1d_and_falcon_linear():
+    """GPT-2's Conv1D and Falcon's Linear subclass match lora.targets by name: they are adapted, and the
+    prepared model at B = 0 computes what the quant="none" base computed."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    falcon = FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            vocab_size=128, new_decoder_architecture=False))
+    for model, targets in ((models.tiny_gpt2(layers=1, hidden=32), ["c_attn", "c_fc", "mlp.c_proj"]),
+                           (falcon, ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"])):
+        ids = models.batch()
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        memcompile.prepare(model, {"lora": {"targets": targets, "r_max": 4, "quant": "none"}})
+        adapted = [n for n, m in model.named_modules() if isinstance(m, memcompile.LoRALinear)]
+        assert len(adapted) == 3, adapted
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_names_the_class_it_does_not_adapt():
+    model = torch.nn.ModuleDict({"q_proj": torch.nn.Conv1d(4, 4, 1)})
+    with pytest.raises(ValueError, match=r"torch\.nn\.modules\.conv\.Conv1d \(q_proj\); it adapts nn\.Linear"):
+        memcompile.prepare(model, {"lora": {"targets": ["q_proj"]}})
+
+
+def test_prepare_twice_with_another_rank_is_an_error():
+    model = models.tiny_llama(layers=1, hidden=32, inter=64)
+    memcompile.prepare(model, {"lora": {"r_max": 8, "quant": "none"}})
+    memcompile.prepare(model, {"lora": {"r_max": 8, "quant": "none"}})  # the same settings: nothing to do
+    with pytest.raises(ValueError, match=r"already prepared .* lora\.r_max=16 \(prepared with 8\)"):
+        memcompile.prepare(model, {"lora": {"r_max": 16, "quant": "none"}})
