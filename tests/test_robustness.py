@@ -52,3 +52,36 @@ def test_prepare_twice_with_another_rank_is_an_error():
     memcompile.prepare(model, {"lora": {"r_max": 8, "quant": "none"}})  # the same settings: nothing to do
     with pytest.raises(ValueError, match=r"already prepared .* lora\.r_max=16 \(prepared with 8\)"):
         memcompile.prepare(model, {"lora": {"r_max": 16, "quant": "none"}})
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+
+def test_targets_that_match_nothing_warn_with_the_layer_names():
+    model = _mlp()
+    compiled = torch.compile(model, backend="memtrain",
+                             options={"activation": "velora", "compiler": "aot_eager", "targets": ["down_proj"],
+                                      "velora": {"num_groups": 4}})
+    with pytest.warns(UserWarning, match=r"targets=\['down_proj'\] .* match none of the 2 trainable linear "
+                                         r"layers .* names look like \['0', '2'\]: set `targets`"):
+        compiled(torch.randn(8, 16)).sum().backward()
+    assert memcompile.report().passes["activation_compression"]["rewritten"] == []
+
+
+@pytest.mark.parametrize("rank", [1.0, 64])
+def test_compact_rank_not_below_the_width_leaves_the_layer_exact_and_warns(rank):
+    model = _mlp()
+    x = torch.randn(8, 16)
+    compiled = torch.compile(model, backend="memtrain", options={
+        "activation": "compact", "compiler": "aot_eager", "targets": "*", "compact": {"rank": rank}})
+    with pytest.warns(UserWarning, match=rf"compact.rank={rank} does not narrow the input of 0, 2: .* left exact"):
+        compiled(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.equal(g, p.grad)
+    skipped = memcompile.report().passes["activation_compression"]["skipped"]
+    assert [s["layer"] for s in skipped if s["reason"].startswith("compact.rank")] == ["0", "2"]

@@ -24,6 +24,7 @@ import fnmatch
 import hashlib
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -205,6 +206,29 @@ def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
     return compress, wgrad_linear, wgrad_conv1d, r, 8  # the int64 seed
 
 
+def compact_width(config: MemtrainConfig, d: int) -> int:
+    """CompAct's projected width for an input of width ``d``, before any clamping to ``d``."""
+    rank = config.compact.rank
+    return max(1, round(rank * d)) if isinstance(rank, float) else int(rank)
+
+
+def _warn_about_silent_skips(config: MemtrainConfig, layers: list[Layer], skipped: list[dict]) -> None:
+    """Options that would make the pass compress nothing without a word: targets that match no layer,
+    a CompAct rank that is not below a layer's width."""
+    if layers and sum(s["reason"] == "not targeted" for s in skipped) == len(layers):
+        names = [l.name.removesuffix(".weight") for l in layers]
+        warnings.warn(f"memtrain: targets={list(config.target_patterns)} (exclude={list(config.exclude_patterns)}) "
+                      f"match none of the {len(names)} trainable linear layers of this graph, so nothing is "
+                      f"compressed; their names look like {names[:3]}: set `targets` to match them "
+                      "(patterns match a path, a dotted suffix or a path component)", stacklevel=2)
+    wide = [s["layer"] for s in skipped if s["reason"].startswith("compact.rank")]
+    if wide:
+        warnings.warn(f"memtrain: compact.rank={config.compact.rank} does not narrow the input of "
+                      f"{', '.join(wide[:3])}{', ...' if len(wide) > 3 else ''}: projecting would save nothing, "
+                      "so those layers are left exact. Use a ratio below 1 (compact.rank=0.25) or a width below "
+                      "the layer's", stacklevel=2)
+
+
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:
     """``(N, D)`` of a 2-D input with a static width; a symbolic token count ``N`` is replaced by its
     hint (used only for byte counts and to pick the cheaper matmul order)."""
@@ -249,7 +273,13 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
             result.skipped.append({"layer": name, "reason": f"num_groups {config.velora.num_groups} > "
                                    f"input width {shape[1]}"})
             continue
+        if method == "compact" and compact_width(config, shape[1]) >= shape[1]:
+            # z = x P would be as wide as x: the same memory, and an approximate gradient for nothing.
+            result.skipped.append({"layer": name, "reason": f"compact.rank {config.compact.rank} leaves the "
+                                   f"input width {shape[1]} as it is"})
+            continue
         groups.setdefault((_value_root(layer.x), layer.x.meta["val"].dtype, shape), []).append(layer)
+    _warn_about_silent_skips(config, all_layers, result.skipped)
 
     for key_, layers in list(groups.items()):
         # Compressing frees memory only if nothing else in the backward reads the input (or a view of it).
