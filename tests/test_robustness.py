@@ -85,3 +85,26 @@ def test_compact_rank_not_below_the_width_leaves_the_layer_exact_and_warns(rank)
         assert torch.equal(g, p.grad)
     skipped = memcompile.report().passes["activation_compression"]["skipped"]
     assert [s["layer"] for s in skipped if s["reason"].startswith("compact.rank")] == ["0", "2"]
+
+
+def test_fused_loss_under_autocast_keeps_the_logits_dtype_and_values():
+    """Under autocast the output projection runs in bf16; the fused projection+loss must too."""
+    model, ids = models.tiny_llama(layers=1), models.batch()
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), out.loss.detach(), model.lm_head.weight.grad.clone()
+
+    logits_e, loss_e, grad_e = step(model)
+    compiled = torch.compile(model, backend="memtrain", options={
+        "activation": "none", "compiler": "aot_eager", "fused_cross_entropy": True})
+    logits_c, loss_c, grad_c = step(compiled)
+    assert logits_c.dtype == logits_e.dtype == torch.bfloat16
+    assert torch.equal(logits_c, logits_e)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)  # fp32 sums in another order
+    torch.testing.assert_close(grad_c, grad_e)
+    (loss,) = memcompile.report().passes["cross_entropy"]["losses"]
+    assert loss["linear"] and loss["dtype"] == "bfloat16"
