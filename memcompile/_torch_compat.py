@@ -57,6 +57,12 @@ def must_save(node: torch.fx.Node) -> None:
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
+def is_checkpointed(node: torch.fx.Node) -> bool:
+    """Whether ``node`` lies in an activation-checkpointed region (``torch.utils.checkpoint``, which
+    Hugging Face's gradient checkpointing uses): the partitioner recomputes it rather than saving it."""
+    return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+
+
 def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
     for n in graph.nodes:
         val = n.meta.get("val")

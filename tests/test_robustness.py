@@ -108,3 +108,29 @@ def test_fused_loss_under_autocast_keeps_the_logits_dtype_and_values():
     torch.testing.assert_close(grad_c, grad_e)
     (loss,) = memcompile.report().passes["cross_entropy"]["losses"]
     assert loss["linear"] and loss["dtype"] == "bfloat16"
+
+
+def test_gradient_checkpointing_leaves_checkpointed_layers_exact_and_says_why():
+    """Checkpointed layers' inputs are recomputed, never saved: compressing them saved nothing (measured
+    0 B) but still approximated their gradients. They stay exact, the report says why, one warning."""
+    model, ids = models.tiny_lora_llama(layers=1), models.batch()
+    model.gradient_checkpointing_enable()
+    model.train()
+    compiled = torch.compile(model, backend="memtrain", options={
+        "activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    checkpoint_warnings = [w for w in caught if "activation-checkpointed" in str(w.message)]
+    assert len(checkpoint_warnings) == 1
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    rep = next(r for r in memcompile.reports() if r.passes.get("activation_compression", {}).get("skipped"))
+    skipped = rep.passes["activation_compression"]["skipped"]
+    assert sum("activation-checkpointed" in s["reason"] for s in skipped) == 7  # every LoRA A of the layer
+    assert rep.predicted_saving == rep.bytes_before - rep.bytes_after == 0
+    assert "activation-checkpointed" in str(rep)

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import activation_state  # registers memtrain::velora_vector / compact_seed
-from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, partitioner_tag, size_hint
+from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, is_checkpointed, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
 from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
 
@@ -43,6 +43,7 @@ aten = torch.ops.aten
 memtrain = torch.ops.memtrain
 
 NAME = "activation_compression"
+CHECKPOINTED = "inside an activation-checkpointed region: its input is recomputed, not saved"
 
 
 @dataclass
@@ -221,6 +222,12 @@ def _warn_about_silent_skips(config: MemtrainConfig, layers: list[Layer], skippe
                       f"match none of the {len(names)} trainable linear layers of this graph, so nothing is "
                       f"compressed; their names look like {names[:3]}: set `targets` to match them "
                       "(patterns match a path, a dotted suffix or a path component)", stacklevel=2)
+    if any(s["reason"] == CHECKPOINTED for s in skipped):
+        warnings.warn("memtrain: activation compression leaves the layers inside activation-checkpointed "
+                      "regions exact (gradient checkpointing recomputes their inputs instead of saving them, so "
+                      "compressing them saves nothing); memcompile.report() lists them. To compress them, turn "
+                      "checkpointing off (model.gradient_checkpointing_disable()) and use recompute_budget",
+                      stacklevel=2)
     wide = [s["layer"] for s in skipped if s["reason"].startswith("compact.rank")]
     if wide:
         warnings.warn(f"memtrain: compact.rank={config.compact.rank} does not narrow the input of "
@@ -264,6 +271,11 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         name = layer.name.removesuffix(".weight")
         if matches(name, config.exclude_patterns) or not matches(name, config.target_patterns):
             result.skipped.append({"layer": name, "reason": "not targeted"})
+            continue
+        if is_checkpointed(layer.forward):
+            # Its input is recomputed in the backward, never saved: compressing would save z on top of
+            # the checkpoint's own inputs, and approximate the gradient for nothing.
+            result.skipped.append({"layer": name, "reason": CHECKPOINTED})
             continue
         shape = _static_2d(layer.x)
         if shape is None:
