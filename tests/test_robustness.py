@@ -134,3 +134,21 @@ def test_gradient_checkpointing_leaves_checkpointed_layers_exact_and_says_why():
     assert sum("activation-checkpointed" in s["reason"] for s in skipped) == 7  # every LoRA A of the layer
     assert rep.predicted_saving == rep.bytes_before - rep.bytes_after == 0
     assert "activation-checkpointed" in str(rep)
+
+
+@pytest.mark.slow
+def test_inductor_bf16_report_predicts_what_it_measures():
+    """A bf16 base with fp32 adapters: PEFT casts the input once per adapter. Inductor spells the cast
+    prims.convert_element_type; the pass must see through it as through aten._to_copy, or q/k/v's
+    copies become three groups, each predicted to free a copy the partitioner never kept."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(models.tiny_llama(layers=1).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+    ids = models.batch()
+    compiled = torch.compile(model, backend="memtrain", options={"activation": "velora", "velora": {"num_groups": 8}})
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    rep = memcompile.report()
+    groups = rep.passes["activation_compression"]["rewritten"]
+    assert sorted(len(g["layers"]) for g in groups) == [1, 1, 2, 3]  # qkv, o, gate/up, down: as under aot_eager
+    assert rep.bytes_before - rep.bytes_after == rep.predicted_saving > 0

@@ -43,6 +43,8 @@ aten = torch.ops.aten
 memtrain = torch.ops.memtrain
 
 NAME = "activation_compression"
+# A dtype cast as AOTAutograd writes it, and as Inductor's decompositions rewrite it.
+CAST_OPS = frozenset({aten._to_copy.default, torch.ops.prims.convert_element_type.default})
 CHECKPOINTED = "inside an activation-checkpointed region: its input is recomputed, not saved"
 
 
@@ -97,7 +99,7 @@ def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | Non
     while isinstance(node, fx.Node) and node not in primals:
         if is_call(node, TRANSPOSE_OPS):
             transposes += 1
-        elif not (is_call(node, VIEW_OPS) or is_call(node, {aten._to_copy.default, aten.clone.default})):
+        elif not (is_call(node, VIEW_OPS) or is_call(node, CAST_OPS | {aten.clone.default})):
             return None, 0
         node = node.args[0]
     return (node, transposes) if isinstance(node, fx.Node) else (None, 0)
@@ -119,7 +121,7 @@ def _gradient_matmuls(graph: fx.Graph, primals: dict[fx.Node, str]) -> dict[fx.N
                 mms.add(n)
             elif is_call(n, {aten.add.Tensor}):
                 todo.extend(a for a in n.args if isinstance(a, fx.Node))
-            elif is_call(n, VIEW_OPS) or is_call(n, {aten._to_copy.default, aten.clone.default}):
+            elif is_call(n, VIEW_OPS) or is_call(n, CAST_OPS | {aten.clone.default}):
                 todo.append(n.args[0])
         found[primal] = mms
     return found
@@ -352,11 +354,13 @@ def _value_root(x: fx.Node) -> fx.Node:
 
     PEFT casts the layer input to the adapters' dtype once per adapter, so q/k/v's LoRA A inputs are
     three equal fp32 copies of one bf16 tensor: grouping by this root lets them share one compressed
-    tensor (their dtype is part of the group key too).
+    tensor (their dtype is part of the group key too). Under Inductor the casts are
+    ``prims.convert_element_type``: missing them made one group per copy, each predicted to free a
+    copy the partitioner, which keeps one and recomputes the others, never saved.
     """
     while True:
         x = view_base(x)
-        if is_call(x, {aten._to_copy.default}) and set(x.kwargs) <= {"dtype"} and isinstance(x.args[0], fx.Node):
+        if is_call(x, CAST_OPS) and set(x.kwargs) <= {"dtype"} and isinstance(x.args[0], fx.Node):
             x = x.args[0]
         else:
             return x
