@@ -152,3 +152,22 @@ def test_inductor_bf16_report_predicts_what_it_measures():
     groups = rep.passes["activation_compression"]["rewritten"]
     assert sorted(len(g["layers"]) for g in groups) == [1, 1, 2, 3]  # qkv, o, gate/up, down: as under aot_eager
     assert rep.bytes_before - rep.bytes_after == rep.predicted_saving > 0
+
+
+def test_prepare_takes_peft_lora_on_gpt2_conv1d():
+    """PEFT's LoRA on Conv1D (fan_in_fan_out) computes base(x) + B A x like any other: its adapter is
+    taken over and the prepared model computes what the PEFT model computed."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(models.tiny_gpt2(layers=1, hidden=32),
+                           LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = models.batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    prepared = memcompile.prepare(model, {"lora": {"targets": ["c_attn", "c_fc"], "r_max": 4, "quant": "none"}})
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(input_ids=ids).logits, want)
