@@ -174,8 +174,12 @@ def write_doc(path: str, results: dict[str, str] | None = None, seconds: float |
              "equals eager's. `tests/test_architectures.py` runs a subset by default and every architecture",
              "with `MEMTRAIN_SWEEP=all`.", ""]
     import transformers
-    lines.append(f"transformers {transformers.__version__}, torch {torch.__version__}: {len(rows)} swept, "
-                 f"{len(skipped)} skipped" + (f"; the sweep took {seconds / 60:.0f} min on CPU." if seconds else "."))
+    counts = {k: sum(1 for *_, r in rows if (r if r in ("pass", "not run") else "fail") == k)
+              for k in ("pass", "fail", "not run")}
+    lines.append(f"transformers {transformers.__version__}, torch {torch.__version__}: {len(rows)} build tiny "
+                 f"({counts['pass']} pass, {counts['fail']} fail, {counts['not run']} not run in the sweep this "
+                 f"file records), {len(skipped)} skipped"
+                 + (f"; the sweep took {seconds / 60:.0f} min on CPU." if seconds else "."))
     lines += ["", "## Swept", "", "| model_type | class | result |", "| --- | --- | --- |"]
     lines += [f"| {t} | {c} | {r} |" for t, c, r in rows]
     lines += ["", "## Skipped", "", "| model_type | class | reason |", "| --- | --- | --- |"]
