@@ -17,11 +17,11 @@ import warnings
 
 import torch
 
-# A representative subset for the default test run: Llama-style (q/k/v/o + gated MLP), GPT-2's Conv1D,
-# Falcon's Linear subclass and fused qkv, a MoE, MLA attention (DeepSeek V2: a LoRA-shaped q/kv with a
-# norm between A and B), a hybrid Mamba/attention model, BERT-style decoders, and OPT/GPT-NeoX/Phi.
-SUBSET = ("llama", "gpt2", "falcon", "mixtral", "deepseek_v2", "bamba", "bert", "opt", "gpt_neox", "phi3",
-          "gemma2", "qwen3_moe")
+# A representative subset for the default test run, kept small for CI's CPU time: Llama-style (q/k/v/o +
+# gated MLP), GPT-2's Conv1D, Falcon's Linear subclass and fused qkv, a MoE whose shared expert's gate and
+# up projections and router read one 2-D input, MLA attention (DeepSeek V2: a LoRA-shaped q/kv with a
+# norm between A and B), and a BERT-style decoder.
+SUBSET = ("llama", "gpt2", "falcon", "qwen2_moe", "deepseek_v2", "bert")
 
 VOCAB = 128
 TOKENS = 16
