@@ -57,6 +57,12 @@ def must_save(node: torch.fx.Node) -> None:
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
+def is_checkpointed(node: torch.fx.Node) -> bool:
+    """Whether ``node`` lies in an activation-checkpointed region (``torch.utils.checkpoint``, which
+    Hugging Face's gradient checkpointing uses): the partitioner recomputes it rather than saving it."""
+    return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+
+
 def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
     for n in graph.nodes:
         val = n.meta.get("val")
@@ -124,6 +130,20 @@ def size_hint(s) -> int | None:
     if not symbolic_shapes.has_guarding_hint(s):  # unbacked sizes have no hint
         return None
     return int(symbolic_shapes.guarding_hint_or_throw(s))
+
+
+def option_error(message: str) -> ValueError:
+    """A ``ValueError`` that Dynamo re-raises as it is, instead of inside ``BackendCompilerFailed``
+    (whose message starts with Dynamo's line, not ours). Dynamo hands ``options`` to a backend only
+    at the first compile, so that is where a bad option can be reported at all."""
+    from torch._dynamo.exc import ShortenTraceback
+
+    class MemtrainOptionError(ValueError, ShortenTraceback):
+        def __init__(self, msg: str):
+            ShortenTraceback.__init__(self, msg, first_useful_frame=None)
+
+    MemtrainOptionError.__module__, MemtrainOptionError.__qualname__ = "memcompile", "MemtrainOptionError"
+    return MemtrainOptionError(message)
 
 
 def dynamo_graph_count() -> int:

@@ -16,12 +16,22 @@ from memcompile.config import MemtrainConfig, to_config
 def memtrain(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
              options: MemtrainConfig | Mapping[str, Any] | None = None, **kwargs) -> Callable:
     """Compile one Dynamo graph with memtrain's passes (see ``memcompile.pipeline``)."""
-    if kwargs.get("mode") is not None:
-        raise ValueError(f"backend='memtrain' takes options=..., not mode={kwargs['mode']!r}; "
-                         "see memcompile.MemtrainConfig for the options")
-    unknown = sorted(k for k in kwargs if k != "mode")
-    if unknown:
-        raise ValueError(f"backend='memtrain' got unexpected arguments {unknown}; pass options=... instead")
+    try:
+        if kwargs.get("mode") is not None:
+            raise ValueError(f"backend='memtrain' takes options=..., not mode={kwargs['mode']!r}; "
+                             "see memcompile.MemtrainConfig for the options")
+        unknown = sorted(k for k in kwargs if k != "mode")
+        if unknown:
+            raise ValueError(f"backend='memtrain' got unexpected arguments {unknown}; pass options=... instead")
+        config = to_config(options)
+    except ValueError as e:
+        # Dynamo calls a backend only at the first compile and wraps what it raises in its own
+        # BackendCompilerFailed; a bad option must read as ours (and stay a ValueError).
+        # (``torch.compile`` keeps ``options`` to itself until then: pass a ``MemtrainConfig`` to
+        # have them checked where they are written.)
+        from memcompile import _torch_compat as tc
+
+        raise tc.option_error(str(e)) from None
     from memcompile import pipeline  # keeps `import memcompile` light for the entry point
 
-    return pipeline.compile_graph(gm, example_inputs, to_config(options))
+    return pipeline.compile_graph(gm, example_inputs, config)

@@ -63,24 +63,50 @@ def _class_if_loaded(module: str, name: str):
     return getattr(sys.modules.get(module), name, None)
 
 
+SUPPORTED = ("nn.Linear, transformers' Conv1D (GPT-2) and FalconLinear, bitsandbytes Linear4bit, "
+             "and PEFT LoRA layers on these")
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` as an ``nn.Linear`` that computes the same, or ``None`` for any other class.
+
+    GPT-2's ``Conv1D`` stores its weight as (in, out) and computes ``x W + b``: the ``nn.Linear`` with
+    ``W^T``. Falcon's ``FalconLinear`` is an ``nn.Linear`` whose forward is ``x @ W.T + b``. Other
+    subclasses (MultiheadAttention's out_proj, int8 layers) are read by their owner or hold other
+    formats; swapping them would change what the model computes.
+    """
+    if type(module) is nn.Linear:
+        return module
+    falcon = _class_if_loaded("transformers.models.falcon.modeling_falcon", "FalconLinear")
+    if falcon is not None and type(module) is falcon:
+        return module
+    conv1d = _class_if_loaded("transformers.pytorch_utils", "Conv1D")
+    if conv1d is not None and type(module) is conv1d:
+        w = module.weight
+        linear = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device="meta", dtype=w.dtype)
+        linear.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        return linear
+    return None
+
+
 def convert_base(module: nn.Module, cfg: LoRAConfig, name: str = "") -> nn.Module | None:
-    """The frozen base for ``module`` (``NF4Linear``, or the dense layer itself), or ``None`` if unsupported."""
+    """The frozen base for ``module`` (``NF4Linear``, or a dense ``nn.Linear``), or ``None`` if its class
+    is not supported (see ``SUPPORTED``)."""
     linear4bit = _class_if_loaded("bitsandbytes.nn", "Linear4bit")
     if linear4bit is not None and isinstance(module, linear4bit):
         return NF4Linear.from_bnb(module)  # already 4-bit: keep its codes whatever cfg.quant says
-    if type(module) is not nn.Linear:
-        # Subclasses (e.g. MultiheadAttention's out_proj, int8 layers) are read by their owner or hold
-        # other formats; swapping them would change what the model computes.
-        log.warning("%s: %s matches lora.targets but is not nn.Linear or bitsandbytes Linear4bit; skipped",
-                    name, type(module).__name__)
+    linear = _as_linear(module)
+    if linear is None:
         return None
-    if module.weight.dtype not in _DTYPES:
-        raise ValueError(f"{name}: weight dtype {module.weight.dtype} is not supported (float32/16, bfloat16)")
-    if module.weight.device.type == "meta":
+    if linear.weight.dtype not in _DTYPES:
+        raise ValueError(f"{name}: weight dtype {linear.weight.dtype} is not supported (float32/16, bfloat16)")
+    if linear.weight.device.type == "meta":
         raise ValueError(f"{name}: weight is on the meta device; load the weights before memcompile.prepare")
     if cfg.quant == "nf4":
-        return NF4Linear.from_linear(module, cfg.blocksize, cfg.double_quant)
-    return module
+        return NF4Linear.from_linear(linear, cfg.blocksize, cfg.double_quant)
+    return linear
 
 
 def convert_layer(module: nn.Module, cfg: LoRAConfig, name: str = "") -> LoRALinear | None:
@@ -107,8 +133,6 @@ def _from_peft(module: nn.Module, cfg: LoRAConfig, name: str) -> LoRALinear:
         raise ValueError(f"{name}: DoRA adapters are not supported")
     if getattr(module, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"{name}: LoRA bias is not supported")
-    if getattr(module, "fan_in_fan_out", False):
-        raise ValueError(f"{name}: fan_in_fan_out (Conv1D) layers are not supported")
     if adapter not in module.lora_A:
         raise ValueError(f"{name}: adapter {adapter!r} is not a linear LoRA adapter")
     r = module.r[adapter]
@@ -116,7 +140,8 @@ def _from_peft(module: nn.Module, cfg: LoRAConfig, name: str) -> LoRALinear:
         raise ValueError(f"{name}: PEFT adapter rank {r} exceeds lora.r_max={cfg.r_max}")
     base = convert_base(module.get_base_layer(), cfg, name)
     if base is None:
-        raise ValueError(f"{name}: PEFT base layer {type(module.get_base_layer()).__name__} is not supported")
+        raise ValueError(f"{name}: PEFT base layer {_qualname(module.get_base_layer())} is not supported; "
+                         f"memcompile.prepare adapts {SUPPORTED}")
     # Keep PEFT's scale at rank r: alpha/r, or alpha/sqrt(r) with rsLoRA, which is (scaling*r)/r here.
     alpha = module.lora_alpha[adapter]
     if module.scaling[adapter] != alpha / r:
@@ -132,6 +157,26 @@ def _from_peft(module: nn.Module, cfg: LoRAConfig, name: str) -> LoRALinear:
         layer.lora_B[:, :r].copy_(b)
     layer.set_rank(r)
     return layer
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_not_prepared_otherwise(model: nn.Module, cfg: LoRAConfig) -> None:
+    """A second ``prepare`` with other adapter settings would find its targets already swapped and
+    change nothing: say so instead of training with the first call's settings."""
+    for name, layer in lora_layers(model):
+        # Not alpha or quant: an adapter taken from PEFT keeps its own alpha, a bitsandbytes base its NF4.
+        had = {"r_max": layer.r_max, "frozen": layer.frozen, "dynamic": layer.dynamic}
+        want = {"r_max": cfg.r_max, "frozen": cfg.frozen, "dynamic": cfg.dynamic}
+        diff = {k: (had[k], want[k]) for k in had if had[k] != want[k]}
+        if diff:
+            changes = ", ".join(f"lora.{k}={w!r} (prepared with {h!r})" for k, (h, w) in diff.items())
+            raise ValueError(f"the model is already prepared ({name}); a second memcompile.prepare would keep "
+                             f"its adapters, not {changes}. Call prepare once, on the original model "
+                             "(memcompile.set_rank changes the rank up to r_max)")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -153,19 +198,33 @@ def prepare(model: nn.Module, config: MemtrainConfig | LoRAConfig | Mapping[str,
     peft_model = _class_if_loaded("peft", "PeftModel")
     if peft_model is not None and isinstance(model, peft_model):
         model = model.get_base_model()
+    _check_not_prepared_otherwise(model, cfg)
     done: list[str] = []
+    unsupported: dict[str, list[str]] = {}
     # Names, not modules: holding every original module until the loop ends would keep every dense
     # weight alive next to its NF4 copy; this way each one is freed as soon as it is replaced.
     for name in [n for n, _ in model.named_modules()]:
         if not name or not matches(name, cfg.targets) or any(name.startswith(d + ".") for d in done):
             continue
-        layer = convert_layer(model.get_submodule(name), cfg, name)
+        module = model.get_submodule(name)
+        layer = convert_layer(module, cfg, name)
         if layer is None:
+            if not isinstance(module, LoRALinear) and isinstance(getattr(module, "weight", None), torch.Tensor):
+                unsupported.setdefault(_qualname(module), []).append(name)  # a layer, not a container
             continue
         _set_submodule(model, name, layer)
         done.append(name)
+    classes = "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                        for cls, names in unsupported.items())
     if not done and not any(True for _ in lora_layers(model)):
-        raise ValueError(f"no layer of the model matches lora.targets={cfg.targets}")
+        if unsupported:
+            raise ValueError(f"the layers matching lora.targets={cfg.targets} are of classes memcompile.prepare "
+                             f"does not adapt: {classes}; it adapts {SUPPORTED}")
+        raise ValueError(f"no layer of the model matches lora.targets={cfg.targets}; module names look like "
+                         f"{[n for n, _ in model.named_modules()][1:6]}")
+    if unsupported:
+        log.warning("memcompile.prepare: layers matching lora.targets skipped, their class is not "
+                    "supported: %s; it adapts %s", classes, SUPPORTED)
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B") or name in ("lora_A", "lora_B"))
     log.info("memcompile.prepare: %d layers adapted (quant=%s, r_max=%d)", len(done), cfg.quant, cfg.r_max)

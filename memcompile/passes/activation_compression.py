@@ -24,6 +24,7 @@ import fnmatch
 import hashlib
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import activation_state  # registers memtrain::velora_vector / compact_seed
-from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, must_save, partitioner_tag, size_hint
+from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, is_checkpointed, must_save, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
 from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
 
@@ -42,6 +43,9 @@ aten = torch.ops.aten
 memtrain = torch.ops.memtrain
 
 NAME = "activation_compression"
+# A dtype cast as AOTAutograd writes it, and as Inductor's decompositions rewrite it.
+CAST_OPS = frozenset({aten._to_copy.default, torch.ops.prims.convert_element_type.default})
+CHECKPOINTED = "inside an activation-checkpointed region: its input is recomputed, not saved"
 
 
 @dataclass
@@ -95,14 +99,39 @@ def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | Non
     while isinstance(node, fx.Node) and node not in primals:
         if is_call(node, TRANSPOSE_OPS):
             transposes += 1
-        elif not (is_call(node, VIEW_OPS) or is_call(node, {aten._to_copy.default, aten.clone.default})):
+        elif not (is_call(node, VIEW_OPS) or is_call(node, CAST_OPS | {aten.clone.default})):
             return None, 0
         node = node.args[0]
     return (node, transposes) if isinstance(node, fx.Node) else (None, 0)
 
 
+def _gradient_matmuls(graph: fx.Graph, primals: dict[fx.Node, str]) -> dict[fx.Node, set[fx.Node]] | None:
+    """For each primal, the backward ``mm`` nodes its gradient output is made of (through views, casts
+    and the sums of a weight used more than once); ``None`` if the graph's outputs do not end with one
+    gradient per primal, as AOTAutograd's joint graphs do."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    if not isinstance(out, (list, tuple)) or len(out) < len(primals):
+        return None
+    found: dict[fx.Node, set[fx.Node]] = {}
+    for primal, grad in zip(primals, out[len(out) - len(primals):]):
+        mms, todo = set(), [grad]
+        while todo:
+            n = todo.pop()
+            if is_call(n, {aten.mm.default}):
+                mms.add(n)
+            elif is_call(n, {aten.add.Tensor}):
+                todo.extend(a for a in n.args if isinstance(a, fx.Node))
+            elif is_call(n, VIEW_OPS) or is_call(n, CAST_OPS | {aten.clone.default}):
+                todo.append(n.args[0])
+        found[primal] = mms
+    return found
+
+
 def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
     """Forward ``mm``/``addmm`` nodes with a primal weight, and their weight-gradient matmuls."""
+    # Layers that read one input (a frozen base and its LoRA A, gate and up on a 2-D input) each see
+    # every ``mm(t(g), x)``: only the matmuls that make a weight's own gradient output are its own.
+    grad_mms = _gradient_matmuls(graph, primals)
     layers = []
     for n in graph.nodes:
         if partitioner_tag(n) != FORWARD_TAG or not is_call(n, {aten.mm.default, aten.addmm.default}):
@@ -120,6 +149,8 @@ def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
                 wgrads.append(u)  # mm(t(g), x)
             elif conv1d and is_call(u, TRANSPOSE_OPS):
                 wgrads.extend(m for m in u.users if is_call(m, {aten.mm.default}) and m.args[0] is u)
+        if grad_mms is not None:
+            wgrads = [m for m in wgrads if m in grad_mms.get(weight, ())]
         if wgrads:  # frozen weights (no gradient) are not candidates
             layers.append(Layer(primals[weight], n, x, weight, conv1d, wgrads))
     return layers
@@ -179,6 +210,35 @@ def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
     return compress, wgrad_linear, wgrad_conv1d, r, 8  # the int64 seed
 
 
+def compact_width(config: MemtrainConfig, d: int) -> int:
+    """CompAct's projected width for an input of width ``d``, before any clamping to ``d``."""
+    rank = config.compact.rank
+    return max(1, round(rank * d)) if isinstance(rank, float) else int(rank)
+
+
+def _warn_about_silent_skips(config: MemtrainConfig, layers: list[Layer], skipped: list[dict]) -> None:
+    """Options that would make the pass compress nothing without a word: targets that match no layer,
+    a CompAct rank that is not below a layer's width."""
+    if layers and sum(s["reason"] == "not targeted" for s in skipped) == len(layers):
+        names = [l.name.removesuffix(".weight") for l in layers]
+        warnings.warn(f"memtrain: targets={list(config.target_patterns)} (exclude={list(config.exclude_patterns)}) "
+                      f"match none of the {len(names)} trainable linear layers of this graph, so nothing is "
+                      f"compressed; their names look like {names[:3]}: set `targets` to match them "
+                      "(patterns match a path, a dotted suffix or a path component)", stacklevel=2)
+    if any(s["reason"] == CHECKPOINTED for s in skipped):
+        warnings.warn("memtrain: activation compression leaves the layers inside activation-checkpointed "
+                      "regions exact (gradient checkpointing recomputes their inputs instead of saving them, so "
+                      "compressing them saves nothing); memcompile.report() lists them. To compress them, turn "
+                      "checkpointing off (model.gradient_checkpointing_disable()) and use recompute_budget",
+                      stacklevel=2)
+    wide = [s["layer"] for s in skipped if s["reason"].startswith("compact.rank")]
+    if wide:
+        warnings.warn(f"memtrain: compact.rank={config.compact.rank} does not narrow the input of "
+                      f"{', '.join(wide[:3])}{', ...' if len(wide) > 3 else ''}: projecting would save nothing, "
+                      "so those layers are left exact. Use a ratio below 1 (compact.rank=0.25) or a width below "
+                      "the layer's", stacklevel=2)
+
+
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:
     """``(N, D)`` of a 2-D input with a static width; a symbolic token count ``N`` is replaced by its
     hint (used only for byte counts and to pick the cheaper matmul order)."""
@@ -215,6 +275,11 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         if matches(name, config.exclude_patterns) or not matches(name, config.target_patterns):
             result.skipped.append({"layer": name, "reason": "not targeted"})
             continue
+        if is_checkpointed(layer.forward):
+            # Its input is recomputed in the backward, never saved: compressing would save z on top of
+            # the checkpoint's own inputs, and approximate the gradient for nothing.
+            result.skipped.append({"layer": name, "reason": CHECKPOINTED})
+            continue
         shape = _static_2d(layer.x)
         if shape is None:
             result.skipped.append({"layer": name, "reason": "input is not 2-D with a static width"})
@@ -223,7 +288,13 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
             result.skipped.append({"layer": name, "reason": f"num_groups {config.velora.num_groups} > "
                                    f"input width {shape[1]}"})
             continue
+        if method == "compact" and compact_width(config, shape[1]) >= shape[1]:
+            # z = x P would be as wide as x: the same memory, and an approximate gradient for nothing.
+            result.skipped.append({"layer": name, "reason": f"compact.rank {config.compact.rank} leaves the "
+                                   f"input width {shape[1]} as it is"})
+            continue
         groups.setdefault((_value_root(layer.x), layer.x.meta["val"].dtype, shape), []).append(layer)
+    _warn_about_silent_skips(config, all_layers, result.skipped)
 
     for key_, layers in list(groups.items()):
         # Compressing frees memory only if nothing else in the backward reads the input (or a view of it).
@@ -288,11 +359,13 @@ def _value_root(x: fx.Node) -> fx.Node:
 
     PEFT casts the layer input to the adapters' dtype once per adapter, so q/k/v's LoRA A inputs are
     three equal fp32 copies of one bf16 tensor: grouping by this root lets them share one compressed
-    tensor (their dtype is part of the group key too).
+    tensor (their dtype is part of the group key too). Under Inductor the casts are
+    ``prims.convert_element_type``: missing them made one group per copy, each predicted to free a
+    copy the partitioner, which keeps one and recomputes the others, never saved.
     """
     while True:
         x = view_base(x)
-        if is_call(x, {aten._to_copy.default}) and set(x.kwargs) <= {"dtype"} and isinstance(x.args[0], fx.Node):
+        if is_call(x, CAST_OPS) and set(x.kwargs) <= {"dtype"} and isinstance(x.args[0], fx.Node):
             x = x.args[0]
         else:
             return x

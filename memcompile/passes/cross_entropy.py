@@ -186,6 +186,9 @@ def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, kwargs: dict, logit
         return False
     h, w = linear
     with graph.inserting_before(node):
+        # Under autocast F.linear casts its inputs to the autocast dtype; the fused op is a custom op,
+        # which autocast leaves alone: cast them as F.linear would, so the logits keep their dtype.
+        h, w = (_cast(graph, t, lval.dtype) for t in (h, w))
         fused = graph.call_function(linear_kernel.linear_cross_entropy, (h, w, args["target"]), kwargs)
         fused.meta["example_value"] = _fake_call(linear_kernel.linear_cross_entropy, h, w, args["target"], **kwargs)
         loss = graph.call_function(operator.getitem, (fused, 0))
@@ -197,6 +200,16 @@ def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, kwargs: dict, logit
     graph.erase_node(logits)
     losses.append(_record(loss, lval, dropped, linear=True))
     return True
+
+
+def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """``node.to(dtype)`` where its dtype differs (inserted at the graph's insertion point)."""
+    val = _val(node)
+    if not isinstance(val, torch.Tensor) or val.dtype == dtype:
+        return node
+    cast = graph.call_method("to", (node, dtype))
+    cast.meta["example_value"] = _fake_call(lambda t: t.to(dtype), node)
+    return cast
 
 
 def _erase_unused_chain(node: fx.Node) -> bool:

@@ -1,0 +1,109 @@
+"""The passes across the decoder architectures of the installed transformers (``tests/architectures.py``).
+
+Per architecture, built tiny from its config class: one training step under ``aot_eager`` with VeLoRA
+and with CompAct on every linear, and after ``memcompile.prepare`` (NF4 base + LoRA): the loss equals
+the uncompiled model's and every gradient the backend did not mark as approximated equals eager's.
+A representative subset runs by default; ``MEMTRAIN_SWEEP=all`` runs every architecture (about
+an hour on two cores), and ``python -m tests.architectures --run`` writes the result to
+``docs/architectures.md``.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import memcompile
+from memcompile.marks import grad_approximation
+from tests import architectures
+
+_ALL = os.environ.get("MEMTRAIN_SWEEP") == "all"
+_TYPES = list(architectures.architectures()) if _ALL else list(architectures.SUBSET)
+_OPTIONS = {"compiler": "aot_eager", "targets": "*", "velora": {"num_groups": 4}, "compact": {"rank": 0.25}}
+
+
+def _step(forward, model, ids):
+    model.zero_grad(set_to_none=True)
+    with architectures._quiet():
+        loss = forward(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _check(model, options):
+    ids = architectures.batch()
+    loss_e, grads_e = _step(model, model, ids)
+    compiled = torch.compile(model, backend="memtrain", options=options)
+    loss_c, grads_c = _step(compiled, model, ids)
+    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0, msg="loss")
+    assert grads_c.keys() == grads_e.keys()
+    approximated = {n for n, p in model.named_parameters() if grad_approximation(p) is not None}
+    for name in grads_e:
+        if name in approximated:
+            assert torch.isfinite(grads_c[name]).all(), name
+        else:
+            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=0, atol=0, msg=name)
+    return approximated
+
+
+def _log(arch: str, method: str, result: str) -> None:
+    path = os.environ.get("MEMTRAIN_SWEEP_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"arch": arch, "method": method, "result": result}) + "\n")
+
+
+@pytest.mark.parametrize("method", ["velora", "compact", "nf4"])
+@pytest.mark.parametrize("arch", _TYPES)
+def test_architecture(arch, method):
+    try:
+        model = architectures.build(arch)
+    except architectures.Skip as e:
+        pytest.skip(str(e))
+    try:
+        if method == "nf4":
+            targets = architectures.linear_names(model)
+            memcompile.prepare(model, {"lora": {"targets": targets, "r_max": 4, "quant": "nf4"}})
+            with torch.no_grad():  # B starts at zero; random B makes the A gradients non-zero
+                for name, p in model.named_parameters():
+                    if name.endswith("lora_B"):
+                        p.normal_(std=0.05)
+            _check(model, {**_OPTIONS, "activation": "velora", "targets": None})
+        else:
+            approximated = _check(model, {**_OPTIONS, "activation": method})
+            groups = memcompile.report().passes["activation_compression"]["rewritten"]
+            assert bool(approximated) == bool(groups)
+    except BaseException as e:
+        _log(arch, method, f"{method}: {architectures._first_line(e)}")
+        raise
+    _log(arch, method, "pass")
+
+
+def test_layers_sharing_a_2d_input_compress_once():
+    """A frozen base and its adapter, or two trainable linears (a MoE's shared-expert gate and up
+    projections), read one 2-D input: each weight-gradient matmul belongs to its own weight only."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(32, 32, bias=False).requires_grad_(False)
+            self.lora_A = torch.nn.Linear(32, 4, bias=False)
+            self.gate = torch.nn.Linear(32, 48, bias=False)
+            self.up = torch.nn.Linear(32, 48, bias=False)
+
+        def forward(self, x):
+            x = (x * 1.5).reshape(-1, 32)  # an activation, not the graph input
+            return (self.base(x).sum(-1) + self.lora_A(x).sum(-1)
+                    + (torch.nn.functional.silu(self.gate(x)) * self.up(x)).pow(2).mean(-1)).sum()
+
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(2, 16, 32, requires_grad=True)
+    compiled = torch.compile(block, backend="memtrain",
+                             options={"activation": "compact", "compiler": "aot_eager", "targets": "*"})
+    compiled(x).backward()
+    x_grad = x.grad.clone()
+    x.grad = None
+    block(x).backward()
+    torch.testing.assert_close(x_grad, x.grad)
+    groups = memcompile.report().passes["activation_compression"]["rewritten"]
+    assert [sorted(g["layers"]) for g in groups] == [["gate", "lora_A", "up"]]
