@@ -73,9 +73,12 @@ def _loss_owner(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str, Any] | None = None, *,
-                   dynamic: bool | None = None, loss: bool = True) -> dict[str, list[str]]:
+                   dynamic: bool | None = None, loss: bool = True,
+                   backend: str | Callable = "memtrain") -> dict[str, list[str]]:
     """Compile every repeated block of ``model`` with memtrain (one graph, reused for every layer) and,
     with ``loss``, its Hugging Face loss function. Returns the compiled blocks, ``{list: [layers]}``.
+    ``backend`` another than ``"memtrain"`` (``"inductor"``) compiles the same regions with it, without
+    memtrain's passes, for comparison.
 
     For training, as Hugging Face's own gradient checkpointing does: the KV cache is turned off
     (``config.use_cache = False``: its per-layer index would recompile the block for every layer),
@@ -83,6 +86,8 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     input is like every other layer's and needs no graph of its own; that adds the first layer's
     input gradient to the backward.
     """
+    if backend != "memtrain" and options is not None:
+        raise ValueError(f"compile_blocks: options are memtrain's; backend={backend!r} takes none")
     config = to_config(options)
     blocks = repeated_blocks(model)
     if not blocks:
@@ -95,15 +100,17 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     modules = dict(model.named_modules())
+    def backend_for(served):
+        return BlockBackend(config, served) if backend == "memtrain" else backend
+
     for layers in blocks.values():
-        backend = BlockBackend(config, {name: modules[name] for name in layers})
+        block_backend = backend_for({name: modules[name] for name in layers})
         for name in layers:
-            modules[name].compile(backend=backend, dynamic=dynamic)
+            modules[name].compile(backend=block_backend, dynamic=dynamic)
     if loss:
         owner = _loss_owner(model)
         if owner is None:
             log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the loss stays eager")
         else:
-            owner.loss_function = torch.compile(owner.loss_function, backend=BlockBackend(config, {}),
-                                                dynamic=dynamic)
+            owner.loss_function = torch.compile(owner.loss_function, backend=backend_for({}), dynamic=dynamic)
     return blocks

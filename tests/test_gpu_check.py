@@ -78,13 +78,10 @@ def test_dry_run_results_hold_what_the_gpu_run_would(dry_run):
     for name in gpu_check.TRAIN:
         (row,) = _jsonl(out / f"train-{name}.jsonl")
         assert row["setup"] == name
-        if name.endswith("_regional") and not hasattr(__import__("memcompile"), "compile_blocks"):
-            assert row["status"].startswith("unavailable: memcompile.compile_blocks")
-        else:
-            assert row["status"] == "ok", row
-            assert row["model"] == "tiny" and row["tok_per_s"] > 0
-            if name in estimates:
-                assert estimates[name]["status"] == "ok" and estimates[name]["peak_gib"] > 0
+        assert row["status"] == "ok", row
+        assert row["model"] == "tiny" and row["tok_per_s"] > 0
+        if name in estimates:
+            assert estimates[name]["status"] == "ok" and estimates[name]["peak_gib"] > 0
     summary = gpu_report.pytest_summary(str(out))
     assert summary["tests"] > 0 and summary["failures"] == summary["errors"] == 0
 
@@ -119,8 +116,7 @@ def test_readme_section_is_the_rendering_of_docs_gpu_and_shows_the_plan():
     expected = gpu_report.section(gpu_report.load(os.path.join(ROOT, "docs", "gpu")))
     assert gpu_report.replace_section(readme, expected) == readme, "run: python -m memcompile.bench render-gpu"
     assert gpu_check.plan_table(gpu_check.steps()) in readme
-    assert sum(s.limit for s in gpu_check.steps() if not s.background and not s.name.endswith("_regional")) \
-        <= gpu_check.TOTAL_S
+    assert sum(s.limit for s in gpu_check.steps() if not s.background) <= gpu_check.TOTAL_S
 
 
 def _alive(pid: int) -> bool:

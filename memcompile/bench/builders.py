@@ -163,6 +163,11 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str,
             return model, name + ", regional", contextlib.nullcontext()
         return torch.compile(model, backend="memtrain", options=options), name, contextlib.nullcontext()
     backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
+    if setup.regional:
+        import memcompile
+
+        memcompile.compile_blocks(model, backend=backend)
+        return model, backend + ", regional", contextlib.nullcontext()
     if setup.memory_budget:
         return torch.compile(model, backend=backend), f"{backend}, budget {budget:g}", activation_memory_budget(budget)
     return torch.compile(model, backend=backend), backend, contextlib.nullcontext()

@@ -21,12 +21,13 @@ beside the GPU steps, on the CPU. The plan (README, "GPU check"):
     kernels                           40  python -m memcompile.bench kernels
     train-lora_compile               135  the anchor: torch.compile LoRA (19.87 GiB, 45.0k tok/s)
     train-qlora_gc                    45  the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)
-    train-memtrain_all_budget        150  everything on, under the recompute budget (est. 4.28 GiB)
-    train-memtrain_velora_regional    40  regional compilation (memcompile.compile_blocks), when it exists
-    train-memtrain_all_regional       40  likewise
+    train-memtrain_velora_regional    45  VeLoRA, one compiled block for every layer
+    train-memtrain_all_regional       50  everything on, one compiled block for every layer
+    train-memtrain_all_budget_regional 50 ... under the recompute budget (est. 4.28 GiB whole-model)
 
-A whole-model compile of the TinyLlama shape took 93 s on an H100, so three whole-model compiled
-setups are what fits; the others are regional setups, one line each in ``steps()``.
+A whole-model compile of the TinyLlama shape took 93 s on an H100, so the anchor is the one
+whole-model memtrain-free compile; memtrain's setups compile one block per layer
+(``memcompile.compile_blocks``), a fraction of that, one line each in ``steps()``.
 """
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ NEEDS_GPU = ("gpu-check needs a CUDA GPU and none is visible here (torch {torch}
              "`python -m memcompile.bench gpu --dry-run` runs the same steps on CPU (tiny model, Triton "
              "interpreter) to check the plumbing; its figures mean nothing.")
 # The train setups of the check, and the estimate of the same setups (bitsandbytes ones are measured only).
-TRAIN = ("lora_compile", "qlora_gc", "memtrain_all_budget", "memtrain_velora_regional", "memtrain_all_regional")
+TRAIN = ("lora_compile", "qlora_gc", "memtrain_velora_regional", "memtrain_all_regional",
+         "memtrain_all_budget_regional")
 ESTIMATE = ("lora_compile", "memtrain_velora", "memtrain_all", "memtrain_all_budget",
-            "memtrain_velora_regional", "memtrain_all_regional")
+            "memtrain_velora_regional", "memtrain_all_regional", "memtrain_all_budget_regional")
 
 
 @dataclass
@@ -109,10 +111,11 @@ def _steps(dry: bool) -> list[Step]:
              "python -m memcompile.bench kernels", results=("kernels.jsonl",)),
         train_step("lora_compile", 135, "the anchor: torch.compile LoRA (19.87 GiB, 45.0k tok/s)", dry),
         train_step("qlora_gc", 45, "the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)", dry),
-        train_step("memtrain_all_budget", 150, "everything on, under the recompute budget (est. 4.28 GiB)", dry),
-        # Regional compilation: one line per setup (setups.py names them; unavailable until compile_blocks is).
-        train_step("memtrain_velora_regional", 40, "VeLoRA, each decoder layer compiled on its own", dry),
-        train_step("memtrain_all_regional", 40, "everything on, each decoder layer compiled on its own", dry),
+        # memtrain's setups: one compiled block for every layer (memcompile.compile_blocks).
+        train_step("memtrain_velora_regional", 45, "VeLoRA, one compiled block for every layer", dry),
+        train_step("memtrain_all_regional", 50, "everything on, one compiled block for every layer", dry),
+        train_step("memtrain_all_budget_regional", 50, "everything on under the recompute budget, one compiled "
+                   "block for every layer", dry),
     ]
 
 

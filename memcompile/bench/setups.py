@@ -67,8 +67,8 @@ class Setup:
         if self.memory_budget and self.compile != "inductor":
             raise ValueError(f"{self.name}: memory_budget is for torch.compile setups; memtrain setups set "
                              "recompute_budget in their memtrain options")
-        if self.regional and self.compile != "memtrain":
-            raise ValueError(f"{self.name}: regional compilation is memtrain's (memcompile.compile_blocks)")
+        if self.regional and not self.compiled:
+            raise ValueError(f"{self.name}: regional compilation needs a compiler")
         if self.selection not in ("all", "coreset", "random"):
             raise ValueError(f"{self.name}: selection must be 'all', 'coreset' or 'random', got {self.selection!r}")
         if self.pool_factor < 1 or (self.selection != "all" and self.pool_factor < 2):
@@ -110,6 +110,12 @@ SETUPS: dict[str, Setup] = _table(
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
                     "recompute_budget": 0.2}),
     # Regional compilation: the setups above, each decoder layer compiled on its own.
+    Setup("lora_compile_regional", "lora_compile, each decoder layer compiled on its own (Inductor, no memtrain)",
+          compile="inductor", regional=True, modes=("train",)),
+    Setup("memtrain_all_budget_regional", "memtrain_all_budget, each decoder layer compiled on its own",
+          adapter="prepare", compile="memtrain",
+          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
+                    "recompute_budget": 0.2}, regional=True, modes=("train",)),
     Setup("memtrain_velora_regional", "memtrain_velora, each decoder layer compiled on its own", compile="memtrain",
           memtrain={"activation": "velora"}, regional=True, modes=("train",)),
     Setup("memtrain_all_regional", "memtrain_all, each decoder layer compiled on its own", adapter="prepare",
@@ -174,8 +180,6 @@ def unavailable(setup: Setup) -> str | None:
 
     if setup.adapter == "prepare" and not callable(getattr(memcompile, "prepare", None)):
         return "memcompile.prepare is not exported by memcompile"
-    if setup.regional and not callable(getattr(memcompile, "compile_blocks", None)):
-        return "memcompile.compile_blocks (regional compilation) is not exported by memcompile"
     if setup.optimizer in ("fira", "galore"):
         try:
             from memcompile.optim import Fira, fira_param_groups
