@@ -300,6 +300,12 @@ class Fira(torch.optim.Optimizer):
                 state["limiter_ref"] = norm
         return residual
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints from before the option were trained with the official behaviour; they resume with it.
+        for group in self.param_groups:
+            group.setdefault("moment_transfer", "official")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # The base class casts floating state to each parameter's dtype; this optimizer keeps its

@@ -427,6 +427,41 @@ def test_state_dict_round_trip_is_bit_identical(dtype):
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
+@pytest.mark.parametrize("transfer", ["align", "rotate"])
+def test_state_dict_round_trip_across_a_refresh_with_moment_transfer(transfer):
+    w0 = torch.randn(12, 7, generator=torch.Generator().manual_seed(22), **F64)
+    grads = random_grads((12, 7), 7, seed=23)
+    kw = dict(lr=0.01, rank=3, update_proj_gap=2, moment_transfer=transfer)
+    straight, _, _ = run_fira(w0, grads, **kw)
+    first, opt, _ = run_fira(w0, grads[:3], **kw)
+    p = nn.Parameter(first[-1].clone())
+    resumed = Fira([{"params": [p], "rank": 3, "update_proj_gap": 2}], lr=0.01)   # option from the checkpoint
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0]["moment_transfer"] == transfer
+    for g in grads[3:]:                     # t = 4 and 6 refresh
+        p.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p.detach(), straight[-1])
+
+
+def test_checkpoint_without_moment_transfer_resumes_as_official():
+    w0 = torch.randn(12, 7, generator=torch.Generator().manual_seed(24), **F64)
+    grads = random_grads((12, 7), 5, seed=25)
+    official, _, _ = run_fira(w0, grads, lr=0.01, rank=3, update_proj_gap=2, moment_transfer="official")
+    first, opt, _ = run_fira(w0, grads[:1], lr=0.01, rank=3, update_proj_gap=2, moment_transfer="official")
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["moment_transfer"]        # as written before the option existed
+    p = nn.Parameter(first[-1].clone())
+    resumed = Fira([{"params": [p], "rank": 3, "update_proj_gap": 2, "moment_transfer": "rotate"}], lr=0.01)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["moment_transfer"] == "official"
+    for g in grads[1:]:
+        p.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p.detach(), official[-1])
+
+
 def test_closure_loss_is_returned():
     p = nn.Parameter(torch.ones(3, 2))
     opt = Fira([{"params": [p], "rank": 1}], lr=0.1)
