@@ -1,6 +1,7 @@
 """Fira against an independent fp64 transcription of the official update (xichen-fy/Fira fira_adamw.py)."""
 from __future__ import annotations
 
+import inspect
 import io
 import math
 
@@ -12,10 +13,12 @@ from memcompile.marks import mark_grad_approximation
 from memcompile.optim import Fira, fira_param_groups
 
 F64 = dict(dtype=torch.float64)
+# Tests that leave the option out compare the default against the reference's transcription of it.
+DEFAULT_TRANSFER = inspect.signature(Fira).parameters["moment_transfer"].default
 
 
 def reference_fira(w0, grads, *, lr, rank, gap, alpha=0.25, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                   gamma=1.01, mode="code", residual=True, transfer="official", svd=torch.linalg.svd):
+                   gamma=1.01, mode="code", residual=True, transfer=DEFAULT_TRANSFER):
     """Fira on one matrix, written from the formulas; returns the weights after each step and a log."""
     b1, b2 = betas
     w = w0.clone()
@@ -26,7 +29,7 @@ def reference_fira(w0, grads, *, lr, rank, gap, alpha=0.25, betas=(0.9, 0.999), 
     weights, log = [], []
     for t, g in enumerate(grads):
         if t % gap == 0:
-            u, _, vh = svd(g, full_matrices=False)
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
             new = vh[:r].T if right else u[:, :r]            # n x r  or  m x r: basis vectors are columns
             if mom1 is not None and transfer == "align":
                 for j in range(r):
@@ -190,7 +193,8 @@ def test_projector_refreshes_every_gap_steps():
         return torch.linalg.svd(g, full_matrices=False)[2][:2]
 
     p = nn.Parameter(torch.zeros(*shape, **F64))
-    opt = Fira([{"params": [p], "rank": 2, "update_proj_gap": gap}], lr=0.01)
+    # "official" stores the SVD's basis as it comes ("align" may negate vectors of it).
+    opt = Fira([{"params": [p], "rank": 2, "update_proj_gap": gap, "moment_transfer": "official"}], lr=0.01)
     source = []
     for g in grads:
         p.grad = g.clone()
