@@ -99,8 +99,9 @@ class Fira(torch.optim.Optimizer):
         gamma: norm-growth limit of the scaled residual; ``None`` disables the limiter.
         alpha_mode: ``"code"`` (default) or ``"paper"``, see above.
         residual: ``False`` turns Fira into GaLore at the same rank.
-        moment_transfer: ``"official"``, ``"align"`` or ``"rotate"``: what the moments become at a
-            projector refresh, see above.
+        moment_transfer: ``"align"`` (default), ``"official"`` or ``"rotate"``: what the moments become
+            at a projector refresh, see above. ``"official"`` reproduces the official code (and the
+            published numbers) step for step.
         correct_bias: fold Adam's bias correction into the step size.
 
     Raises:
@@ -130,7 +131,7 @@ class Fira(torch.optim.Optimizer):
         gamma: float | None = 1.01,
         alpha_mode: str = "code",
         residual: bool = True,
-        moment_transfer: str = "official",
+        moment_transfer: str = "align",
         correct_bias: bool = True,
     ) -> None:
         defaults = dict(
