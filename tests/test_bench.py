@@ -96,10 +96,29 @@ def test_setup_table_is_well_formed():
         assert s.optimizer in ("adamw", "fira", "galore")
         assert bool(s.memtrain) == (s.compile == "memtrain")
         assert s.selection in ("all", "coreset", "random") and s.pool_factor >= (1 if s.selection == "all" else 2)
+        assert s.moment_transfer in (None, "official", "align", "rotate")
     assert [s.name for s in select(None, "train", TRAIN_DEFAULT)] == list(TRAIN_DEFAULT)
     assert [s.name for s in select(None, "converge", CONVERGE_DEFAULT)] == list(CONVERGE_DEFAULT)
     with pytest.raises(SystemExit, match="unknown setup"):
         select("lora,nope", "train", TRAIN_DEFAULT)
+
+
+def test_moment_transfer_setups_reach_the_optimizer():
+    transformers = pytest.importorskip("transformers")
+    from memcompile.bench.builders import _optimizer
+    from memcompile.bench.setups import MOMENT_TRANSFER_COMPARISON, Setup, select, unavailable
+
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    for s in select(",".join(MOMENT_TRANSFER_COMPARISON), "converge", ()):
+        assert unavailable(s) is None
+        opt = _optimizer(s, model, list(model.parameters()), 1e-2, torch.device("cpu"))
+        fira = [g for g in opt.param_groups if g["rank"] is not None]
+        assert fira and all(g["moment_transfer"] == s.moment_transfer for g in fira)
+        assert all(g["residual"] == (s.optimizer == "fira") for g in fira)
+    with pytest.raises(ValueError, match="moment_transfer"):
+        Setup("x", "AdamW with a Fira option", optimizer="adamw", moment_transfer="align")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")

@@ -130,8 +130,9 @@ def _optimizer(setup: Setup, model: nn.Module, params: list, lr: float, device: 
 
     # A quarter of the width: the papers' rank for their 1B model (512 of 2048) and 60M model (128 of 512).
     rank = max(1, model.config.hidden_size // 4)
+    extra = {} if setup.moment_transfer is None else {"moment_transfer": setup.moment_transfer}
     groups = fira_param_groups(model, rank=rank, update_proj_gap=FIRA_UPDATE_PROJ_GAP, alpha=FIRA_ALPHA,
-                               residual=setup.optimizer == "fira")
+                               residual=setup.optimizer == "fira", **extra)
     return Fira(groups, lr=lr)
 
 

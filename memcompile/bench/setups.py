@@ -31,6 +31,7 @@ class Setup:
         regional: compile each decoder layer on its own (``memcompile.compile_blocks``) rather than the
             whole model: the compile takes one layer's time, not all of them.
         optimizer: ``"adamw"``, ``"fira"`` or ``"galore"`` (``memcompile.optim.Fira`` without residual).
+        moment_transfer: Fira's and GaLore's ``moment_transfer`` (``None``: the optimizer's default).
         selection: which rows of each drawn pool train: ``"all"``, ``"coreset"`` (the CoLM coreset of
             ``--batch`` rows, ``memcompile.data``) or ``"random"`` (``--batch`` rows uniformly at random).
         pool_factor: rows drawn per step, as a multiple of ``--batch``. With ``selection="all"`` every
@@ -50,6 +51,7 @@ class Setup:
     memtrain: dict[str, Any] = field(default_factory=dict)
     regional: bool = False
     optimizer: str = "adamw"
+    moment_transfer: str | None = None
     selection: str = "all"
     pool_factor: int = 1
     lr: float | None = None
@@ -71,6 +73,8 @@ class Setup:
             raise ValueError(f"{self.name}: regional compilation needs a compiler")
         if self.selection not in ("all", "coreset", "random"):
             raise ValueError(f"{self.name}: selection must be 'all', 'coreset' or 'random', got {self.selection!r}")
+        if self.moment_transfer is not None and self.optimizer not in ("fira", "galore"):
+            raise ValueError(f"{self.name}: moment_transfer is an option of Fira and GaLore, not {self.optimizer}")
         if self.pool_factor < 1 or (self.selection != "all" and self.pool_factor < 2):
             raise ValueError(f"{self.name}: pool_factor must be >= 1, and >= 2 for a selection "
                              f"(got {self.pool_factor})")
@@ -132,6 +136,19 @@ SETUPS: dict[str, Setup] = _table(
           optimizer="galore", lr=1e-2),
     Setup("fira", "full-parameter training, Fira (memcompile.optim.Fira)", adapter="none", optimizer="fira",
           lr=1e-2),
+    # What the moments become at a projector refresh (Fira's moment_transfer), one setup per mode.
+    Setup("galore_official", "GaLore, moment_transfer='official'", adapter="none", optimizer="galore",
+          moment_transfer="official", lr=1e-2, modes=("converge",)),
+    Setup("galore_align", "GaLore, moment_transfer='align'", adapter="none", optimizer="galore",
+          moment_transfer="align", lr=1e-2, modes=("converge",)),
+    Setup("galore_rotate", "GaLore, moment_transfer='rotate'", adapter="none", optimizer="galore",
+          moment_transfer="rotate", lr=1e-2, modes=("converge",)),
+    Setup("fira_official", "Fira, moment_transfer='official'", adapter="none", optimizer="fira",
+          moment_transfer="official", lr=1e-2, modes=("converge",)),
+    Setup("fira_align", "Fira, moment_transfer='align'", adapter="none", optimizer="fira",
+          moment_transfer="align", lr=1e-2, modes=("converge",)),
+    Setup("fira_rotate", "Fira, moment_transfer='rotate'", adapter="none", optimizer="fira",
+          moment_transfer="rotate", lr=1e-2, modes=("converge",)),
     # One question, three answers on the same pools of 2x batch drawn in proportion to source size: train on
     # all of it, on a random half, or on the half CoLM picks (small sources kept whole, the rest by
     # facility location on zeroth-order gradients). Only the rows that train differ.
@@ -147,6 +164,10 @@ TRAIN_DEFAULT = ("lora", "qlora", "qlora_gc", "lora_gc", "lora_compile", "qlora_
                  "memtrain_all_budget")
 CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "full_batch",
                     "random_half", "coreset", "adamw", "galore", "fira")
+# GaLore and Fira in each moment_transfer mode: python -m memcompile.bench converge --setups
+# galore_official,galore_align,galore_rotate,fira_official,fira_align,fira_rotate
+MOMENT_TRANSFER_COMPARISON = ("galore_official", "galore_align", "galore_rotate", "fira_official", "fira_align",
+                              "fira_rotate")
 # The coreset comparison on its own: python -m memcompile.bench converge --setups full_batch,random_half,coreset
 CORESET_COMPARISON = ("full_batch", "random_half", "coreset")
 
@@ -191,6 +212,8 @@ def unavailable(setup: Setup) -> str | None:
             missing = [n for n in names if n not in params and not takes_kwargs]
             if missing:
                 return f"{fn.__name__} takes no {missing[0]!r} argument"
+        if setup.moment_transfer is not None and "moment_transfer" not in inspect.signature(Fira).parameters:
+            return "Fira takes no 'moment_transfer' argument"
     if setup.coreset:
         try:
             import memcompile.data as data

@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from memcompile.marks import grad_approximation
-from memcompile.optim.projection import orthogonal_basis, project, project_back, projects_right
+from memcompile.optim.projection import (
+    align_signs,
+    change_of_basis,
+    orthogonal_basis,
+    project,
+    project_back,
+    projects_right,
+    to_new_basis,
+)
 
 __all__ = ["Fira", "fira_param_groups"]
 
@@ -23,6 +31,7 @@ _PHI_EPS = 1e-8
 _LIMITER_EPS = 1e-8
 
 _ALPHA_MODES = ("code", "paper")
+_MOMENT_TRANSFERS = ("official", "align", "rotate")
 
 
 class Fira(torch.optim.Optimizer):
@@ -42,6 +51,29 @@ class Fira(torch.optim.Optimizer):
     - ``alpha_mode="paper"`` (Algorithm 1): ``S = phi * (G - back(R))``,
       ``W -= step * alpha * (back(N) + S)``.
     - ``residual=False``: GaLore, ``W -= step * alpha * back(N)`` (same projector and moments).
+
+    At a refresh the moments, built in the old basis's coordinates, meet a new basis whose vectors an SVD
+    fixes only up to sign (and, for near-equal singular values, up to a rotation). ``moment_transfer``
+    says what carries over; in every mode the step count (so the bias correction) and the limiter's
+    reference norm ``||S_{t-1}||`` are kept: ``S`` is a full-size matrix whose norm no choice of basis
+    vectors changes, and where the subspace persists the moments keep their whole history.
+
+    - ``"official"``: the moments are used as they are in the new basis (the official code). Momentum
+      along a persisting direction is applied with whichever sign the SVD returned, so round-off decides
+      whether it helps or pushes the wrong way.
+    - ``"align"``: each new basis vector whose inner product with its predecessor (same index) is
+      negative is negated; the moments are kept. A refresh that returns the same vectors up to sign is
+      then no refresh at all.
+    - ``"rotate"``: the moments are expressed in the new basis with ``C = Q_old Q_new^T`` (right; left:
+      ``C = P_old^T P_new``). ``M <- M C`` (left ``C^T M``): momentum outside the new subspace is
+      dropped. ``V`` is the per-coordinate second moment; with coordinates taken as uncorrelated (Adam's
+      own diagonal assumption) the new coordinate ``sum_i c_ij R_i`` has ``V_j = sum_i c_ij^2 V_i``, so
+      ``V <- V (C*C)`` (elementwise square of ``C``; left ``(C*C)^T V``). This never goes negative, keeps
+      ``|M_j| / sqrt(V_j)`` at most the norm of the row's old ``M / sqrt(V)`` (Cauchy-Schwarz), and is
+      exact for any signed permutation. The share ``1 - sum_i c_ij^2`` of a direction the old subspace did not hold
+      gets the mean ``V`` of the row (right) or column (left): a zero there, under the step count's bias
+      correction, would make a new direction's first steps several times larger than the others' (up to
+      6.6x with the default betas, ~12 steps after the refresh).
 
     Groups without ``rank`` get AdamW with the same formula (``eps`` outside the bias correction,
     as the official code). Weight decay is decoupled and applied after the update:
@@ -67,6 +99,9 @@ class Fira(torch.optim.Optimizer):
         gamma: norm-growth limit of the scaled residual; ``None`` disables the limiter.
         alpha_mode: ``"code"`` (default) or ``"paper"``, see above.
         residual: ``False`` turns Fira into GaLore at the same rank.
+        moment_transfer: ``"align"`` (default), ``"official"`` or ``"rotate"``: what the moments become
+            at a projector refresh, see above. ``"official"`` reproduces the official code (and the
+            published numbers) step for step.
         correct_bias: fold Adam's bias correction into the step size.
 
     Raises:
@@ -96,6 +131,7 @@ class Fira(torch.optim.Optimizer):
         gamma: float | None = 1.01,
         alpha_mode: str = "code",
         residual: bool = True,
+        moment_transfer: str = "align",
         correct_bias: bool = True,
     ) -> None:
         defaults = dict(
@@ -109,6 +145,7 @@ class Fira(torch.optim.Optimizer):
             gamma=gamma,
             alpha_mode=alpha_mode,
             residual=residual,
+            moment_transfer=moment_transfer,
             correct_bias=correct_bias,
         )
         super().__init__(params, defaults)
@@ -184,11 +221,10 @@ class Fira(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
         if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
-            state["projector"] = orthogonal_basis(grad, group["rank"])
+            state["projector"] = self._refresh(state, grad, group)
         basis = state["projector"]
         low_rank = project(grad, basis)
         if "exp_avg" not in state:
-            # Kept across projector refreshes, as the official code does.
             state["exp_avg"] = torch.zeros_like(low_rank)
             state["exp_avg_sq"] = torch.zeros_like(low_rank)
         state["step"] += 1
@@ -207,6 +243,29 @@ class Fira(torch.optim.Optimizer):
             update.mul_(alpha)
         p.add_(update, alpha=-_step_size(group, state["step"]))
         _decay(p, group)
+
+    @staticmethod
+    def _refresh(state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The new projector, with the moments carried into it as ``moment_transfer`` says."""
+        new = orthogonal_basis(grad, group["rank"])
+        old, transfer = state.get("projector"), group["moment_transfer"]
+        if old is None or "exp_avg" not in state or transfer == "official":
+            return new
+        if transfer == "align":
+            return align_signs(new, old, grad.shape)
+        c = change_of_basis(old, new, grad.shape)
+        square = c.square()
+        exp_avg_sq = state["exp_avg_sq"]
+        state["exp_avg"] = to_new_basis(state["exp_avg"], c, grad.shape)
+        # Share of each new direction's second moment that the old subspace did not hold (0 where it
+        # persists; clamped: round-off can push the held share past 1).
+        unheld = (1.0 - square.sum(dim=0)).clamp_(min=0.0)
+        if projects_right(grad.shape):
+            fill = exp_avg_sq.mean(dim=1, keepdim=True) * unheld
+        else:
+            fill = exp_avg_sq.mean(dim=0, keepdim=True) * unheld[:, None]
+        state["exp_avg_sq"] = to_new_basis(exp_avg_sq, square, grad.shape).add_(fill)
+        return new
 
     @staticmethod
     def _scaled_residual(
@@ -241,6 +300,12 @@ class Fira(torch.optim.Optimizer):
             else:
                 state["limiter_ref"] = norm
         return residual
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints from before the option were trained with the official behaviour; they resume with it.
+        for group in self.param_groups:
+            group.setdefault("moment_transfer", "official")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -339,6 +404,9 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid update_proj_gap: {gap!r}; must be an int >= 1")
     if group["alpha_mode"] not in _ALPHA_MODES:
         raise ValueError(f"Invalid alpha_mode: {group['alpha_mode']!r}; expected one of {_ALPHA_MODES}")
+    if group["moment_transfer"] not in _MOMENT_TRANSFERS:
+        raise ValueError(f"Invalid moment_transfer: {group['moment_transfer']!r}; expected one of "
+                         f"{_MOMENT_TRANSFERS}")
     gamma = group["gamma"]
     if gamma is not None and not gamma > 0.0:
         raise ValueError(f"Invalid gamma: {gamma}; must be > 0 (or None to disable the limiter)")

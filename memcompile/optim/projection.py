@@ -55,3 +55,27 @@ def project_back(low_rank: torch.Tensor, basis: torch.Tensor, shape: torch.Size)
     if projects_right(shape):
         return low_rank @ basis
     return basis @ low_rank
+
+
+def align_signs(new: torch.Tensor, old: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """``new`` with every basis vector negated whose inner product with its predecessor in ``old`` is < 0.
+
+    An SVD fixes each singular vector only up to its sign; this picks the sign that continues ``old``.
+    """
+    dim = 1 if projects_right(shape) else 0   # vectors are the rows of Q, the columns of P
+    dots = (new * old).sum(dim=dim, keepdim=True)
+    return torch.where(dots < 0, -new, new)
+
+
+def change_of_basis(old: torch.Tensor, new: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """``C`` (``r x r``), ``C[i, j] = <old_i, new_j>``: coordinates in ``old`` become coordinates in ``new``.
+
+    Right: ``X Q_old Q_new^T = X C``; left: ``P_new^T P_old X = C^T X``. What lies outside the new
+    subspace is dropped (the orthogonal projection onto it).
+    """
+    return old @ new.T if projects_right(shape) else old.T @ new
+
+
+def to_new_basis(low_rank: torch.Tensor, c: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """``X C`` (right) or ``C^T X`` (left): a low-rank matrix re-expressed with :func:`change_of_basis`."""
+    return low_rank @ c if projects_right(shape) else c.T @ low_rank

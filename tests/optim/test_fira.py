@@ -1,6 +1,7 @@
 """Fira against an independent fp64 transcription of the official update (xichen-fy/Fira fira_adamw.py)."""
 from __future__ import annotations
 
+import inspect
 import io
 import math
 
@@ -12,10 +13,12 @@ from memcompile.marks import mark_grad_approximation
 from memcompile.optim import Fira, fira_param_groups
 
 F64 = dict(dtype=torch.float64)
+# Tests that leave the option out compare the default against the reference's transcription of it.
+DEFAULT_TRANSFER = inspect.signature(Fira).parameters["moment_transfer"].default
 
 
 def reference_fira(w0, grads, *, lr, rank, gap, alpha=0.25, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                   gamma=1.01, mode="code", residual=True):
+                   gamma=1.01, mode="code", residual=True, transfer=DEFAULT_TRANSFER):
     """Fira on one matrix, written from the formulas; returns the weights after each step and a log."""
     b1, b2 = betas
     w = w0.clone()
@@ -27,7 +30,22 @@ def reference_fira(w0, grads, *, lr, rank, gap, alpha=0.25, betas=(0.9, 0.999), 
     for t, g in enumerate(grads):
         if t % gap == 0:
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
-            basis = vh[:r].T if right else u[:, :r]          # n x r  or  m x r
+            new = vh[:r].T if right else u[:, :r]            # n x r  or  m x r: basis vectors are columns
+            if mom1 is not None and transfer == "align":
+                for j in range(r):
+                    if new[:, j] @ basis[:, j] < 0:
+                        new[:, j] = -new[:, j]
+            if mom1 is not None and transfer == "rotate":
+                c = basis.T @ new                            # c[i, j] = <old_i, new_j>
+                # Coordinates along the rank dimension: columns of m x r moments, rows of r x n ones.
+                old1, old2 = (mom1, mom2) if right else (mom1.T, mom2.T)
+                new1, new2 = torch.zeros_like(old1), torch.zeros_like(old2)
+                for j in range(r):
+                    held = sum(c[i, j] ** 2 for i in range(r))
+                    new1[:, j] = sum(c[i, j] * old1[:, i] for i in range(r))
+                    new2[:, j] = sum(c[i, j] ** 2 * old2[:, i] for i in range(r)) + (1 - held) * old2.mean(1)
+                mom1, mom2 = (new1, new2) if right else (new1.T, new2.T)
+            basis = new
         lo = g @ basis if right else basis.T @ g
         back = (lambda x: x @ basis.T) if right else (lambda x: basis @ x)
         mom1 = (1 - b1) * lo if mom1 is None else b1 * mom1 + (1 - b1) * lo
@@ -83,13 +101,14 @@ def random_grads(shape, steps, seed):
 @pytest.mark.parametrize("shape", [(12, 7), (6, 10)], ids=["m>n-right", "m<n-left"])
 @pytest.mark.parametrize("mode", ["code", "paper"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_trajectory_matches_reference(shape, mode, weight_decay):
+@pytest.mark.parametrize("transfer", ["official", "align", "rotate"])
+def test_trajectory_matches_reference(shape, mode, weight_decay, transfer):
     # gap=2 refreshes the projector at t = 0, 2, 4 while the moments carry over.
     w0 = torch.randn(*shape, generator=torch.Generator().manual_seed(0), **F64)
     grads = random_grads(shape, 5, seed=1)
     kw = dict(lr=0.01, rank=3, alpha=0.25, weight_decay=weight_decay, gamma=1.01)
-    expected, _ = reference_fira(w0, grads, gap=2, mode=mode, **kw)
-    got, opt, p = run_fira(w0, grads, update_proj_gap=2, alpha_mode=mode, **kw)
+    expected, _ = reference_fira(w0, grads, gap=2, mode=mode, transfer=transfer, **kw)
+    got, opt, p = run_fira(w0, grads, update_proj_gap=2, alpha_mode=mode, moment_transfer=transfer, **kw)
     for step, (e, g) in enumerate(zip(expected, got), start=1):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-13, msg=f"step {step}")
     assert opt.state[p]["step"] == 5
@@ -174,7 +193,8 @@ def test_projector_refreshes_every_gap_steps():
         return torch.linalg.svd(g, full_matrices=False)[2][:2]
 
     p = nn.Parameter(torch.zeros(*shape, **F64))
-    opt = Fira([{"params": [p], "rank": 2, "update_proj_gap": gap}], lr=0.01)
+    # "official" stores the SVD's basis as it comes ("align" may negate vectors of it).
+    opt = Fira([{"params": [p], "rank": 2, "update_proj_gap": gap, "moment_transfer": "official"}], lr=0.01)
     source = []
     for g in grads:
         p.grad = g.clone()
@@ -217,7 +237,8 @@ def test_non_matrix_param_in_fira_group_raises():
 
 def test_bad_options_raise():
     p = nn.Parameter(torch.zeros(4, 4))
-    for bad in [dict(alpha_mode="both"), dict(update_proj_gap=0), dict(gamma=0.0), dict(proj_type="left")]:
+    for bad in [dict(alpha_mode="both"), dict(update_proj_gap=0), dict(gamma=0.0), dict(proj_type="left"),
+                dict(moment_transfer="reset")]:
         with pytest.raises(ValueError):
             Fira([{"params": [p], "rank": 2, **bad}])
 
@@ -410,6 +431,41 @@ def test_state_dict_round_trip_is_bit_identical(dtype):
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
+@pytest.mark.parametrize("transfer", ["align", "rotate"])
+def test_state_dict_round_trip_across_a_refresh_with_moment_transfer(transfer):
+    w0 = torch.randn(12, 7, generator=torch.Generator().manual_seed(22), **F64)
+    grads = random_grads((12, 7), 7, seed=23)
+    kw = dict(lr=0.01, rank=3, update_proj_gap=2, moment_transfer=transfer)
+    straight, _, _ = run_fira(w0, grads, **kw)
+    first, opt, _ = run_fira(w0, grads[:3], **kw)
+    p = nn.Parameter(first[-1].clone())
+    resumed = Fira([{"params": [p], "rank": 3, "update_proj_gap": 2}], lr=0.01)   # option from the checkpoint
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0]["moment_transfer"] == transfer
+    for g in grads[3:]:                     # t = 4 and 6 refresh
+        p.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p.detach(), straight[-1])
+
+
+def test_checkpoint_without_moment_transfer_resumes_as_official():
+    w0 = torch.randn(12, 7, generator=torch.Generator().manual_seed(24), **F64)
+    grads = random_grads((12, 7), 5, seed=25)
+    official, _, _ = run_fira(w0, grads, lr=0.01, rank=3, update_proj_gap=2, moment_transfer="official")
+    first, opt, _ = run_fira(w0, grads[:1], lr=0.01, rank=3, update_proj_gap=2, moment_transfer="official")
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["moment_transfer"]        # as written before the option existed
+    p = nn.Parameter(first[-1].clone())
+    resumed = Fira([{"params": [p], "rank": 3, "update_proj_gap": 2, "moment_transfer": "rotate"}], lr=0.01)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["moment_transfer"] == "official"
+    for g in grads[1:]:
+        p.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p.detach(), official[-1])
+
+
 def test_closure_loss_is_returned():
     p = nn.Parameter(torch.ones(3, 2))
     opt = Fira([{"params": [p], "rank": 1}], lr=0.1)
@@ -463,3 +519,126 @@ def test_cuda_matches_cpu_reference():
         opt.step()
     assert opt.state[p]["projector"].device.type == "cuda"
     torch.testing.assert_close(p.detach().cpu().double(), expected[-1], rtol=1e-4, atol=1e-5)
+
+
+def _basis_with_other_signs(flips):
+    """``orthogonal_basis`` as another SVD could return it: call ``k`` negates (and may reorder) the
+    vectors as ``flips(k, r)`` says; ``None`` keeps the basis as it is."""
+    from memcompile.optim.projection import orthogonal_basis, projects_right
+
+    calls = []
+
+    def basis(grad, rank):
+        q = orthogonal_basis(grad, rank)
+        right = projects_right(grad.shape)
+        change = flips(len(calls), q.shape[0] if right else q.shape[1])
+        calls.append(change)
+        if change is None:
+            return q
+        order, signs = change
+        return (q[order] * signs[:, None]) if right else (q[:, order] * signs)
+
+    return basis, calls
+
+
+def _grads_with_fixed_vectors(shape, steps, seed):
+    """Gradients whose singular vectors on the projected side never change (the other side does):
+    every refresh finds the same basis up to signs, however LAPACK picks them."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    k = min(m, n)
+    fixed = torch.linalg.qr(torch.randn(k, k, generator=gen, **F64))[0]          # k x k orthogonal
+    grads = []
+    for _ in range(steps):
+        moving = torch.linalg.qr(torch.randn(max(m, n), k, generator=gen, **F64))[0]
+        # Well separated singular values, same order every step.
+        s = torch.tensor([8.0, 5.0, 3.0] + [0.5 / (i + 1) for i in range(k - 3)], **F64)
+        s = s * (1 + 0.05 * torch.rand(k, generator=gen, **F64))
+        grads.append(moving @ torch.diag(s) @ fixed.T if m >= n else fixed @ torch.diag(s) @ moving.T)
+    return grads
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)], ids=["right", "left"])
+@pytest.mark.parametrize("residual", [True, False], ids=["fira", "galore"])
+@pytest.mark.parametrize("transfer,change", [
+    ("official", "signs"), ("align", "signs"), ("rotate", "signs"), ("rotate", "signs+swap")])
+def test_refresh_to_the_same_vectors_up_to_sign_is_no_refresh(monkeypatch, shape, residual, transfer, change):
+    grads = _grads_with_fixed_vectors(shape, 8, seed=16)
+    w0 = torch.randn(*shape, generator=torch.Generator().manual_seed(17), **F64)
+    kw = dict(lr=0.01, rank=3, residual=residual, moment_transfer=transfer)
+    unrefreshed, _, _ = run_fira(w0, grads, update_proj_gap=100, **kw)
+
+    # Refreshes at t = 3 and 6 return the vectors with other signs (and, for "swap", the first two in
+    # the other order, as near-equal singular values may come out).
+    def flips(k, r):
+        if k == 0:
+            return None
+        signs = torch.tensor([-1.0, 1.0, -1.0] if k == 1 else [1.0, -1.0, -1.0], **F64)
+        order = torch.tensor([1, 0, 2] if change == "signs+swap" else [0, 1, 2])
+        return order, signs
+
+    basis, calls = _basis_with_other_signs(flips)
+    monkeypatch.setattr("memcompile.optim.fira.orthogonal_basis", basis)
+    refreshed, opt, p = run_fira(w0, grads, update_proj_gap=3, **kw)
+    assert len(calls) == 3
+
+    if transfer == "official":
+        # The moments meet flipped vectors: the momentum is applied with the wrong sign.
+        assert (refreshed[-1] - unrefreshed[-1]).norm() > 1e-3 * (unrefreshed[-1] - w0).norm()
+        return
+    for step, (a, b) in enumerate(zip(refreshed, unrefreshed), start=1):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"step {step}")
+
+
+def _mlp_run(x, y, transfer, basis=None, monkeypatch=None, steps=24):
+    """A 3-layer MLP regressed on (x, y) with Fira on every weight; the weights after training."""
+    if basis is not None:
+        monkeypatch.setattr("memcompile.optim.fira.orthogonal_basis", basis)
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 12)).double()
+    opt = Fira(fira_param_groups(model, rank=4, targets=("0", "2", "4"), update_proj_gap=5,
+                                 moment_transfer=transfer), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+    if basis is not None:
+        monkeypatch.undo()
+    return torch.cat([q.detach().flatten() for q in model.parameters()])
+
+
+@pytest.mark.parametrize("transfer", ["official", "align", "rotate"])
+def test_round_off_and_svd_signs_do_not_steer_the_run(monkeypatch, transfer):
+    # Two runs whose data differ by about one ulp, the second with an SVD that picks its own signs at
+    # random (as another LAPACK, GPU or batch order may): 5 refreshes in 24 steps, 3 matrices each.
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(64, 24, generator=gen, **F64)
+    y = torch.randn(64, 12, generator=gen, **F64)
+    x_other = x * (1 + 1e-15 * torch.randn(x.shape, generator=gen, **F64))
+    w0 = _mlp_run(x, y, transfer, steps=0)
+    first = _mlp_run(x, y, transfer)
+
+    signs_gen = torch.Generator().manual_seed(20)
+
+    def random_signs(k, r):
+        return torch.arange(r), torch.where(torch.rand(r, generator=signs_gen) < 0.5, -1.0, 1.0).double()
+
+    basis, calls = _basis_with_other_signs(random_signs)
+    second = _mlp_run(x_other, y, transfer, basis, monkeypatch)
+    assert len(calls) == 3 * 5 and any((signs < 0).any() for _, signs in calls[3:])
+    drift = (second - first).norm() / (first - w0).norm()
+    if transfer == "official":
+        assert drift > 1e-4      # the signs, not the data, decide where the run goes
+    else:
+        assert drift < 1e-10
+
+
+@pytest.mark.parametrize("transfer", ["align", "rotate"])
+def test_moment_transfer_keeps_the_state_small(transfer):
+    w0 = torch.zeros(12, 7, **F64)
+    grads = random_grads((12, 7), 7, seed=21)
+    _, official, p = run_fira(w0, grads, lr=0.01, rank=3, update_proj_gap=2)
+    _, other, q = run_fira(w0, grads, lr=0.01, rank=3, update_proj_gap=2, moment_transfer=transfer)
+    shapes = {k: (v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for k, v in official.state[p].items()}
+    assert {k: (v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for k, v in other.state[q].items()} == shapes
+    assert other.state_bytes() == official.state_bytes() == 8 * (2 * 12 * 3 + 3 * 7 + 1)   # fp64: moments, projector, limiter
