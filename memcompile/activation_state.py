@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,9 @@ _LOCK = threading.Lock()
 _ATTR = "_memtrain_activation_state"
 # Owners (weight parameters) that hold state, by id; weak, so state dies with its model.
 _OWNERS: dict[int, weakref.ref] = {}
-# How many layer groups have drawn a CompAct seed under each base seed.
-_SEEDS_DRAWN: dict[int, int] = {}
+# How many blocks have drawn a CompAct seed for each (name inside the block, base seed), when one
+# compiled block serves them all.
+_SEEDS_DRAWN: dict[tuple[str, int], int] = {}
 
 
 @dataclass
@@ -146,27 +148,42 @@ def _(x, owner, num_groups, key, once):
     return x.new_empty(-(-x.shape[-1] // num_groups), dtype=torch.float32)
 
 
-def layer_seed(ordinal: int, base_seed: int) -> int:
-    """The base seed of the ``ordinal``-th layer group to run CompAct in this process (counted from
-    ``reset()``): the order in which layers first run, the same whether the model is compiled whole or
-    block by block, so both draw the same projections. A checkpoint carries each layer's seed."""
-    return (1_000_003 * base_seed + 7_919 * ordinal + 12_345) % (2**31 - 1)
+def split_layer(key: str) -> tuple[str, int | None]:
+    """``"model.layers.3.mlp.down_proj"`` -> ``("mlp.down_proj", 3)``: the name inside a repeated block
+    and the block's index (the first numeric segment); ``(key, None)`` without one."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[i + 1:]), int(part)
+    return key, None
+
+
+def layer_seed(name: str, base_seed: int, layer: int) -> int:
+    """The base seed of layer group ``name`` (its name inside the block) in block ``layer``: stable
+    across runs (crc32, not Python's salted hash), and the same whether the model is compiled whole or
+    block by block."""
+    return (zlib.crc32(name.encode()) + 1_000_003 * base_seed + 7_919 * layer) % (2**31 - 1)
 
 
 @torch.library.custom_op("memtrain::compact_seed", mutates_args=())
-def compact_seed(x: torch.Tensor, owner: torch.Tensor, key: str, base_seed: int, refresh: int) -> torch.Tensor:
+def compact_seed(x: torch.Tensor, owner: torch.Tensor, name: str, layer: int, base_seed: int,
+                 refresh: int) -> torch.Tensor:
     """CompAct's seed for the layer group whose first weight is ``owner``, at this step (0-d int64 on
     CPU); counts one step per call.
 
-    ``x`` only orders the call inside the forward. The seed is saved for the backward, so the backward
-    regenerates the very ``P`` its forward used even if another forward ran in between.
+    ``name`` is the group's name inside its block and ``layer`` the block's index. One compiled block
+    that serves every layer cannot know the index, and passes -1: the layers then count in the order
+    they first run (0, 1, 2, ... for a decoder), which is the index the whole-model compile reads from
+    the names. ``x`` only orders the call inside the forward. The seed is saved for the backward, so
+    the backward regenerates the very ``P`` its forward used even if another forward ran in between.
     """
     with _LOCK:
         state = _state_of(owner)
         if state.compact_seed is None:
-            ordinal = _SEEDS_DRAWN.get(base_seed, 0)
-            _SEEDS_DRAWN[base_seed] = ordinal + 1
-            state.compact_seed = layer_seed(ordinal, base_seed)
+            if layer < 0:
+                layer = _SEEDS_DRAWN.get((name, base_seed), 0)
+                _SEEDS_DRAWN[(name, base_seed)] = layer + 1
+            state.compact_seed = layer_seed(name, base_seed, layer)
         calls = state.compact_calls
         state.compact_calls = calls + 1
         seed = state.compact_seed
@@ -174,6 +191,6 @@ def compact_seed(x: torch.Tensor, owner: torch.Tensor, key: str, base_seed: int,
 
 
 @compact_seed.register_fake
-def _(x, owner, key, base_seed, refresh):
+def _(x, owner, name, layer, base_seed, refresh):
     return torch.empty((), dtype=torch.int64)
 

@@ -91,7 +91,8 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dic
     """Stage 2, on the joint forward+backward graph: activation compression, then (under a recompute
     budget) the block boundaries that keep recomputation inside a block."""
     ctx.dump("joint_before", joint)
-    result = activation_compression.compress_activations(joint, ctx.config, ctx.input_names, decompositions)
+    result = activation_compression.compress_activations(joint, ctx.config, ctx.input_names, decompositions,
+                                                         in_block=bool(ctx.report.served))
     ctx.report.passes[activation_compression.NAME] = {
         "rewritten": result.rewritten, "skipped": result.skipped, "counters": result.counters}
     if ctx.config.recompute_budget is not None:

@@ -109,11 +109,10 @@ def test_compact_full_training_llama_formula_grads():
     loss_e, grads_e, xg_e, store = _eager_step(model, ids, linears, embeds=True)
     assert torch.equal(loss_c, loss_e) and torch.equal(xg_c, xg_e)
     compressed = {l for g in groups for l in g["layers"]}
-    seeds = {name: s["compact_seed"] for name, s in activation_state.state_dict(model).items()}
-    # one seed per group, drawn in the order the groups first run (first step: no refresh yet)
-    assert sorted(seeds.values()) == sorted(activation_state.layer_seed(i, 3) for i in range(len(groups)))
     for g in groups:
-        seed = seeds[g["layers"][0] + ".weight"]
+        # a seed per group, from its name inside the block and the block's index (no refresh yet)
+        name, layer = activation_state.split_layer(g["layers"][0])
+        seed = activation_state.layer_seed(name, 3, layer)
         r = g["saved_shape"][1]
         assert r == g["shape"][1] // 4
         for layer in g["layers"]:
@@ -172,11 +171,12 @@ def test_velora_vector_frozen_after_first_batch_and_compact_seed_refresh():
     # CompAct: a new projection every `refresh` steps, the same within a step's forward and backward;
     # two owners under one key (one compiled block serving two layers) draw different seeds.
     owner_a, owner_b = torch.zeros(1), torch.zeros(1)
-    s0 = [int(activation_state.compact_seed(torch.zeros(1), owner_a, "layer", 0, 2)) for _ in range(5)]
-    base = activation_state.layer_seed(0, 0)
+    s0 = [int(activation_state.compact_seed(torch.zeros(1), owner_a, "mlp", -1, 0, 2)) for _ in range(5)]
+    base = activation_state.layer_seed("mlp", 0, 0)
     assert s0 == [base, base, base + 1, base + 1, base + 2]
-    assert int(activation_state.compact_seed(torch.zeros(1), owner_b, "layer", 0, 2)) == \
-        activation_state.layer_seed(1, 0) != base
+    assert int(activation_state.compact_seed(torch.zeros(1), owner_b, "mlp", -1, 0, 2)) == \
+        activation_state.layer_seed("mlp", 0, 1) != base
+    assert activation_state.split_layer("model.layers.3.mlp.experts.2.w1") == ("mlp.experts.2.w1", 3)
 
 
 def test_model_without_linear_layers_is_left_alone():
@@ -307,7 +307,7 @@ def test_dynamic_token_count_compresses_and_matches_formula(method):
         if method == "velora":
             x_hat, _ = reference.velora_x_hat(h, 4, 1.0, v=activation_state.velora_vectors(model)["2.weight"])
         else:
-            x_hat = reference.compact_x_hat(h, activation_state.layer_seed(0, 0), 8)
+            x_hat = reference.compact_x_hat(h, activation_state.layer_seed("", 0, 2), 8)  # layer "2" of the Sequential
         torch.testing.assert_close(model[2].weight.grad.double(), reference.linear_wgrad(g, x_hat), rtol=1e-4, atol=1e-6)
     reps = memcompile.reports()
     assert len(reps) == 1  # one compile serves every token count

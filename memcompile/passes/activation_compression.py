@@ -182,13 +182,17 @@ def _velora_fns(cfg, key: str, n: int, d: int):
     return compress, wgrad_linear, wgrad_conv1d, g, 4 * m  # v: m fp32 values
 
 
-def _compact_fns(cfg, key: str, n: int, d: int, dtype, device):
+def _compact_fns(cfg, key: str, n: int, d: int, dtype, device, in_block: bool):
+    # The seed depends on the group's name inside its block and the block's index, so a whole-model
+    # and a block-by-block compile draw the same projections (see activation_state.compact_seed).
+    name, layer = (key, -1) if in_block else activation_state.split_layer(key)
+    layer = 0 if layer is None else layer
     rank = cfg.compact.rank
     r = max(1, round(rank * d)) if isinstance(rank, float) else min(int(rank), d)
     seed0, refresh = cfg.compact.seed, cfg.compact.refresh
 
     def compress(x, owner):
-        seed = memtrain.compact_seed(x, owner, key, seed0, refresh)
+        seed = memtrain.compact_seed(x, owner, name, -1 if in_block else layer, seed0, refresh)
         p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 0)
         return torch.mm(x, p), seed
 
@@ -251,9 +255,10 @@ def _static_2d(node: fx.Node) -> tuple[int, int] | None:
 
 def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
                          param_names: Sequence[str] | None = None,
-                         decompositions: dict | None = None) -> CompressionResult:
+                         decompositions: dict | None = None, *, in_block: bool = False) -> CompressionResult:
     """Rewrite the joint graph in place. ``param_names[i]`` names primal ``i`` (dotted parameter
-    path); without it placeholders are named by their graph names and pattern matching sees those."""
+    path); without it placeholders are named by their graph names and pattern matching sees those.
+    ``in_block``: the graph is one block that serves several layers, its names relative to the block."""
     graph = gm if isinstance(gm, fx.Graph) else gm.graph
     result = CompressionResult()
     method = config.activation
@@ -317,7 +322,7 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         if method == "velora":
             compress, wg_lin, wg_conv, width, state_bytes = _velora_fns(config, key, n, d)
         else:
-            compress, wg_lin, wg_conv, width, state_bytes = _compact_fns(config, key, n, d, val.dtype, val.device)
+            compress, wg_lin, wg_conv, width, state_bytes = _compact_fns(config, key, n, d, val.dtype, val.device, in_block)
         anchor = x.next if x.op != "placeholder" else first_non_placeholder(graph)
         z, state = insert_traced(graph, compress, [x, layers[0].weight], before=anchor, tag=FORWARD_TAG,
                                  decompositions=decompositions, name=NAME)
