@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--baseline", default="lora_compile", help="setup the ratios compare against")
     t.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
     t.add_argument("--json", help="write one JSON line per setup here")
+    t.add_argument("--min-seq", type=int, help="draw each step's length from [min-seq, seq] (variable lengths; "
+                   "the 'graphs' column counts Dynamo's compiles, recompiles included)")
 
     c = sub.add_parser("converge", help="loss curves of each setup on the bundled text")
     _common(c, CONVERGE_DEFAULT)

@@ -35,6 +35,7 @@ class Options:
     budget: float = 0.3
     seed: int = 0
     threads: int | None = None  # torch CPU threads in the setup's process (None: torch's default)
+    min_seq: int | None = None  # train: each step's length drawn from [min_seq, seq] (None: always seq)
 
 
 @dataclass

@@ -12,6 +12,9 @@ import dataclasses
 import math
 from typing import Callable
 
+import torch
+
+from memcompile import _torch_compat as tc
 from memcompile.bench import measure, models
 from memcompile.bench.builders import TRAIN_LR, Options, build
 from memcompile.bench.runner import run_setups
@@ -58,11 +61,18 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
     times: list[float] = []
     losses: list[float] = []
     first_report = len(memcompile.reports())
+    graphs_before = tc.dynamo_graph_count()
+    lengths = torch.Generator().manual_seed(opts.seed + 1)
+    tokens: list[int] = []
     with built.context:
         for i in range(total):
             progress(f"step {i + 1}/{total}" + (" (compiling)" if i == 0 and setup.compiled else ""))
+            step_ids = ids
+            if opts.min_seq is not None:  # a length per step, as padding-free or length-grouped batches give
+                step_ids = ids[:, :int(torch.randint(opts.min_seq, opts.seq + 1, (), generator=lengths))]
+            tokens.append(step_ids.numel())
             with measure.timed(device, times):
-                loss = built.step(ids)
+                loss = built.step(step_ids)
             losses.append(loss.item())
             if i == 0:
                 compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
@@ -73,13 +83,16 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         else:  # a step at the edge of memory (max-context): one more forward could run out where the step did not
             saved = dict(saved_bytes=None, saved_by=None, saved_bytes_before=None, saved_bytes_hooks=None,
                          saved_bytes_hooks_error="not counted")
+    graphs = tc.dynamo_graph_count() - graphs_before
     step_s = measure.median(times[warmup:])
+    tok_per_s = sum(tokens[warmup:]) / sum(times[warmup:])
     return dict(
         device=device.type, dtype=str(dtype).removeprefix("torch."), compiler=built.compiler, model=opts.model,
         seq=opts.seq, batch=opts.batch, warmup=warmup, steps=job["steps"],
         peak_gib=None if peak is None else round(peak, 3),
         model_state_gib=None if state_gib is None else round(state_gib, 3),
-        step_s=round(step_s, 4), tok_per_s=round(opts.batch * opts.seq / step_s, 1), compile_s=round(times[0], 2),
+        min_seq=opts.min_seq, graphs=graphs,
+        step_s=round(step_s, 4), tok_per_s=round(tok_per_s, 1), compile_s=round(times[0], 2),
         loss_first=losses[0], loss_last=losses[-1], **saved,
         trainable=sum(p.numel() for p in built.params), params=sum(p.numel() for p in built.model.parameters()))
 
@@ -115,6 +128,7 @@ def columns(cuda: bool, status: Callable[[dict], str]) -> list:
         ("counted by", _ok(lambda r: r["saved_by"] or NA)),
         ("tok/s", _ok(lambda r: fmt_num(r["tok_per_s"], 0))),
         ("1st step s", _ok(lambda r: fmt_num(r["compile_s"]))),
+        ("graphs", _ok(lambda r: str(r.get("graphs", NA)))),
         ("loss first", _ok(lambda r: _loss(r["loss_first"]))),
         ("loss last", _ok(lambda r: _loss(r["loss_last"]))),
         ("memory vs base", _ok(lambda r: fmt_ratio(r["mem_ratio"]))),
@@ -130,8 +144,10 @@ def main(args) -> list[dict]:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     compiler = args.compiler if args.compiler != "auto" else ("inductor" if cuda else "aot_eager")
     setups = select(args.setups, "train", TRAIN_DEFAULT)
+    if args.min_seq is not None and not 1 < args.min_seq <= args.seq:
+        raise SystemExit(f"--min-seq must be in [2, --seq={args.seq}], got {args.min_seq}")
     opts = Options(model=args.model, seq=args.seq, batch=args.batch, compiler=compiler, budget=args.budget,
-                   seed=args.seed, threads=args.threads or (None if cuda else 1))
+                   seed=args.seed, threads=args.threads or (None if cuda else 1), min_seq=args.min_seq)
     print(f"train: model={args.model} seq={args.seq} batch={args.batch} warmup={args.warmup} steps={args.steps} "
           f"device={device.type} dtype={str(models.train_dtype(device)).removeprefix('torch.')} "
           f"compiled setups: {compiler}", flush=True)
