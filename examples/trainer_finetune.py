@@ -1,7 +1,7 @@
 """Fine-tune with Hugging Face's ``Trainer`` under backend="memtrain", checkpoints included.
 
-The route: compile the model first (``memcompile.compile_blocks`` or ``torch.compile(model,
-backend="memtrain", options=...)``), then hand it to the ``Trainer`` with ``torch_compile`` left off
+The route: compile the model first (``memcompile.compile_blocks`` or ``model.compile(
+backend="memtrain", options=...)``, which compiles in place), then hand it to the ``Trainer`` with ``torch_compile`` left off
 (accelerate cannot take memtrain or its options), and add ``memcompile.trainer_callback()`` so the
 compression state goes into every checkpoint and comes back on resume.
 
@@ -107,11 +107,16 @@ def build_model(args, vocab: int = textdata.VOCAB):
         model = memcompile.prepare(model, {"lora": {"r_max": 8, "alpha": 16, "quant": quant,
                                                     "targets": LORA_TARGETS, "seed": args.seed}})
         sampler = memcompile.RankSampler(model)
-    options = {"activation": args.activation, **json.loads(args.options)}
+    options = {"activation": args.activation}
+    if args.optimizer == "fira":
+        # Fira needs exact gradients for the weights it projects (the MLP's): compress the attention's inputs only.
+        options["targets"] = ["self_attn"]
+    options.update(json.loads(args.options))
     if args.compile == "regional":
         memcompile.compile_blocks(model, options)
     else:
-        model = torch.compile(model, backend="memtrain", options=options)
+        # in place: the Trainer still gets the model itself (torch.compile's wrapper breaks its checkpoints)
+        model.compile(backend="memtrain", options=options)
     return model, sampler
 
 
@@ -120,7 +125,7 @@ def optimizer_for(args, model):
         return None  # the Trainer's AdamW
     from memcompile.optim import Fira, fira_param_groups
 
-    return Fira(fira_param_groups(model, rank=max(4, args.hidden // 4)), lr=args.lr)
+    return Fira(fira_param_groups(model, rank=max(4, args.hidden // 4), targets=("mlp",)), lr=args.lr)
 
 
 def training_args(args, **overrides):

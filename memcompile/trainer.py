@@ -3,7 +3,7 @@
 Compile the model before handing it to the trainer, with memtrain's options, and add the callback
 that keeps memcompile's training state in the trainer's checkpoints::
 
-    memcompile.compile_blocks(model, {"activation": "compact"})   # or torch.compile(model, backend="memtrain", options=...)
+    memcompile.compile_blocks(model, {"activation": "compact"})   # or model.compile(backend="memtrain", options=...)
     sampler = memcompile.RankSampler(model)                      # with a memcompile.prepare'd model
     trainer = Trainer(model=model, args=TrainingArguments(...),  # not torch_compile=True: see below
                       optimizers=(memcompile.optim.Fira(...), None),
@@ -22,6 +22,7 @@ after a resume equal those of the run that was not interrupted.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from typing import Any
 
@@ -37,7 +38,7 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 _DRAWN_AT: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
 ROUTE = ("compile the model before handing it to the Trainer: memcompile.compile_blocks(model, options) or "
-         "model = torch.compile(model, backend='memtrain', options=options), with torch_compile left False; "
+         "model.compile(backend='memtrain', options=options) (in place), with torch_compile left False; "
          "add memcompile.trainer_callback() to the callbacks to keep the compression state in checkpoints")
 
 
@@ -47,6 +48,12 @@ def check_training_args(args: Any) -> None:
     if isinstance(backend, str) and backend.lower() == "memtrain":
         raise ValueError("TrainingArguments(torch_compile_backend='memtrain') cannot work: accelerate accepts only "
                          "the backends of its own list and passes no options. Instead, " + ROUTE)
+
+
+def _is_wrapper(model) -> bool:
+    from accelerate.utils import is_compiled_module
+
+    return model is not None and is_compiled_module(model)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,9 +89,20 @@ class MemtrainCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         check_training_args(args)
+        if _is_wrapper(model):
+            warnings.warn("memtrain: the Trainer got the wrapper torch.compile returns; its checkpoints name every "
+                          "weight '_orig_mod.*' and a PEFT model's adapter is not saved as one. Compile in place "
+                          "instead: model.compile(backend='memtrain', options=...) or "
+                          "memcompile.compile_blocks(model, options)", stacklevel=2)
         if getattr(args, "torch_compile", False):
             raise ValueError("TrainingArguments(torch_compile=True) compiles the model again, with accelerate's "
                              "backend, around memtrain's graphs. Leave torch_compile False and " + ROUTE)
+        if getattr(args, "gradient_checkpointing", False):
+            raise ValueError("gradient_checkpointing=True (TRL's SFTConfig turns it on by default) runs memtrain's "
+                             "compiled layers a second time in the backward, which advances CompAct's step "
+                             "counters twice and saves what compression already saved. Set "
+                             "gradient_checkpointing=False; memtrain's option recompute_budget (e.g. 0.2) "
+                             "recomputes inside the compiled graph instead")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.sampler is None:
