@@ -157,7 +157,9 @@ def main(argv=None) -> dict[int, float]:
     if args.coreset:
         from memcompile.data import CoresetConfig, CoresetTrainer
 
-        trainer = CoresetTrainer(**common, coreset=CoresetConfig(ratio=0.5))
+        # The selector's features are the gradients of the last layer's v_proj LoRA B (PEFT's names by default).
+        names = [n for n, _ in model.named_parameters() if n.endswith("self_attn.v_proj.lora_B")]
+        trainer = CoresetTrainer(**common, coreset=CoresetConfig(ratio=0.5, param_name=names[-1] if names else None))
     else:
         trainer = Trainer(**common)
     trainer.train(resume_from_checkpoint=args.resume)

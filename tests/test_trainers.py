@@ -80,7 +80,8 @@ def test_trainer_peft_compact_resume_is_exact(tmp_path):
                       callbacks=[memcompile.trainer_callback(strict=False)])
     trainer.train(resume_from_checkpoint=str(checkpoint))
     afresh = ex.losses(trainer)
-    assert afresh[SAVE + 1] != whole[SAVE + 1]
+    assert afresh[SAVE + 1] == whole[SAVE + 1]  # the forward is exact: the first loss after the checkpoint agrees
+    assert afresh[STEPS] != whole[STEPS]  # the weight gradient of step 3 is not: the next one differs
 
 
 def test_trainer_qdylora_velora_coreset_resume_is_exact(tmp_path):
