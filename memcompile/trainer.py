@@ -99,8 +99,8 @@ class MemtrainCallback(TrainerCallback):
                              "backend, around memtrain's graphs. Leave torch_compile False and " + ROUTE)
         if getattr(args, "gradient_checkpointing", False):
             raise ValueError("gradient_checkpointing=True (TRL's SFTConfig turns it on by default) runs memtrain's "
-                             "compiled layers a second time in the backward, which advances CompAct's step "
-                             "counters twice and saves what compression already saved. Set "
+                             "compiled layers, compression ops included, a second time in the backward (a "
+                             "CompAct layer would count the step twice). Set "
                              "gradient_checkpointing=False; memtrain's option recompute_budget (e.g. 0.2) "
                              "recomputes inside the compiled graph instead")
 
