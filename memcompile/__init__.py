@@ -12,6 +12,16 @@ from memcompile import activation_state
 from memcompile.lora import LoRALinear, RankSampler, get_rank, set_rank
 from memcompile.prepare import export_peft_adapter, merge_lora, prepare, quantized_layers
 
+
+def trainer_callback(sampler=None, coreset=None, **kwargs):
+    """The ``transformers.TrainerCallback`` for a ``Trainer``/``SFTTrainer`` on a model compiled with
+    memtrain: keeps the compression state (and ``sampler``'s, ``coreset``'s) in the checkpoints and
+    restores it on resume. See ``memcompile.trainer``."""
+    from memcompile.trainer import trainer_callback as make
+
+    return make(sampler, coreset, **kwargs)
+
+
 __all__ = [
     "CompActConfig",
     "LoRAConfig",
@@ -31,5 +41,6 @@ __all__ = [
     "report",
     "reports",
     "set_rank",
+    "trainer_callback",
 ]
 __version__ = "0.1.0"

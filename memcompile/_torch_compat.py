@@ -102,6 +102,14 @@ def dynamo_input_names(gm: torch.fx.GraphModule) -> list[str]:
     return names
 
 
+def dynamo_inputs_from_frame(gm: torch.fx.GraphModule) -> list[bool]:
+    """For each input of a Dynamo graph, whether it comes from the compiled frame (a parameter, a
+    buffer, an argument: Dynamo records its source in ``meta["grapharg"]``), which its caller holds
+    anyway. An input without a source is a value an earlier graph of the same frame produced: an
+    activation, as where DDP's optimizer splits a frame's graph at its gradient buckets."""
+    return [n.meta.get("grapharg") is not None for n in gm.graph.nodes if n.op == "placeholder"]
+
+
 def autograd_cache_disabled(disabled: bool = True):
     """A context that turns AOTAutograd's compile cache off (a cache hit skips our partitioner)."""
     import contextlib

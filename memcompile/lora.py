@@ -193,13 +193,9 @@ class RankSampler:
 
     def trainer_callback(self):
         """A ``transformers.TrainerCallback`` that calls ``step()`` at the start of every optimizer step,
-        so the micro-batches of one gradient-accumulation step share a rank (DyLoRA's GLUE script)."""
-        from transformers import TrainerCallback
+        so the micro-batches of one gradient-accumulation step share a rank (DyLoRA's GLUE script), and
+        keeps the sampler's and the compression state in the trainer's checkpoints
+        (``memcompile.trainer_callback(sampler=self)``)."""
+        from memcompile.trainer import MemtrainCallback
 
-        sampler = self
-
-        class DyLoRACallback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                sampler.step()
-
-        return DyLoRACallback()
+        return MemtrainCallback(sampler=self)

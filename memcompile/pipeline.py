@@ -45,6 +45,7 @@ class CompileContext:
         self.config = config
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
+        self.inputs_from_frame = tc.dynamo_inputs_from_frame(gm)
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
                                             activation=config.activation, frame_id=tc.current_frame_id())
         self.report.served = tuple(served)
@@ -92,6 +93,7 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dic
     budget) the block boundaries that keep recomputation inside a block."""
     ctx.dump("joint_before", joint)
     result = activation_compression.compress_activations(joint, ctx.config, ctx.input_names, decompositions,
+                                                         caller_held=ctx.inputs_from_frame,
                                                          in_block=bool(ctx.report.served))
     ctx.report.passes[activation_compression.NAME] = {
         "rewritten": result.rewritten, "skipped": result.skipped, "counters": result.counters}
@@ -132,10 +134,10 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, decompos
     if ctx.config.report:
         untouched = fx.GraphModule(joint, joint.graph.__deepcopy__())  # deepcopy of the module fails on fake constants
         fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-        ctx.report.saved_before = report_mod.saved_tensors(fw_before, num_fwd_outputs)
+        ctx.report.saved_before = report_mod.saved_tensors(fw_before, num_fwd_outputs, ctx.inputs_from_frame)
     joint_passes(joint, ctx, decompositions)
     fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-    ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs)
+    ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs, ctx.inputs_from_frame)
     ctx.dump("forward", fw)
     ctx.dump("backward", bw)
     return fw, bw

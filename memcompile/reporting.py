@@ -127,12 +127,18 @@ def _row(t: SavedTensor) -> str:
     return f"{t.name:<28} {str(t.shape):<22} {t.dtype:<9} {_fmt(t.bytes):>11}  {kind}"
 
 
-def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[SavedTensor]:
-    """The tensors a partitioned forward returns for its backward (outputs after the user outputs)."""
+def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int,
+                  caller_held: list[bool] | None = None) -> list[SavedTensor]:
+    """The tensors a partitioned forward returns for its backward (outputs after the user outputs).
+    ``caller_held[i]``: whether the caller holds input ``i`` anyway (None: every input); one it does
+    not hold (an earlier graph's activation, where DDP splits a graph) costs what an activation does."""
     from memcompile._torch_compat import size_hint
     from memcompile.passes._graph import view_base
 
     out = next(n for n in fw_module.graph.nodes if n.op == "output").args[0]
+    inputs = [n for n in fw_module.graph.nodes if n.op == "placeholder"]
+    held = set(inputs) if caller_held is None or len(caller_held) != len(inputs) else \
+        {n for n, h in zip(inputs, caller_held) if h}
     saved, first_of_storage = [], {}
     for n in out[num_fwd_outputs:]:
         val = n.meta.get("val") if isinstance(n, fx.Node) else None
@@ -144,7 +150,7 @@ def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[Saved
         base = view_base(n)
         alias_of = first_of_storage.setdefault(base, n.name)
         saved.append(SavedTensor(n.name, shape,
-                                 str(val.dtype).removeprefix("torch."), int(nbytes), base.op == "placeholder",
+                                 str(val.dtype).removeprefix("torch."), int(nbytes), base in held,
                                  None if alias_of == n.name else alias_of))
     return saved
 

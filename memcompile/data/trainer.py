@@ -39,8 +39,13 @@ class CoresetTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, coreset: CoresetSelector | CoresetConfig | None = None, **kwargs: Any):
+        from memcompile.trainer import MemtrainCallback, check_training_args
+
+        check_training_args(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         self.selector = coreset if isinstance(coreset, CoresetSelector) else CoresetSelector(coreset)
+        # The selector's history and directions go into the checkpoints, with the compression state.
+        self.add_callback(MemtrainCallback(coreset=self.selector))
 
     def training_step(
         self,

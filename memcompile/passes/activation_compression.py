@@ -255,9 +255,13 @@ def _static_2d(node: fx.Node) -> tuple[int, int] | None:
 
 def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
                          param_names: Sequence[str] | None = None,
-                         decompositions: dict | None = None, *, in_block: bool = False) -> CompressionResult:
+                         decompositions: dict | None = None,
+                         caller_held: Sequence[bool] | None = None, *, in_block: bool = False) -> CompressionResult:
     """Rewrite the joint graph in place. ``param_names[i]`` names primal ``i`` (dotted parameter
     path); without it placeholders are named by their graph names and pattern matching sees those.
+    ``caller_held[i]``: whether the caller keeps input ``i`` alive anyway (a parameter, an argument);
+    an input it does not hold (an activation an earlier graph produced, as where DDP splits a graph)
+    is compressed like any activation. Without it every input counts as held.
     ``in_block``: the graph is one block that serves several layers, its names relative to the block."""
     graph = gm if isinstance(gm, fx.Graph) else gm.graph
     result = CompressionResult()
@@ -271,6 +275,8 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         log.warning("memtrain: %d parameter names for %d graph inputs; matching layers by graph names",
                     len(param_names), len(placeholders))
     primals = {p: (names[i] if names else p.name) for i, p in enumerate(placeholders)}
+    held = {p for i, p in enumerate(placeholders)
+            if caller_held is None or len(caller_held) != len(placeholders) or caller_held[i]}
 
     all_layers = find_linears(graph, primals)
     wgrad_owner = {mm: l for l in all_layers for mm in l.wgrads}
@@ -303,7 +309,7 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
 
     for key_, layers in list(groups.items()):
         # Compressing frees memory only if nothing else in the backward reads the input (or a view of it).
-        reason = _frees_nothing(layers, wgrad_owner)
+        reason = _frees_nothing(layers, wgrad_owner, held)
         if reason:
             del groups[key_]
             for layer in layers:
@@ -376,10 +382,12 @@ def _value_root(x: fx.Node) -> fx.Node:
             return x
 
 
-def _frees_nothing(layers: list[Layer], wgrad_owner: dict[fx.Node, Layer]) -> str | None:
-    """Why compressing the inputs of ``layers`` would free no memory, or None if it would."""
+def _frees_nothing(layers: list[Layer], wgrad_owner: dict[fx.Node, Layer],
+                  held: set[fx.Node] | None = None) -> str | None:
+    """Why compressing the inputs of ``layers`` would free no memory, or None if it would. ``held``:
+    the graph inputs the caller keeps alive anyway (None: all of them)."""
     bases = {view_base(l.x) for l in layers}
-    if any(b.op == "placeholder" for b in bases):
+    if any(b.op == "placeholder" and (held is None or b in held) for b in bases):
         return "the input is a graph input, held by the caller anyway"
     ours = {mm for l in layers for mm in l.wgrads}
     others = []
