@@ -112,6 +112,9 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
         raise Unavailable("bitsandbytes 4-bit weights cannot be built on the meta device")
     if setup.optimizer != "adamw" or setup.selection != "all":
         raise Unavailable("the estimate covers AdamW fine-tuning on the whole batch")
+    if setup.regional:
+        raise Unavailable("regional compilation does not run on the meta device yet; estimate the "
+                          "whole-model setup instead")
     register_attention()
     model = models.meta_model(opts.model, dtype)
     if setup.adapter == "prepare":

@@ -53,8 +53,9 @@ NEEDS_GPU = ("gpu-check needs a CUDA GPU and none is visible here (torch {torch}
 # The train setups of the check, and the estimate of the same setups (bitsandbytes ones are measured only).
 TRAIN = ("lora_compile", "qlora_gc", "memtrain_velora_regional", "memtrain_all_regional",
          "memtrain_all_budget_regional")
-ESTIMATE = ("lora_compile", "memtrain_velora", "memtrain_all", "memtrain_all_budget",
-            "memtrain_velora_regional", "memtrain_all_regional", "memtrain_all_budget_regional")
+# The regional setups are estimated by their whole-model twins: on the meta device a block-by-block
+# compile does not yet run (its loss comes back without grad, and the budgeted one fails in AOTAutograd).
+ESTIMATE = ("lora_compile", "memtrain_velora", "memtrain_all", "memtrain_all_budget")
 
 
 @dataclass
