@@ -248,3 +248,18 @@ def test_every_served_layer_carries_the_approximation_mark():
     assert marked == {f"model.layers.{i}.{m}.weight" for i in range(3)
                       for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_regional_budget_with_fused_loss_equals_the_unbudgeted_run():
+    """A loss compiled on its own under a recompute budget: its statistics are kept as a tensor (a
+    must-save on the op made the partitioner save its tuple output, which AOTAutograd refuses)."""
+    opts = {"activation": "velora", "compiler": "aot_eager", "targets": ["*"], "fused_cross_entropy": True}
+    runs = []
+    for budget in (None, 0.2):
+        torch.compiler.reset()
+        activation_state.reset()
+        model = models.tiny_lora_llama()
+        memcompile.compile_blocks(model, {**opts, "recompute_budget": budget})
+        runs.append(_train(model, model, 2))
+        assert memcompile.report().passes["cross_entropy"]["losses"]
+    _assert_same(runs[0], runs[1])

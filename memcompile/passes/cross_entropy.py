@@ -231,10 +231,19 @@ def keep_loss_statistics(joint: fx.GraphModule) -> int:
     4 bytes a token. Returns how many were marked."""
     ops = (torch.ops.memtrain.cross_entropy.default, torch.ops.memtrain.linear_cross_entropy.default)
     marked = 0
-    for node in joint.graph.nodes:
+    for node in list(joint.graph.nodes):
         if node.op == "call_function" and node.target in ops:
-            # The op, not its getitems: the partitioner never bans recomputing a getitem, and banning the
-            # op makes it save the outputs the backward reads (the log-sum-exp) instead.
-            must_save(node)
+            # Not the getitems: the partitioner never bans recomputing a getitem. The log-sum-exp reaches
+            # the backward through a detach, and that tensor is kept. The fused projection is banned
+            # from recomputation too (the partitioner prices it at zero and would rerun its matmul);
+            # the plain loss is not: banning it when its inputs are graph inputs (a loss compiled on its
+            # own, as compile_blocks does) makes the partitioner save its tuple output, which
+            # AOTAutograd cannot save.
+            kept = [d for g in node.users if g.target is operator.getitem
+                    for d in g.users if d.target is torch.ops.aten.detach.default]
+            if node.target is torch.ops.memtrain.linear_cross_entropy.default or not kept:
+                kept.append(node)
+            for target in kept:
+                must_save(target)
             marked += 1
     return marked
