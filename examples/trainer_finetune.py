@@ -144,6 +144,18 @@ def losses(trainer) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
 
 
+def train_and_report(trainer, resume) -> dict[int, float]:
+    """Train (from ``resume``, a checkpoint or None), print the first and last loss and memtrain's
+    report on the main process, and return the losses by step."""
+    trainer.train(resume_from_checkpoint=resume)
+    history = losses(trainer)
+    if trainer.is_world_process_zero():
+        steps = sorted(history)
+        print(f"loss: step {steps[0]} {history[steps[0]]:.4f} -> step {steps[-1]} {history[steps[-1]]:.4f}")
+        print(memcompile.report())
+    return history
+
+
 def main(argv=None) -> dict[int, float]:
     from transformers import Trainer
 
@@ -162,13 +174,7 @@ def main(argv=None) -> dict[int, float]:
         trainer = CoresetTrainer(**common, coreset=CoresetConfig(ratio=0.5, param_name=names[-1] if names else None))
     else:
         trainer = Trainer(**common)
-    trainer.train(resume_from_checkpoint=args.resume)
-    history = losses(trainer)
-    if trainer.is_world_process_zero():
-        steps = sorted(history)
-        print(f"loss: step {steps[0]} {history[steps[0]]:.4f} -> step {steps[-1]} {history[steps[-1]]:.4f}")
-        print(memcompile.report())
-    return history
+    return train_and_report(trainer, args.resume)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import memcompile
 from memcompile import textdata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_finetune import build_model, losses, optimizer_for, parse_args  # noqa: E402
+from trainer_finetune import build_model, optimizer_for, parse_args, train_and_report  # noqa: E402
 
 PAD, EOS = "<pad>", "</s>"
 
@@ -80,13 +80,7 @@ def main(argv=None) -> dict[int, float]:
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          optimizers=(optimizer_for(args, model), None),
                          callbacks=[memcompile.trainer_callback(sampler=sampler)])
-    trainer.train(resume_from_checkpoint=args.resume)
-    history = losses(trainer)
-    if trainer.is_world_process_zero():
-        steps = sorted(history)
-        print(f"loss: step {steps[0]} {history[steps[0]]:.4f} -> step {steps[-1]} {history[steps[-1]]:.4f}")
-        print(memcompile.report())
-    return history
+    return train_and_report(trainer, args.resume)
 
 
 if __name__ == "__main__":
