@@ -26,7 +26,7 @@ inspect: $(STAMP)
 	$(PY) -m memcompile.inspect $(ARGS)
 
 # On a GPU machine, from the repository root, with nothing installed: the bitsandbytes wheel in .whl/
-# (README, "GPU check") goes to /tmp/site and the project runs from the tree. GPU_PY: that machine's Python.
+# (docs/gpu-check.md) goes to /tmp/site and the project runs from the tree. GPU_PY: that machine's Python.
 GPU_PY ?= python3
 GPU_SITE ?= /tmp/site
 gpu-check:

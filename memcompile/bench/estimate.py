@@ -41,7 +41,7 @@ from memcompile.bench.table import NA, fmt_num, render, status_notes, write_json
 
 ATTENTION = "memcompile_cuda_fused_sdpa"
 DEFAULTS = dict(model="tinyllama", seq=2048, batch=4)
-GOAL_GIB = 4.5  # the project's memory goal at the anchors' TinyLlama setup (README, "Estimated GPU memory")
+GOAL_GIB = 4.5  # the project's memory goal at the anchors' TinyLlama setup (docs/estimate.md)
 GIB = 2**30
 
 

@@ -12,7 +12,7 @@ the README's "Performance (GPU)" section.
 
 The whole run keeps to ``--total`` seconds (480): a step is given what is left when that is less than
 its own limit, and is skipped when under ``MIN_STEP_S`` is left. The estimate needs no GPU and runs
-beside the GPU steps, on the CPU. The plan (README, "GPU check"):
+beside the GPU steps, on the CPU. The plan (docs/gpu-check.md):
 
     step                           limit  what
     header                            20  GPU, driver, torch, triton, transformers, peft, bitsandbytes
@@ -47,7 +47,7 @@ DRY_SCALE = 3.0  # a dry run's limits and total: a busy two-core CI machine impo
 MIN_STEP_S = 10.0  # a step given less than this is skipped: none of them can do anything useful in it
 KILL_GRACE_S = 5.0
 NEEDS_GPU = ("gpu-check needs a CUDA GPU and none is visible here (torch {torch}, torch.cuda.is_available() is "
-             "False). On a GPU machine: make gpu-check (README, \"GPU check\"). Here, "
+             "False). On a GPU machine: make gpu-check (docs/gpu-check.md). Here, "
              "`python -m memcompile.bench gpu --dry-run` runs the same steps on CPU (tiny model, Triton "
              "interpreter) to check the plumbing; its figures mean nothing.")
 # The train setups of the check, and the estimate of the same setups (bitsandbytes ones are measured only).
@@ -121,7 +121,7 @@ def _steps(dry: bool) -> list[Step]:
 
 
 def plan_table(plan: list[Step]) -> str:
-    """The plan as the README shows it."""
+    """The plan as docs/gpu-check.md shows it."""
     rows = ["| step | limit (s) | what |", "| --- | --- | --- |"]
     for s in plan:
         rows.append(f"| {s.name}{' (beside the others)' if s.background else ''} | {s.limit:.0f} | {s.what} |")
