@@ -97,6 +97,29 @@ class LoRALinear(nn.Module):
             h = h * self.lora_mask.to(h.dtype)
         return y + F.linear(h, b).to(y.dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the layer applies: the base weight (dequantised when NF4) plus the adapter at the
+        current rank, differentiable in the adapter exactly as ``forward`` is. For models that read
+        ``.weight`` themselves (a router checking its dtype, Mamba's ``dt_proj.weight @ x``): without
+        it they would fail, or, given the packed base, silently bypass the adapter. Adapter dropout does
+        not apply to it; reading it builds the dense weight (under ``torch.compile`` only if used)."""
+        base = self.base_layer
+        w = base.dequantize() if hasattr(base, "dequantize") else base.weight
+        a, b = self.lora_A, self.lora_B
+        if self.frozen:
+            train = (self.lora_mask != 0).to(b.dtype)
+            b = b.detach() + (b - b.detach()) * train
+            delta = (b * self.lora_mask.to(b.dtype)) @ a + (b * self.lora_mask_frozen.to(b.dtype)) @ a.detach()
+        else:
+            delta = (b * self.lora_mask.to(b.dtype)) @ a
+        return w + delta.to(w.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (frozen; the adapter has none), for models that read ``.bias`` too."""
+        return self.base_layer.bias
+
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         """``(alpha / b) * B[:, :b] A[:b]`` (``out x in``, fp32): what merging at rank ``b`` adds."""
         b = self.rank if rank is None else rank

@@ -19,7 +19,7 @@ from tests import architectures
 
 _ALL = os.environ.get("MEMTRAIN_SWEEP") == "all"
 _TYPES = list(architectures.architectures()) if _ALL else list(architectures.SUBSET)
-_OPTIONS = {"compiler": "aot_eager", "targets": "*", "velora": {"num_groups": 4}, "compact": {"rank": 0.25}}
+_OPTIONS = {"targets": "*", "velora": {"num_groups": 4}, "compact": {"rank": 0.25}}
 
 
 def _step(forward, model, ids):
@@ -30,19 +30,28 @@ def _step(forward, model, ids):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _check(model, options):
+def _check(model, options, arch):
+    compiler = architectures.compiler(arch)
     ids = architectures.batch()
     loss_e, grads_e = _step(model, model, ids)
-    compiled = torch.compile(model, backend="memtrain", options=options)
+    compiled = torch.compile(model, backend="memtrain", options={**options, "compiler": compiler})
     loss_c, grads_c = _step(compiled, model, ids)
-    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0, msg="loss")
     assert grads_c.keys() == grads_e.keys()
     approximated = {n for n, p in model.named_parameters() if grad_approximation(p) is not None}
-    for name in grads_e:
-        if name in approximated:
-            assert torch.isfinite(grads_c[name]).all(), name
-        else:
-            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=0, atol=0, msg=name)
+    exact = [n for n in grads_e if n not in approximated]
+    for name in approximated & grads_c.keys():
+        assert torch.isfinite(grads_c[name]).all(), name
+    if torch.equal(loss_c, loss_e) and all(torch.equal(grads_c[n], grads_e[n]) for n in exact):
+        return approximated
+    # torch's compile alone changes round-off on some architectures (Mamba's scan, JetMoE's experts):
+    # then memtrain must reproduce that compile bit for bit, and eager within fp32 round-off.
+    torch._dynamo.reset()
+    loss_p, grads_p = _step(torch.compile(model, backend=compiler), model, ids)
+    torch.testing.assert_close(loss_c, loss_p, rtol=0, atol=0, msg="loss against torch's compile")
+    torch.testing.assert_close(loss_c, loss_e, msg="loss against eager")
+    for name in exact:
+        torch.testing.assert_close(grads_c[name], grads_p[name], rtol=0, atol=0, msg=f"{name} against torch's compile")
+        torch.testing.assert_close(grads_c[name], grads_e[name], msg=f"{name} against eager")
     return approximated
 
 
@@ -68,9 +77,9 @@ def test_architecture(arch, method):
                 for name, p in model.named_parameters():
                     if name.endswith("lora_B"):
                         p.normal_(std=0.05)
-            _check(model, {**_OPTIONS, "activation": "velora", "targets": None})
+            _check(model, {**_OPTIONS, "activation": "velora", "targets": None}, arch)
         else:
-            approximated = _check(model, {**_OPTIONS, "activation": method})
+            approximated = _check(model, {**_OPTIONS, "activation": method}, arch)
             groups = memcompile.report().passes["activation_compression"]["rewritten"]
             assert bool(approximated) == bool(groups)
     except BaseException as e:
@@ -107,3 +116,15 @@ def test_layers_sharing_a_2d_input_compress_once():
     torch.testing.assert_close(x_grad, x.grad)
     groups = memcompile.report().passes["activation_compression"]["rewritten"]
     assert [sorted(g["layers"]) for g in groups] == [["gate", "lora_A", "up"]]
+
+
+@pytest.mark.skipif(not _ALL, reason="the full sweep only (MEMTRAIN_SWEEP=all)")
+@pytest.mark.parametrize("arch", architectures.AOT_EAGER_FAILS)
+def test_torch_aot_eager_still_fails(arch):
+    """These are swept under Inductor because torch's own aot_eager fails on them; once it does not,
+    they go back to the common path."""
+    model = architectures.build(arch)
+    ids = architectures.batch()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="view size is not compatible"), architectures._quiet():
+        torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
