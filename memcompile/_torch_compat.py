@@ -33,6 +33,7 @@ __all__ = [
     "make_boxed_func",
     "make_fx",
     "min_cut_rematerialization_partition",
+    "must_recompute",
     "must_save",
     "partitioner_tag",
     "tree_leaves",
@@ -55,6 +56,11 @@ def must_save(node: torch.fx.Node) -> None:
     """Tell the min-cut partitioner never to recompute ``node``: it is saved if the backward needs it
     (the tag ``torch.utils.checkpoint`` policies put on nodes)."""
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def must_recompute(node: torch.fx.Node) -> None:
+    """Tell the min-cut partitioner to recompute ``node`` in the backward rather than save it."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
 
 def is_checkpointed(node: torch.fx.Node) -> bool:

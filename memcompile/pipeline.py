@@ -31,7 +31,7 @@ from memcompile import _torch_compat as tc
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
-from memcompile.passes import activation_compression, block_boundaries, cross_entropy
+from memcompile.passes import activation_compression, block_boundaries, broadcast_recompute, cross_entropy
 from memcompile.passes._graph import dump_graph
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dic
                                                          in_block=bool(ctx.report.served))
     ctx.report.passes[activation_compression.NAME] = {
         "rewritten": result.rewritten, "skipped": result.skipped, "counters": result.counters}
+    if ctx.config.partitioner == "mincut":
+        # After compression, which reads checkpointing's recompute tags and must not see these.
+        ctx.report.passes[broadcast_recompute.NAME] = {"counters": broadcast_recompute.recompute_broadcasts(joint)}
     if ctx.config.recompute_budget is not None:
         # After compression, so the compressed tensors, not the inputs they replace, are what is saved.
         ctx.report.passes[block_boundaries.NAME] = {"counters": block_boundaries.mark_block_inputs(joint)}
