@@ -8,11 +8,11 @@ Two halves, as a quantised layer has two lives:
   a layer, and reads the layer's op back from a compiled graph for the report.
 
 A scheme registers under the name ``lora.quant`` selects (``@register``). A new base (int8, FP8, HQQ)
-is one folder beside ``nf4/``: its format, its ops, its layer and its scheme, imported in
-``memcompile/quant/__init__.py``.
+is one folder beside ``nf4/``: its format, its ops, its layer and its scheme, named in ``_BUILTIN``.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -90,6 +90,15 @@ class QuantScheme(ABC):
 
 
 _SCHEMES: dict[str, QuantScheme] = {}
+# The built-in schemes' modules, imported on first use (each registers itself there): they register
+# their ops and load Triton, which ``import memcompile`` should not.
+_BUILTIN = {"nf4": "memcompile.quant.nf4"}
+
+
+def _load(names=None) -> None:
+    for name in _BUILTIN if names is None else names:
+        if name in _BUILTIN and name not in _SCHEMES:
+            importlib.import_module(_BUILTIN[name])
 
 
 def register(cls: type[QuantScheme]) -> type[QuantScheme]:
@@ -101,6 +110,7 @@ def register(cls: type[QuantScheme]) -> type[QuantScheme]:
 
 
 def get(name: str) -> QuantScheme:
+    _load([name])
     try:
         return _SCHEMES[name]
     except KeyError:
@@ -108,13 +118,15 @@ def get(name: str) -> QuantScheme:
 
 
 def names() -> tuple[str, ...]:
-    return tuple(_SCHEMES)
+    return tuple(dict.fromkeys([*_BUILTIN, *_SCHEMES]))
 
 
 def schemes() -> tuple[QuantScheme, ...]:
+    _load()
     return tuple(_SCHEMES.values())
 
 
 def for_op(target) -> QuantScheme | None:
     """The scheme whose layers call ``target`` (a graph node's target), or ``None``."""
+    _load()
     return next((s for s in _SCHEMES.values() if s.op is target), None)

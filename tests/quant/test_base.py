@@ -150,3 +150,14 @@ def test_new_scheme_is_one_implementation(int8):
     assert isinstance(merged.q_proj, nn.Linear)
     for name, w in dense.items():
         assert torch.allclose(merged.get_submodule(name).weight, w, atol=w.abs().max().item() / 127)
+
+
+def test_import_memcompile_loads_no_scheme_and_no_triton():
+    """The built-in schemes load on first use: their ops pull in Triton, which ``import memcompile`` must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys, memcompile; from memcompile import quant; "
+            "print('triton' in sys.modules, 'memcompile.quant.nf4' in sys.modules, quant.names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "('nf4',)"]
