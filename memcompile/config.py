@@ -116,7 +116,7 @@ class LoRAConfig:
         alpha: LoRA alpha; the update is scaled by ``alpha / b`` at rank ``b``.
         dropout: dropout on the adapter input.
         targets: module-name patterns of the linears to adapt.
-        quant: ``"nf4"`` (frozen base in bitsandbytes NF4) or ``"none"``.
+        quant: a scheme of ``memcompile.quant`` (``"nf4"``: frozen base in bitsandbytes NF4) or ``"none"``.
         double_quant: quantise the NF4 absmax to 8 bits in blocks of 256 (bitsandbytes layout).
         blocksize: NF4 block size.
         dynamic: sample one rank per training step (DyLoRA); otherwise always train at ``r_max``.
@@ -144,13 +144,20 @@ class LoRAConfig:
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             _fail("lora.dropout", self.dropout, "a float in [0, 1)")
         object.__setattr__(self, "targets", _patterns("lora.targets", self.targets))
-        _choice("lora.quant", self.quant, ("nf4", "none"))
+        _choice("lora.quant", self.quant, (*_quant_schemes(), "none"))
         _choice("lora.double_quant", self.double_quant, (True, False))
         _choice("lora.blocksize", self.blocksize, (32, 64, 128, 256, 512, 1024, 2048, 4096))
         _choice("lora.dynamic", self.dynamic, (True, False))
         _choice("lora.rank_distribution", self.rank_distribution, ("uniform",))
         _choice("lora.frozen", self.frozen, (True, False))
         _int_at_least("lora.seed", self.seed, 0)
+
+
+def _quant_schemes() -> tuple[str, ...]:
+    # Imported on use: the schemes register torch ops, and importing this module needs no torch.
+    from memcompile import quant
+
+    return quant.names()
 
 
 _SECTIONS = {"velora": VeLoRAConfig, "compact": CompActConfig, "lora": LoRAConfig}

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import _torch_compat as tc
+from memcompile import quant
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
@@ -71,17 +72,19 @@ def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[dict]:
-    """Every ``memtrain::nf4_linear`` call: layer, weight shape, bytes dense (in the compute dtype) and NF4."""
+    """Every quantised linear's op call (``memtrain::nf4_linear``): layer, weight shape, bytes dense (in the
+    compute dtype) and quantised."""
     placeholders = {n: name for n, name in zip((n for n in gm.graph.nodes if n.op == "placeholder"), input_names)}
     layers = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is not torch.ops.memtrain.nf4_linear.default:
+        scheme = quant.for_op(n.target) if n.op == "call_function" else None
+        if scheme is None:
             continue
-        x, state, shape = n.args[0], n.args[1:7], n.args[8]
+        x, state, shape = scheme.call(n.args)
         vals = [a.meta.get("example_value", a.meta.get("val")) for a in state if isinstance(a, fx.Node)]
         xval = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
         dense_elem = xval.element_size() if isinstance(xval, torch.Tensor) else 2
-        name = placeholders.get(n.args[1], str(n.args[1]))
+        name = placeholders.get(state[0], str(state[0]))
         layers.append({"name": name.removesuffix(".weight"), "shape": tuple(shape),
                        "bytes_before": shape[0] * shape[1] * dense_elem,
                        "bytes_after": sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))})

@@ -35,9 +35,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from memcompile import quant
 from memcompile.config import LoRAConfig, MemtrainConfig, to_config
 from memcompile.lora import LoRALinear, lora_layers
-from memcompile.nf4 import NF4Linear
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,12 @@ def _as_linear(module: nn.Module) -> nn.Linear | None:
 
 
 def convert_base(module: nn.Module, cfg: LoRAConfig, name: str = "") -> nn.Module | None:
-    """The frozen base for ``module`` (``NF4Linear``, or a dense ``nn.Linear``), or ``None`` if its class
-    is not supported (see ``SUPPORTED``)."""
-    linear4bit = _class_if_loaded("bitsandbytes.nn", "Linear4bit")
-    if linear4bit is not None and isinstance(module, linear4bit):
-        return NF4Linear.from_bnb(module)  # already 4-bit: keep its codes whatever cfg.quant says
+    """The frozen base for ``module`` (a ``QuantizedLinear`` of the scheme ``cfg.quant`` names, or a dense
+    ``nn.Linear``), or ``None`` if its class is not supported (see ``SUPPORTED``)."""
+    for scheme in quant.schemes():
+        base = scheme.adopt(module)  # already quantised (bitsandbytes 4-bit): keep its codes whatever cfg.quant says
+        if base is not None:
+            return base
     linear = _as_linear(module)
     if linear is None:
         return None
@@ -104,8 +105,8 @@ def convert_base(module: nn.Module, cfg: LoRAConfig, name: str = "") -> nn.Modul
         raise ValueError(f"{name}: weight dtype {linear.weight.dtype} is not supported (float32/16, bfloat16)")
     if linear.weight.device.type == "meta":
         raise ValueError(f"{name}: weight is on the meta device; load the weights before memcompile.prepare")
-    if cfg.quant == "nf4":
-        return NF4Linear.from_linear(linear, cfg.blocksize, cfg.double_quant)
+    if cfg.quant != "none":
+        return quant.get(cfg.quant).from_linear(linear, cfg)
     return linear
 
 
@@ -232,18 +233,18 @@ def prepare(model: nn.Module, config: MemtrainConfig | LoRAConfig | Mapping[str,
 
 
 def quantized_layers(model: nn.Module) -> list[dict]:
-    """One entry per NF4 layer: name, shape, dtype before quantisation, bytes before/after, format."""
+    """One entry per quantised layer: name, shape, dtype before quantisation, the format's own entries
+    (NF4: format, blocksize), bytes before/after."""
     out = []
     for name, m in model.named_modules():
-        if not isinstance(m, NF4Linear):
+        if not isinstance(m, quant.QuantizedLinear):
             continue
         before = m.out_features * m.in_features * m.weight_dtype.itemsize
         out.append({
             "name": name.removesuffix(".base_layer"),
             "shape": (m.out_features, m.in_features),
             "dtype": str(m.weight_dtype).removeprefix("torch."),
-            "format": "nf4+dq" if m.double_quant else "nf4",
-            "blocksize": m.blocksize,
+            **m.describe(),
             "bytes_before": before,
             "bytes_after": m.nbytes,
             "bits_per_weight": 8 * m.nbytes / (m.out_features * m.in_features),
@@ -254,7 +255,8 @@ def quantized_layers(model: nn.Module) -> list[dict]:
 def merge_lora(model: nn.Module, rank: int | None = None) -> nn.Module:
     """Replace every ``LoRALinear`` by a dense ``nn.Linear`` holding ``W + (alpha/b) B[:, :b] A[:b]``.
 
-    ``W`` is the dequantised NF4 weight (or the dense base); the result has the base's original dtype.
+    ``W`` is the dequantised weight of a quantised base (or the dense base); the result has the base's original
+    dtype.
     Works in place and returns ``model``; its parameters stay frozen.
     """
     layers = list(lora_layers(model))
@@ -262,7 +264,7 @@ def merge_lora(model: nn.Module, rank: int | None = None) -> nn.Module:
         raise ValueError("the model has no memcompile LoRA layers")
     for name, layer in layers:
         base = layer.base_layer
-        if isinstance(base, NF4Linear):
+        if isinstance(base, quant.QuantizedLinear):
             w, dtype = base.dequantize(torch.float32), base.weight_dtype
         else:
             w, dtype = base.weight.detach().float(), base.weight.dtype

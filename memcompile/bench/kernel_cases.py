@@ -30,12 +30,10 @@ def _bnb_nf4(w: torch.Tensor):
         return None
 
 
-def _nf4_args(w: torch.Tensor, dtype: torch.dtype) -> tuple:
-    from memcompile.kernels.nf4_quant import NESTED_BLOCKSIZE, nf4_quantize
+def _nf4(w: torch.Tensor):
+    from memcompile.quant.nf4.nf4_quant import nf4_quantize
 
-    q = nf4_quantize(w, blocksize=64, double_quant=True)
-    return (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.nested_offset, list(q.shape), 64,
-            NESTED_BLOCKSIZE, dtype)
+    return nf4_quantize(w, blocksize=64, double_quant=True)
 
 
 def gaussian_sketch(device: torch.device, tiny: bool) -> list[Case]:
@@ -51,7 +49,7 @@ def gaussian_sketch(device: torch.device, tiny: bool) -> list[Case]:
 
 
 def nf4_dequant(device: torch.device, tiny: bool) -> list[Case]:
-    from memcompile.kernels import nf4_dequant as nd
+    from memcompile.quant.nf4 import nf4_dequant as nd
 
     dtype = torch.float32 if tiny else torch.bfloat16
     # Frozen weights: TinyLlama's MLP (5632x2048) and Llama-7B's (11008x4096).
@@ -59,7 +57,8 @@ def nf4_dequant(device: torch.device, tiny: bool) -> list[Case]:
     cases = []
     for shape in shapes:
         w = torch.randn(shape, device=device, dtype=dtype)
-        args = _nf4_args(w, dtype)
+        q = _nf4(w)
+        args = (*q.tensors(), *q.layout(), dtype)
         impls = {"triton": lambda a=args: nd.nf4_dequant_triton(*a), "torch": lambda a=args: nd.nf4_dequant_ref(*a)}
         bnb = _bnb_nf4(w)
         if bnb is not None:
@@ -74,8 +73,8 @@ def nf4_linear(device: torch.device, tiny: bool) -> list[Case]:
     """QLoRA's frozen matmul: ``x W^T`` with ``W`` in NF4, against a dense-weight matmul for scale."""
     import torch.nn.functional as F
 
-    from memcompile.kernels import nf4_dequant as nd
-    from memcompile.kernels import nf4_linear as nl
+    from memcompile.quant.nf4 import nf4_dequant as nd
+    from memcompile.quant.nf4 import nf4_linear as nl
 
     dtype = torch.float32 if tiny else torch.bfloat16
     # One step of the anchors' TinyLlama run: 8192 tokens through the MLP up projection.
@@ -84,11 +83,10 @@ def nf4_linear(device: torch.device, tiny: bool) -> list[Case]:
     for tokens, out_f, in_f in shapes:
         w = torch.randn(out_f, in_f, device=device, dtype=dtype)
         x = torch.randn(tokens, in_f, device=device, dtype=dtype)
-        args = _nf4_args(w, dtype)
-        state, meta = args[:6], args[6:9]
+        q = _nf4(w)
         impls = {
-            "memtrain::nf4_linear": lambda: nl.nf4_linear(x, *state, None, *meta),
-            "torch": lambda: F.linear(x, nd.nf4_dequant_ref(*args)),
+            "memtrain::nf4_linear": lambda: nl.nf4_linear(*nl.NF4LinearArgs.of(x, q)),
+            "torch": lambda: F.linear(x, nd.nf4_dequant_ref(*q.tensors(), *q.layout(), dtype)),
         }
         bnb = _bnb_nf4(w)
         if bnb is not None:
@@ -151,7 +149,7 @@ def linear_cross_entropy(device: torch.device, tiny: bool) -> list[Case]:
         return h.grad
 
     return [Case(f"h {n}x{d} @ W {v}x{d}, fwd+bwd", {
-        "memtrain::linear_cross_entropy": lambda: step(lce.linear_cross_entropy),
+        "memtrain::linear_cross_entropy_forward": lambda: step(lce.linear_cross_entropy),
         "torch": lambda: step(lce.linear_cross_entropy_ref),
     })]
 

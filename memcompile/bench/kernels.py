@@ -1,7 +1,7 @@
-"""``kernels`` mode: every op of ``memcompile.kernels`` timed against the same op in torch (its
-``_ref``) and in bitsandbytes where it has one, side by side.
+"""``kernels`` mode: every op of ``memcompile.kernels`` and ``memcompile.quant`` timed against the same op
+in torch (its ``_ref``) and in bitsandbytes where it has one, side by side.
 
-Ops are found by their reference: a public ``<op>_ref`` in a module of ``memcompile.kernels``. The
+Ops are found by their reference: a public ``<op>_ref`` in a module of those packages. The
 inputs and the implementations to time (the ``<op>_triton`` launcher, or the registered op where
 there is no bare launcher) come from ``kernel_cases.CASES``; an op found without an entry there is
 listed, not skipped silently.
@@ -22,23 +22,26 @@ NEEDS_CUDA = ("kernels mode needs CUDA: there is no CUDA device here. --allow-cp
               "Triton's interpreter at tiny sizes, which checks that they run; its times mean nothing.")
 
 
-def discover() -> tuple[dict[str, str], dict[str, str]]:
-    """``({op: module}, {module: import error})`` over ``memcompile.kernels``."""
-    import memcompile.kernels as pkg
+KERNEL_PACKAGES = ("memcompile.kernels", "memcompile.quant")
 
+
+def discover() -> tuple[dict[str, str], dict[str, str]]:
+    """``({op: module}, {module: import error})`` over ``KERNEL_PACKAGES`` and their sub-packages."""
     ops, broken = {}, {}
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        name = f"{pkg.__name__}.{info.name}"
-        try:
-            module = importlib.import_module(name)
-        except Exception as e:  # a kernel still being written must not stop the others
-            broken[info.name] = f"{type(e).__name__}: {e}"[:160]
-            continue
-        for attr, value in vars(module).items():
-            if attr.endswith("_ref") and callable(value) and getattr(value, "__module__", None) == name:
-                ops[attr.removesuffix("_ref")] = info.name
+    for pkg_name in KERNEL_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in sorted(pkgutil.walk_packages(pkg.__path__, pkg_name + "."), key=lambda m: m.name):
+            short = info.name.rpartition(".")[2]
+            if short.startswith("_"):
+                continue
+            try:
+                module = importlib.import_module(info.name)
+            except Exception as e:  # a kernel still being written must not stop the others
+                broken[short] = f"{type(e).__name__}: {e}"[:160]
+                continue
+            for attr, value in vars(module).items():
+                if attr.endswith("_ref") and callable(value) and getattr(value, "__module__", None) == info.name:
+                    ops[attr.removesuffix("_ref")] = short
     return ops, broken
 
 

@@ -1,4 +1,5 @@
-"""``memtrain::cross_entropy``: ``F.cross_entropy(x.float(), target)`` without an fp32 copy of ``x``.
+"""``cross_entropy``: ``F.cross_entropy(x.float(), target)`` without an fp32 copy of ``x``, as the ops
+``memtrain::cross_entropy_forward`` (loss and log-sum-exp) and ``memtrain::cross_entropy_backward``.
 
 Language models upcast their logits before the loss (Hugging Face: ``logits.float()``), and
 ``log_softmax`` then keeps a second (tokens x vocab) fp32 tensor for the backward: at 8192 tokens and a
@@ -23,10 +24,11 @@ CHUNK_ELEMENTS = 1 << 24  # the reference's fp32 working set: 64 MiB
 
 def _check(x: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
     if x.dim() != 2 or target.shape != x.shape[:1]:
-        raise ValueError(f"memtrain::cross_entropy: expected logits (N, V) and target (N,), got "
+        raise ValueError(f"memtrain::cross_entropy_forward: expected logits (N, V) and target (N,), got "
                          f"{tuple(x.shape)} and {tuple(target.shape)}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"memtrain::cross_entropy: reduction {reduction!r} not supported; valid: {REDUCTIONS}")
+        raise ValueError(f"memtrain::cross_entropy_forward: reduction {reduction!r} not supported; "
+                         f"valid: {REDUCTIONS}")
 
 
 def _scale(target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -162,14 +164,14 @@ def loss_and_lse(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
     return cross_entropy_ref(x, target, ignore_index, reduction)
 
 
-@torch.library.custom_op("memtrain::cross_entropy", mutates_args=())
-def cross_entropy_op(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                     reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("memtrain::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                          reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, lse)``: the fp32 loss and each row's log-sum-exp (kept for the backward)."""
     return loss_and_lse(x, target, ignore_index, reduction)
 
 
-@cross_entropy_op.register_fake
+@cross_entropy_forward.register_fake
 def _(x, target, ignore_index, reduction):
     _check(x, target, reduction)
     return x.new_empty((), dtype=torch.float32), x.new_empty(x.shape[:1], dtype=torch.float32)
@@ -202,10 +204,10 @@ def _backward(ctx, grad_loss, grad_lse):
     return grad_x, None, None, None
 
 
-cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cross_entropy(x: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean") -> torch.Tensor:
     """``F.cross_entropy(x.float(), target, ignore_index=..., reduction=...)`` for logits ``x`` (N, V)."""
-    return cross_entropy_op(x, target, ignore_index, reduction)[0]
+    return cross_entropy_forward(x, target, ignore_index, reduction)[0]

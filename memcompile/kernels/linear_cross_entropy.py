@@ -1,6 +1,6 @@
-"""``memtrain::linear_cross_entropy``: the output projection and the loss in one op, ``logits = h W^T``
-and ``F.cross_entropy(logits.float(), target)``, whose backward never holds the (tokens x vocab)
-gradient of the logits.
+"""``linear_cross_entropy``: the output projection and the loss in one op,
+``memtrain::linear_cross_entropy_forward``: ``logits = h W^T`` and ``F.cross_entropy(logits.float(), target)``,
+whose backward never holds the (tokens x vocab) gradient of the logits.
 
 The forward returns the logits (the model's output) and the loss, and keeps ``h``, ``W`` and one
 log-sum-exp per row. The backward recomputes the logits a chunk of rows at a time (one more
@@ -9,8 +9,8 @@ log-sum-exp per row. The backward recomputes the logits a chunk of rows at a tim
 8192 tokens and a 32k vocabulary) and the saved logits never coexist with the backward of the layers.
 If the caller also backpropagates through the returned logits, that gradient is added chunk by chunk.
 
-Exact up to round-off: the same formulas as ``F.linear`` + ``memtrain::cross_entropy``; the softmax of
-each chunk is computed in fp32 from logits in ``h.dtype``, as the unfused path does.
+Exact up to round-off: the same formulas as ``F.linear`` + ``cross_entropy``; the softmax of each chunk
+is computed in fp32 from logits in ``h.dtype``, as the unfused path does.
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ from .cross_entropy import REDUCTIONS, grad_scale, loss_and_lse, rows_per_chunk,
 
 def _check(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1] or target.shape != h.shape[:1]:
-        raise ValueError(f"memtrain::linear_cross_entropy: expected h (N, D), W (V, D), target (N,); got "
-                         f"{tuple(h.shape)}, {tuple(w.shape)}, {tuple(target.shape)}")
+        raise ValueError(f"memtrain::linear_cross_entropy_forward: expected h (N, D), W (V, D), target (N,); "
+                         f"got {tuple(h.shape)}, {tuple(w.shape)}, {tuple(target.shape)}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"memtrain::linear_cross_entropy: reduction {reduction!r} not supported; valid: "
+        raise ValueError(f"memtrain::linear_cross_entropy_forward: reduction {reduction!r} not supported; valid: "
                          f"{REDUCTIONS}")
 
 
-@torch.library.custom_op("memtrain::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                            reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("memtrain::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                                 reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, lse, logits)`` for ``logits = h W^T`` (in ``h.dtype``)."""
     _check(h, w, target, reduction)
     logits = h @ w.to(h.dtype).t()
@@ -40,7 +40,7 @@ def linear_cross_entropy_op(h: torch.Tensor, w: torch.Tensor, target: torch.Tens
     return loss, lse, logits
 
 
-@linear_cross_entropy_op.register_fake
+@linear_cross_entropy_forward.register_fake
 def _(h, w, target, ignore_index, reduction):
     _check(h, w, target, reduction)
     return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape[:1], dtype=torch.float32),
@@ -89,7 +89,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_logits):
     return grad_h, grad_w, None, None, None
 
 
-linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy_ref(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
@@ -105,5 +105,5 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
                          reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, logits)``: ``F.cross_entropy(F.linear(h, W).float().view(-1, V), target)`` and
     ``F.linear(h, W)``, for ``h`` of shape (..., D) and ``target`` of shape (prod(...),)."""
-    loss, _, logits = linear_cross_entropy_op(h.reshape(-1, h.shape[-1]), w, target, ignore_index, reduction)
+    loss, _, logits = linear_cross_entropy_forward(h.reshape(-1, h.shape[-1]), w, target, ignore_index, reduction)
     return loss, logits.view(*h.shape[:-1], w.shape[0])

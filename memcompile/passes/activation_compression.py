@@ -31,16 +31,16 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from memcompile import activation_state  # registers memtrain::velora_vector / compact_seed
+from memcompile import activation_state
 from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, is_checkpointed, must_save, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
-from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
+from memcompile.kernels import random_projection
+from memcompile.ops import memtrain
 
 from ._graph import TRANSPOSE_OPS, VIEW_OPS, first_non_placeholder, insert_traced, is_call, view_base, view_family
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-memtrain = torch.ops.memtrain
 
 NAME = "activation_compression"
 # A dtype cast as AOTAutograd writes it, and as Inductor's decompositions rewrite it.

@@ -1,4 +1,4 @@
-"""Dynamo-graph pass: compute ``F.cross_entropy`` with ``memtrain::cross_entropy``, on the logits in
+"""Dynamo-graph pass: compute ``F.cross_entropy`` with ``memtrain::cross_entropy_forward``, on the logits in
 their own dtype.
 
 Hugging Face's causal-LM loss is ``F.cross_entropy(logits.float().view(-1, V), labels)``: an fp32 copy
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from memcompile._torch_compat import LINEAR_FUNCTIONS, FakeTensor, must_save
 from memcompile.kernels import cross_entropy as kernel
 from memcompile.kernels import linear_cross_entropy as linear_kernel
+from memcompile.ops import memtrain
 
 NAME = "cross_entropy"
 _SIGNATURE = inspect.signature(F.cross_entropy)
@@ -229,7 +230,7 @@ def keep_loss_statistics(joint: fx.GraphModule) -> int:
     log-sum-exp is saved. The partitioner prices custom ops at no cost and would otherwise rather rerun
     the whole loss (for the projection: one more logits tensor and its matmul) in the backward than keep
     4 bytes a token. Returns how many were marked."""
-    ops = (torch.ops.memtrain.cross_entropy.default, torch.ops.memtrain.linear_cross_entropy.default)
+    ops = (memtrain.cross_entropy_forward.default, memtrain.linear_cross_entropy_forward.default)
     marked = 0
     for node in list(joint.graph.nodes):
         if node.op == "call_function" and node.target in ops:
@@ -241,7 +242,7 @@ def keep_loss_statistics(joint: fx.GraphModule) -> int:
             # AOTAutograd cannot save.
             kept = [d for g in node.users if g.target is operator.getitem
                     for d in g.users if d.target is torch.ops.aten.detach.default]
-            if node.target is torch.ops.memtrain.linear_cross_entropy.default or not kept:
+            if node.target is memtrain.linear_cross_entropy_forward.default or not kept:
                 kept.append(node)
             for target in kept:
                 must_save(target)

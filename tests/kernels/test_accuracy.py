@@ -122,14 +122,13 @@ def test_linear_cross_entropy_no_worse_than_torch(device, dtype, n, d, v):
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 def test_nf4_dequant_exact_at_odd_sizes(device, shape, dtype):
     """Dequantisation has one rounding (fp32 -> dtype) in both paths: the kernel equals the reference."""
-    from memcompile.kernels.nf4_dequant import nf4_dequant_ref, nf4_dequant_triton
-    from memcompile.kernels.nf4_quant import NESTED_BLOCKSIZE, nf4_quantize
+    from memcompile.quant.nf4.nf4_dequant import nf4_dequant_ref, nf4_dequant_triton
+    from memcompile.quant.nf4.nf4_quant import nf4_quantize
 
     torch.manual_seed(shape[1])
     w = torch.randn(shape, device=device) * 0.02
     q = nf4_quantize(w, blocksize=64, double_quant=True)
-    args = (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.nested_offset, list(shape), 64,
-            NESTED_BLOCKSIZE, dtype)
+    args = (*q.tensors(), *q.layout(), dtype)
     assert torch.equal(nf4_dequant_triton(*args), nf4_dequant_ref(*args))
 
 

@@ -77,7 +77,7 @@ def test_bad_input_is_an_error():
 
 def test_opcheck():
     x, t = _case(n=6, v=50, dtype=torch.float32, ignored=(1,))
-    torch.library.opcheck(torch.ops.memtrain.cross_entropy.default, (x.requires_grad_(), t, -100, "mean"),
+    torch.library.opcheck(torch.ops.memtrain.cross_entropy_forward.default, (x.requires_grad_(), t, -100, "mean"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

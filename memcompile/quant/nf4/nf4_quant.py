@@ -52,10 +52,17 @@ class NF4Weight:
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The six tensors, in the order every ``memtrain::nf4_*`` op takes them."""
+        return (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.nested_offset)
+
+    def layout(self) -> tuple[list[int], int, int]:
+        """``(shape, blocksize, nested_blocksize)``: the ops' arguments that follow the tensors."""
+        return list(self.shape), self.blocksize, NESTED_BLOCKSIZE
+
     @property
     def nbytes(self) -> int:
-        tensors = (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.nested_offset)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:

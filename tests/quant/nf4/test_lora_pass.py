@@ -4,9 +4,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memcompile.kernels.nf4_quant import nf4_quantize
+from memcompile.quant.nf4.nf4_quant import nf4_quantize
 from memcompile.lora import LoRALinear, RankSampler, set_rank
-from memcompile.passes.nf4_lora import swap_nf4_lora
+from memcompile.quant.nf4.lora_pass import swap_nf4_lora
 from memcompile.prepare import prepare
 
 CFG = {"lora": {"r_max": 4, "alpha": 8.0, "targets": ["q_proj", "w_v", "down"]}}

@@ -14,13 +14,15 @@ import logging
 import torch
 import torch.nn as nn
 
-from memcompile.kernels.nf4_dequant import nf4_dequant
-from memcompile.kernels.nf4_linear import nf4_linear
-from memcompile.kernels.nf4_quant import NESTED_BLOCKSIZE, NF4Weight, nf4_quantize
+from memcompile.quant.base import QuantizedLinear
+from memcompile.quant.nf4.nf4_dequant import nf4_dequant
+from memcompile.quant.nf4.nf4_linear import NF4LinearArgs, nf4_linear
+from memcompile.quant.nf4.nf4_quant import NESTED_BLOCKSIZE, NF4Weight, nf4_quantize
 
 log = logging.getLogger(__name__)
 
-# Buffers whose dtype is part of the format: ``.to(dtype)``/``.half()`` move them but never cast them.
+# The buffers holding ``NF4Weight.tensors()``, in that order. Their dtype is part of the format:
+# ``.to(dtype)``/``.half()`` move them but never cast them.
 _STATE = ("weight", "weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map",
           "weight_nested_offset")
 
@@ -29,7 +31,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """Frozen ``y = x W^T + b`` with ``W`` in NF4.
 
     Buffers (names follow bitsandbytes' ``Linear4bit`` state dict, with ``_`` for ``.``):
@@ -68,23 +70,28 @@ class NF4Linear(nn.Module):
     def double_quant(self) -> bool:
         return self.weight_nested_absmax is not None
 
-    def _state(self):
-        return (self.weight, self.weight_absmax, self.weight_quant_map, self.weight_nested_absmax,
-                self.weight_nested_quant_map, self.weight_nested_offset)
+    def nf4_weight(self) -> NF4Weight:
+        """The layer's buffers as an ``NF4Weight`` (no copy)."""
+        return NF4Weight(packed=self.weight, absmax=self.weight_absmax, code=self.weight_quant_map,
+                         shape=(self.out_features, self.in_features), dtype=self.weight_dtype, blocksize=self.blocksize,
+                         nested_absmax=self.weight_nested_absmax, nested_code=self.weight_nested_quant_map,
+                         nested_offset=self.weight_nested_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, *self._state(), self.bias, [self.out_features, self.in_features], self.blocksize,
-                          self.nested_blocksize)
+        return nf4_linear(*NF4LinearArgs.of(x, self.nf4_weight(), self.bias))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (``[out, in]``), in ``dtype`` or the dtype it had before quantisation."""
-        return nf4_dequant(*self._state(), [self.out_features, self.in_features], self.blocksize,
-                           self.nested_blocksize, dtype or self.weight_dtype)
+        w = self.nf4_weight()
+        return nf4_dequant(*w.tensors(), *w.layout(), dtype or self.weight_dtype)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the quantised weight and its state (the bias not included)."""
-        return sum(t.numel() * t.element_size() for t in self._state() if t is not None)
+        return self.nf4_weight().nbytes
+
+    def describe(self) -> dict:
+        return {"format": "nf4+dq" if self.double_quant else "nf4", "blocksize": self.blocksize}
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""

@@ -3,16 +3,16 @@ autograd graph keeps for the backward (the packed codes, never a dense weight)."
 import pytest
 import torch
 
-from memcompile.kernels.nf4_dequant import nf4_dequant_ref
-from memcompile.kernels.nf4_linear import nf4_linear
-from memcompile.kernels.nf4_quant import NESTED_BLOCKSIZE, nf4_quantize
+from memcompile.quant.nf4.nf4_dequant import nf4_dequant_ref
+from memcompile.quant.nf4.nf4_linear import nf4_linear
+from memcompile.quant.nf4.nf4_quant import NESTED_BLOCKSIZE, nf4_quantize
 
 OUT, IN = 37, 45  # odd: blocks straddle rows
 
 
 def _state(double_quant=True):
     q = nf4_quantize(torch.randn(OUT, IN) * 0.05, blocksize=64, double_quant=double_quant)
-    return (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.nested_offset)
+    return q.tensors()
 
 
 def _call(x, state, bias=None):

@@ -4,7 +4,7 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-from memcompile.kernels.nf4_quant import (NF4_CODE, decode_absmax, dynamic_map, nf4_quantize,  # noqa: E402
+from memcompile.quant.nf4.nf4_quant import (NF4_CODE, decode_absmax, dynamic_map, nf4_quantize,  # noqa: E402
                                           quantize_blockwise_8bit)
 
 # Odd on purpose: no dimension a multiple of the block size, odd element counts, a single element.

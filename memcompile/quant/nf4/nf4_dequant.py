@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, autotune, tl, triton, use_triton
+from memcompile.kernels._triton import HAS_TRITON, autotune, tl, triton, use_triton
 
 
 if HAS_TRITON:

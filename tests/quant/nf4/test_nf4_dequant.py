@@ -6,8 +6,9 @@ import torch
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from memcompile.kernels._triton import HAS_TRITON  # noqa: E402
-from memcompile.kernels.nf4_dequant import nf4_dequant, nf4_dequant_ref, nf4_dequant_triton  # noqa: E402
-from memcompile.kernels.nf4_quant import NESTED_BLOCKSIZE, nf4_quantize  # noqa: E402
+from memcompile.quant.nf4.nf4_dequant import nf4_dequant, nf4_dequant_ref, nf4_dequant_triton  # noqa: E402
+from memcompile.quant.nf4.nf4_linear import NF4LinearArgs  # noqa: E402
+from memcompile.quant.nf4.nf4_quant import nf4_quantize  # noqa: E402
 
 SHAPES = [(33, 77), (65, 31), (7, 3), (130, 258)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -15,8 +16,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _args(w, dtype, double_quant=True, blocksize=64):
     q = nf4_quantize(w, blocksize=blocksize, double_quant=double_quant)
-    return (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.nested_offset, list(w.shape),
-            blocksize, NESTED_BLOCKSIZE, dtype)
+    return (*q.tensors(), *q.layout(), dtype)
 
 
 def _bnb_dequant(w, dtype, double_quant):
@@ -75,8 +75,8 @@ def test_dequant_other_blocksize_and_opcheck():
 def test_op_launches_triton_inside_compiled_graph(monkeypatch):
     """Through the op, under torch.compile: fake tracing must not launch the (interpreted) kernel, and
     the forward and the backward's re-dequantisation both run it."""
-    from memcompile.kernels import nf4_dequant as module
-    from memcompile.kernels.nf4_linear import nf4_linear
+    from memcompile.quant.nf4 import nf4_dequant as module
+    from memcompile.quant.nf4.nf4_linear import nf4_linear
 
     calls = []
     launch = module.nf4_dequant_triton
@@ -90,10 +90,10 @@ def test_op_launches_triton_inside_compiled_graph(monkeypatch):
     if not module.use_triton(torch.empty(0).device) and not torch.cuda.is_available():
         pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1")
     w = torch.randn(33, 77) * 0.02
-    args = _args(w, torch.float32)
+    q = nf4_quantize(w, blocksize=64, double_quant=True)
+    args = (*q.tensors(), *q.layout(), torch.float32)
     x = torch.randn(4, 77, requires_grad=True)
-    fn = torch.compile(lambda x: nf4_linear(x, *args[:6], None, args[6], 64, NESTED_BLOCKSIZE), backend="aot_eager",
-                       fullgraph=True)
+    fn = torch.compile(lambda x: nf4_linear(*NF4LinearArgs.of(x, q)), backend="aot_eager", fullgraph=True)
     y = fn(x)
     y.sum().backward()
     dense = nf4_dequant_ref(*args)

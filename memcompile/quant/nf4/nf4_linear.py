@@ -11,11 +11,43 @@ would be free to keep its (dense, 4-8x larger) output for the backward.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .nf4_dequant import nf4_dequant
+from memcompile.quant.nf4.nf4_dequant import nf4_dequant
+from memcompile.quant.nf4.nf4_quant import NF4Weight
+
+
+class NF4LinearArgs(NamedTuple):
+    """The op's arguments by name: where a caller builds a call, and where the autograd formula and the
+    compile report read one back, so their positions are written down only here."""
+
+    x: torch.Tensor
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    nested_absmax: Optional[torch.Tensor]
+    nested_code: Optional[torch.Tensor]
+    nested_offset: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    shape: list[int]
+    blocksize: int
+    nested_blocksize: int
+
+    @classmethod
+    def of(cls, x, weight: NF4Weight, bias=None) -> "NF4LinearArgs":
+        return cls(x, *weight.tensors(), bias, *weight.layout())
+
+    @property
+    def weight_tensors(self) -> tuple:
+        """The weight's six tensors (``NF4Weight.tensors()``), the packed codes first."""
+        return self[1:7]
+
+    @property
+    def layout(self) -> tuple:
+        """``(shape, blocksize, nested_blocksize)``, as ``NF4Weight.layout()``."""
+        return self[8:]
 
 
 @torch.library.custom_op("memtrain::nf4_linear", mutates_args=())
@@ -35,21 +67,19 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, bias, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, state, bias = inputs[0], inputs[1:7], inputs[7]
+    args = NF4LinearArgs(*inputs)
     # Inputs only (module buffers): saving them costs no memory. The dense weight is not among them.
-    ctx.save_for_backward(*state)
-    ctx.shape, ctx.blocksize, ctx.nested_blocksize = inputs[8:]
-    ctx.x_dtype = x.dtype
-    ctx.bias_grad = bias is not None and bias.requires_grad
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(*args.weight_tensors)
+    ctx.layout = args.layout
+    ctx.x_dtype = args.x.dtype
+    ctx.bias_grad = args.bias is not None and args.bias.requires_grad
+    ctx.bias_dtype = None if args.bias is None else args.bias.dtype
 
 
 def _backward(ctx, grad):
-    packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = nf4_dequant(packed, absmax, code, nested_absmax, nested_code, nested_offset, ctx.shape, ctx.blocksize,
-                        ctx.nested_blocksize, ctx.x_dtype)
+        w = nf4_dequant(*ctx.saved_tensors, *ctx.layout, ctx.x_dtype)
         grad_x = grad.to(ctx.x_dtype) @ w
     if ctx.bias_grad:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
