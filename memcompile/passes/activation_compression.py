@@ -21,11 +21,9 @@ Use it on its own on any AOTAutograd joint graph (``partitioner_tag`` metadata p
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import inspect
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -37,6 +35,7 @@ from memcompile.config import MemtrainConfig
 from memcompile.kernels import random_projection  # registers memtrain::gaussian_sketch
 
 from ._graph import TRANSPOSE_OPS, VIEW_OPS, first_non_placeholder, insert_traced, is_call, view_base, view_family
+from .base import GraphPass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -60,12 +59,33 @@ class Layer:
     wgrads: list[fx.Node]  # backward mm nodes computing the weight gradient from x
 
 
-@dataclass
-class CompressionResult:
-    rewritten: list[dict] = field(default_factory=list)  # one entry per compressed group of layers
-    skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
-    counters: dict[str, int] = field(default_factory=dict)
-    approximated_params: dict[str, str] = field(default_factory=dict)  # weight name -> method
+class CompressionResult(PassResult):
+    """The pass's result: one record per compressed group of layers; ``approximated`` maps each
+    compressed weight to the method of its gradient."""
+
+    def describe(self, r: dict) -> str:
+        return (f"compressed {r['input']} {tuple(r['shape'])} {r['dtype']} -> {tuple(r['saved_shape'])}"
+                f" for {', '.join(r['layers'])}")
+
+    @property
+    def predicted_saving(self) -> int:
+        """Each compressed input's ``N*D`` elements become ``N*G`` (VeLoRA) or ``N*r`` (CompAct), plus a
+        vector or seed per group."""
+        return sum(g["bytes_before"] - g["bytes_after"] - g["state_bytes"] for g in self.rewritten)
+
+
+class CompressActivations(GraphPass):
+    """The pass, on the joint graph (forward and backward of a layer in one graph)."""
+
+    name, stage = NAME, "joint"
+
+    def options(self) -> tuple:
+        c = self.config
+        return (c.activation, c.target_patterns, c.exclude_patterns, c.velora, c.compact)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> CompressionResult:
+        return compress_activations(gm, self.config, ctx.input_names, ctx.decompositions,
+                                    caller_held=ctx.inputs_from_frame, in_block=ctx.in_block)
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -76,21 +96,6 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
         if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) or f".{p}." in padded:
             return True
     return False
-
-
-def uuid(config: MemtrainConfig, param_names: Sequence[str] | None = None) -> str:
-    """Cache key: the source of this pass and of what it inserts, the options that change the
-    rewrite, and the layer names (targets match them)."""
-    from memcompile import pipeline
-    from . import _graph
-
-    h = hashlib.sha256()
-    for module in (inspect.getmodule(uuid), _graph, activation_state, random_projection, pipeline):
-        h.update(inspect.getsource(module).encode())
-    h.update(repr((config.activation, config.target_patterns, config.exclude_patterns, config.velora,
-                   config.compact, config.partitioner)).encode())
-    h.update(repr(tuple(param_names or ())).encode())
-    return h.hexdigest()
 
 
 def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | None, int]:
@@ -264,7 +269,7 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
     is compressed like any activation. Without it every input counts as held.
     ``in_block``: the graph is one block that serves several layers, its names relative to the block."""
     graph = gm if isinstance(gm, fx.Graph) else gm.graph
-    result = CompressionResult()
+    result = CompressionResult(NAME)
     method = config.activation
     if method == "none":
         return result
@@ -350,14 +355,14 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
                 graph.erase_node(mm)
                 if t_x is not None and not t_x.users:
                     graph.erase_node(t_x)
-            result.approximated_params[layer.name] = method
+            result.approximated[layer.name] = method
         entry = {"layers": names_, "input": base.name, "shape": (n, d), "dtype": str(val.dtype).removeprefix("torch."),
                  "method": method, "saved_shape": (n, width),
                  # what else the forward keeps per group: VeLoRA's fp32 vector, CompAct's int64 seed
                  "state_bytes": state_bytes,
                  "bytes_before": n * d * val.element_size(), "bytes_after": n * width * val.element_size()}
         result.rewritten.append(entry)
-    result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated_params),
+    result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated),
                        "skipped": len(result.skipped)}
     graph.lint()
     if isinstance(gm, fx.GraphModule):
