@@ -177,15 +177,13 @@ class MemtrainConfig:
     def target_patterns(self) -> tuple[str, ...]:
         if self.targets is not None:
             return self.targets
-        method = METHODS.get(self.activation)
-        return method.targets if method else NO_METHOD_TARGETS
+        return METHODS[self.activation].targets if self.activation in METHODS else NO_METHOD_TARGETS
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:
         if self.exclude is not None:
             return self.exclude
-        method = METHODS.get(self.activation)
-        return method.exclude if method else DEFAULT_EXCLUDE
+        return METHODS[self.activation].exclude if self.activation in METHODS else DEFAULT_EXCLUDE
 
     def replace(self, **changes) -> "MemtrainConfig":
         return to_config({**as_dict(self), **changes})

@@ -163,7 +163,7 @@ def module_file(module: str) -> Path | None:
 
 
 @functools.cache
-def _imported(module: str) -> tuple[str, ...]:
+def imports_of(module: str) -> tuple[str, ...]:
     """The memcompile modules that ``module``'s file imports anywhere in it (top level or in a function).
 
     ``from memcompile import x`` counts as ``memcompile.x`` alone when ``x`` is a module: a package's
@@ -190,5 +190,5 @@ def module_sources(module: str) -> tuple[Path, ...]:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
-            todo.extend(_imported(m))
+            todo.extend(imports_of(m))
     return tuple(sorted(module_file(m) for m in seen))
