@@ -5,7 +5,9 @@
     print(memcompile.report())
 """
 from memcompile.backend import memtrain
-from memcompile.config import CompActConfig, LoRAConfig, MemtrainConfig, VeLoRAConfig
+from memcompile.config import LoRAConfig, MemtrainConfig
+from memcompile.passes.compression.compact import CompActConfig
+from memcompile.passes.compression.velora import VeLoRAConfig
 from memcompile.regional import compile_blocks
 from memcompile.reporting import clear_reports, report, reports
 from memcompile import activation_state

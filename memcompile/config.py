@@ -21,90 +21,17 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-ACTIVATION_METHODS = ("velora", "compact", "none")
+from memcompile import _options
+from memcompile.passes.compression import DEFAULT_EXCLUDE, METHODS
+
 COMPILERS = ("inductor", "aot_eager")
 PARTITIONERS = ("mincut", "default")
-
-# Layer selection by module-name pattern (see ``memcompile.passes.activation_compression.matches``).
-# VeLoRA's papers compress the LoRA A inputs when adapters are present and the value and down
-# projections in full training; CompAct compresses every block linear except the attention output,
-# whose input the attention backward saves anyway.
-VELORA_DEFAULT_TARGETS = ("lora_A", "v_proj", "down_proj", "mlp.c_proj", "fc2")
-COMPACT_DEFAULT_TARGETS = ("*",)
-DEFAULT_EXCLUDE = ("lm_head", "lora_B", "embed_tokens", "wte")
-COMPACT_DEFAULT_EXCLUDE = DEFAULT_EXCLUDE + ("o_proj", "attn.c_proj", "out_proj")
-
-
-def _fail(key: str, value: Any, valid: str) -> None:
-    raise ValueError(f"memtrain option {key!r}: got {value!r}; valid: {valid}")
-
-
-def _choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        _fail(key, value, " | ".join(repr(c) for c in choices))
-
-
-def _int_at_least(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(key, value, f"an int >= {low}")
-
-
-def _patterns(key: str, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = (value,)
-    value = tuple(value)
-    if not value or not all(isinstance(v, str) and v for v in value):
-        _fail(key, value, "a non-empty string or list of non-empty module-name patterns, or None")
-    return value
-
-
-@dataclass(frozen=True)
-class VeLoRAConfig:
-    """VeLoRA: rank-1 projection of each sub-token of a saved linear input.
-
-    Args:
-        num_groups: sub-tokens per token (the feature dim is cut into this many slices). The paper's
-            scripts use 32 for Llama-7B; a width not divisible by it is zero-padded, as PEFT does.
-        scale: multiplies the reconstructed input (``velora_scale``: 0.1 for Alpaca, 1.0 for C4).
-        init: ``"batch_average_once"`` (the paper's code: v = normalised mean sub-token of the first
-            training batch, then frozen) or ``"batch_average"`` (re-estimated every batch).
-    """
-
-    num_groups: int = 32
-    scale: float = 1.0
-    init: str = "batch_average_once"
-
-    def __post_init__(self):
-        _int_at_least("velora.num_groups", self.num_groups, 1)
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
-            _fail("velora.scale", self.scale, "a float > 0")
-        _choice("velora.init", self.init, ("batch_average_once", "batch_average"))
-
-
-@dataclass(frozen=True)
-class CompActConfig:
-    """CompAct: Gaussian random projection ``z = x P`` of a saved linear input, ``P`` never stored.
-
-    Args:
-        rank: projected width; a float in (0, 1] is a ratio of the layer's input width, an int > 1
-            an absolute width (the paper's pre-training default is 0.25).
-        seed: base seed; each layer derives its own seed from it and its name.
-        refresh: training steps (compiled forward calls) between new projections (paper: 50).
-    """
-
-    rank: float = 0.25
-    seed: int = 0
-    refresh: int = 50
-
-    def __post_init__(self):
-        r = self.rank
-        ok = (isinstance(r, float) and 0 < r <= 1) or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)
-        if not ok:
-            _fail("compact.rank", r, "a float in (0, 1] (ratio) or an int >= 1 (width)")
-        _int_at_least("compact.seed", self.seed, 0)
-        _int_at_least("compact.refresh", self.refresh, 1)
+DEFAULT_ACTIVATION = "velora"
+# Every registered compression method (memcompile/passes/compression/), the default first.
+_METHODS = (METHODS[DEFAULT_ACTIVATION], *(METHODS[k] for k in sorted(METHODS) if k != DEFAULT_ACTIVATION))
+ACTIVATION_METHODS = (*(m.name for m in _METHODS), "none")
+# The default patterns under activation="none" (nothing is compressed then).
+NO_METHOD_TARGETS = ("*",)
 
 
 @dataclass(frozen=True)
@@ -138,19 +65,18 @@ class LoRAConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _int_at_least("lora.r_max", self.r_max, 1)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            _fail("lora.alpha", self.alpha, "a float > 0")
+        _options.int_at_least("lora.r_max", self.r_max, 1)
+        _options.positive_float("lora.alpha", self.alpha)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            _fail("lora.dropout", self.dropout, "a float in [0, 1)")
-        object.__setattr__(self, "targets", _patterns("lora.targets", self.targets))
-        _choice("lora.quant", self.quant, (*_quant_schemes(), "none"))
-        _choice("lora.double_quant", self.double_quant, (True, False))
-        _choice("lora.blocksize", self.blocksize, (32, 64, 128, 256, 512, 1024, 2048, 4096))
-        _choice("lora.dynamic", self.dynamic, (True, False))
-        _choice("lora.rank_distribution", self.rank_distribution, ("uniform",))
-        _choice("lora.frozen", self.frozen, (True, False))
-        _int_at_least("lora.seed", self.seed, 0)
+            _options.fail("lora.dropout", self.dropout, "a float in [0, 1)")
+        object.__setattr__(self, "targets", _options.patterns("lora.targets", self.targets))
+        _options.choice("lora.quant", self.quant, (*_quant_schemes(), "none"))
+        _options.choice("lora.double_quant", self.double_quant, (True, False))
+        _options.choice("lora.blocksize", self.blocksize, (32, 64, 128, 256, 512, 1024, 2048, 4096))
+        _options.choice("lora.dynamic", self.dynamic, (True, False))
+        _options.choice("lora.rank_distribution", self.rank_distribution, ("uniform",))
+        _options.choice("lora.frozen", self.frozen, (True, False))
+        _options.int_at_least("lora.seed", self.seed, 0)
 
 
 def _quant_schemes() -> tuple[str, ...]:
@@ -160,15 +86,30 @@ def _quant_schemes() -> tuple[str, ...]:
     return quant.names()
 
 
-_SECTIONS = {"velora": VeLoRAConfig, "compact": CompActConfig, "lora": LoRAConfig}
+_SECTIONS = {**{m.name: m.config for m in _METHODS}, "lora": LoRAConfig}
+
+
+def _method_sections(cls):
+    """One field per compression method, after ``exclude``: its options, named after it."""
+    annotations = {}
+    for name, annotation in cls.__annotations__.items():
+        annotations[name] = annotation
+        if name == "exclude":
+            for m in _METHODS:
+                annotations[m.name] = m.config
+                setattr(cls, m.name, field(default_factory=m.config))
+    cls.__annotations__ = annotations
+    return cls
 
 
 @dataclass(frozen=True)
+@_method_sections
 class MemtrainConfig:
     """All options of ``backend="memtrain"`` and ``memcompile.prepare``.
 
     Args:
-        activation: ``"velora"``, ``"compact"`` or ``"none"``: how saved linear inputs are compressed.
+        activation: a compression method (``"velora"``, ``"compact"``: ``ACTIVATION_METHODS``, one file
+            each in ``memcompile/passes/compression/``) or ``"none"``: how saved linear inputs are compressed.
         targets: module-name patterns of the linears whose input is compressed; ``None`` takes the
             method's default (VeLoRA: LoRA A inputs, ``v_proj``, ``down_proj``; CompAct: every
             linear). A pattern matches a module path by ``fnmatch``, as a suffix, or as a path
@@ -176,7 +117,8 @@ class MemtrainConfig:
         exclude: patterns never compressed (default: ``lm_head``, LoRA B, embeddings; CompAct also
             leaves the attention output projection alone, as its paper does). Layers whose input stays
             saved anyway for another backward op are skipped and reported whatever the patterns.
-        velora, compact: the method's parameters (``VeLoRAConfig``, ``CompActConfig`` or a dict).
+        velora, compact: each method's parameters, a section named after it (``VeLoRAConfig``,
+            ``CompActConfig`` or a dict).
         lora: adapters and NF4 base for ``memcompile.prepare`` (``LoRAConfig`` or a dict).
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` (runs the rewritten graphs in Python;
             for debugging and fast tests).
@@ -200,11 +142,10 @@ class MemtrainConfig:
         compiled = torch.compile(model, backend="memtrain", options=cfg)
     """
 
-    activation: str = "velora"
+    activation: str = DEFAULT_ACTIVATION
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
-    velora: VeLoRAConfig = field(default_factory=VeLoRAConfig)
-    compact: CompActConfig = field(default_factory=CompActConfig)
+    # here, one section per compression method (``velora``, ``compact``), added by _method_sections
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     compiler: str = "inductor"
     partitioner: str = "mincut"
@@ -215,41 +156,41 @@ class MemtrainConfig:
     version: int = 1
 
     def __post_init__(self):
-        _choice("activation", self.activation, ACTIVATION_METHODS)
-        object.__setattr__(self, "targets", _patterns("targets", self.targets))
-        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
+        _options.choice("activation", self.activation, ACTIVATION_METHODS)
+        object.__setattr__(self, "targets", _options.patterns("targets", self.targets))
+        object.__setattr__(self, "exclude", _options.patterns("exclude", self.exclude))
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, _build(cls, value, prefix=name + "."))
             elif not isinstance(value, cls):
-                _fail(name, value, f"a {cls.__name__} or a dict of its fields")
-        _choice("compiler", self.compiler, COMPILERS)
-        _choice("partitioner", self.partitioner, PARTITIONERS)
+                _options.fail(name, value, f"a {cls.__name__} or a dict of its fields")
+        _options.choice("compiler", self.compiler, COMPILERS)
+        _options.choice("partitioner", self.partitioner, PARTITIONERS)
         b = self.recompute_budget
         if b is not None:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-                _fail("recompute_budget", b, "a float in (0, 1] or None")
+                _options.fail("recompute_budget", b, "a float in (0, 1] or None")
             if self.partitioner != "mincut":
-                _fail("recompute_budget", b, "None unless partitioner='mincut' (only min-cut recomputes)")
-        _choice("fused_cross_entropy", self.fused_cross_entropy, (True, False))
-        _choice("report", self.report, (True, False))
+                _options.fail("recompute_budget", b, "None unless partitioner='mincut' (only min-cut recomputes)")
+        _options.choice("fused_cross_entropy", self.fused_cross_entropy, (True, False))
+        _options.choice("report", self.report, (True, False))
         if self.dump_dir is None and os.environ.get("MEMTRAIN_DUMP_DIR"):
             object.__setattr__(self, "dump_dir", os.environ["MEMTRAIN_DUMP_DIR"])
         if self.dump_dir is not None and not isinstance(self.dump_dir, str):
-            _fail("dump_dir", self.dump_dir, "a directory path or None")
+            _options.fail("dump_dir", self.dump_dir, "a directory path or None")
 
     @property
     def target_patterns(self) -> tuple[str, ...]:
         if self.targets is not None:
             return self.targets
-        return VELORA_DEFAULT_TARGETS if self.activation == "velora" else COMPACT_DEFAULT_TARGETS
+        return METHODS[self.activation].targets if self.activation in METHODS else NO_METHOD_TARGETS
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:
         if self.exclude is not None:
             return self.exclude
-        return COMPACT_DEFAULT_EXCLUDE if self.activation == "compact" else DEFAULT_EXCLUDE
+        return METHODS[self.activation].exclude if self.activation in METHODS else DEFAULT_EXCLUDE
 
     def replace(self, **changes) -> "MemtrainConfig":
         return to_config({**as_dict(self), **changes})

@@ -11,11 +11,14 @@ passes saved beyond what min-cut recomputation already saves.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
 from memcompile import reporting
+from memcompile.config import ACTIVATION_METHODS
+from memcompile.passes.compression import METHODS
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -62,11 +65,13 @@ def main(argv=None) -> reporting.StepReport:
     ap.add_argument("--model", default="llama", choices=["llama", "gpt2"])
     ap.add_argument("--model-dir", help="a local Hugging Face causal-LM directory instead of a random model")
     ap.add_argument("--training", default="lora", choices=["lora", "full"])
-    ap.add_argument("--activation", default="velora", choices=["velora", "compact", "none"])
+    ap.add_argument("--activation", default=ACTIVATION_METHODS[0], choices=ACTIVATION_METHODS)
     ap.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor"])
     ap.add_argument("--partitioner", default="mincut", choices=["mincut", "default"])
-    ap.add_argument("--velora-groups", type=int, default=32)
-    ap.add_argument("--compact-rank", type=float, default=0.25)
+    for method in METHODS.values():  # --velora-groups, --compact-rank, ...
+        defaults = {f.name: f.default for f in dataclasses.fields(method.config)}
+        for flag, name in method.cli:
+            ap.add_argument(f"--{method.name}-{flag}", type=type(defaults[name]), default=defaults[name])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lora-r", type=int, default=16)
@@ -78,8 +83,10 @@ def main(argv=None) -> reporting.StepReport:
 
     model = example_model(args.model, args.training, args.hidden, args.layers, args.lora_r, args.model_dir)
     options = {"activation": args.activation, "compiler": args.compiler, "partitioner": args.partitioner,
-               "velora": {"num_groups": args.velora_groups}, "compact": {"rank": args.compact_rank},
                "dump_dir": args.dump_dir}
+    for method in METHODS.values():
+        options[method.name] = {name: getattr(args, f"{method.name}_{flag}".replace("-", "_"))
+                                for flag, name in method.cli}
     if args.training == "full" and args.activation != "none":
         options["targets"] = None
     vocab = model.get_input_embeddings().num_embeddings

@@ -14,8 +14,8 @@ op                                 defined in
 ``gaussian_sketch``                ``memcompile/kernels/random_projection.py``
 ``nf4_dequant``                    ``memcompile/quant/nf4/nf4_dequant.py``
 ``nf4_linear``                     ``memcompile/quant/nf4/nf4_linear.py``
-``velora_vector``                  ``memcompile/activation_state.py``
-``compact_seed``                   ``memcompile/activation_state.py``
+``velora_vector``                  ``memcompile/passes/compression/velora.py``
+``compact_seed``                   ``memcompile/passes/compression/compact.py``
 =================================  ==================================================
 
 Graph code refers to an op as ``memtrain.<name>.default``, with ``memtrain`` from here, so the op is
@@ -23,10 +23,11 @@ registered wherever it is matched or inserted.
 """
 import torch
 
-from memcompile.activation_state import compact_seed, velora_vector
 from memcompile.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from memcompile.kernels.linear_cross_entropy import linear_cross_entropy_forward
 from memcompile.kernels.random_projection import gaussian_sketch
+from memcompile.passes.compression.compact import compact_seed
+from memcompile.passes.compression.velora import velora_vector
 from memcompile.quant.nf4.nf4_dequant import nf4_dequant
 from memcompile.quant.nf4.nf4_linear import nf4_linear
 

@@ -1,4 +1,5 @@
-"""The order of memtrain's passes, one function per stage. Nothing else decides pass order.
+"""The order of memtrain's passes, one list per stage, and the cache key they make together.
+Nothing else decides pass order; adding a pass is its file and one line here.
 
     Dynamo graph ─ pre_aot ─▶ AOTAutograd joint graph ─ joint_passes ─▶ partition ─▶ forward / backward
                                                                                       └ compile (Inductor or Python)
@@ -16,12 +17,16 @@ Ordering constraints, each stated where it binds:
 * The fused cross-entropy rewrite runs on Dynamo's graph, where the loss is still one
   ``F.cross_entropy`` call; in the joint graph it is a dozen decomposed ops, forward and backward.
   The "before" report therefore already includes it: its saving shows in the estimate's peak.
+* Broadcast copies (grouped-query attention's repeated keys/values) are marked for recomputation
+  after compression, whose checkpointing check reads the same recompute tags.
 * Block boundaries are marked after compression, so what is saved at a boundary is what compression
   left there; only under a recompute budget, the only case where min-cut recomputes across blocks.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -34,8 +39,20 @@ from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
 from memcompile.passes import activation_compression, block_boundaries, broadcast_recompute, cross_entropy
 from memcompile.passes._graph import dump_graph
+from memcompile.passes.base import GraphPass, source_digest
 
 log = logging.getLogger(__name__)
+
+# Dynamo's graph: the loss is still one ``F.cross_entropy`` call here (a dozen aten ops in the joint).
+PRE_AOT: tuple[type[GraphPass], ...] = (cross_entropy.FuseCrossEntropy,)
+JOINT: tuple[type[GraphPass], ...] = (
+    activation_compression.CompressActivations,
+    # After compression, which reads checkpointing's recompute tags and must not see these.
+    broadcast_recompute.RecomputeBroadcasts,
+    # After compression, so the compressed tensors, not the inputs they replace, are what is saved.
+    block_boundaries.MarkBlockInputs,
+    cross_entropy.KeepLossStatistics,
+)
 
 
 class CompileContext:
@@ -50,6 +67,8 @@ class CompileContext:
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
                                             activation=config.activation, frame_id=tc.current_frame_id())
         self.report.served = tuple(served)
+        self.in_block = bool(served)
+        self.decompositions: dict | None = None  # Inductor's table, once Inductor partitions
         self.dump_prefix = f"graph{self.report.graph_id}"
 
     def dump(self, stage: str, gm) -> None:
@@ -65,10 +84,20 @@ def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """
     ctx.dump("dynamo", gm)
     ctx.report.quantized_layers = quantized_layers_in(gm, ctx.input_names)
-    if ctx.config.fused_cross_entropy:
-        ctx.report.passes[cross_entropy.NAME] = cross_entropy.fuse_cross_entropy(gm)
+    if _run(PRE_AOT, gm, ctx):
         ctx.dump("dynamo_after", gm)
     return gm
+
+
+def _run(passes: Sequence[type[GraphPass]], gm: fx.GraphModule, ctx: CompileContext) -> int:
+    """Run the enabled ``passes`` in order, each result into the report; returns how many ran."""
+    ran = 0
+    for cls in passes:
+        p = cls(ctx.config)
+        if p.enabled():
+            ctx.report.record(p(gm, ctx))
+            ran += 1
+    return ran
 
 
 def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[dict]:
@@ -91,31 +120,32 @@ def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[
     return layers
 
 
-def joint_passes(joint: fx.GraphModule, ctx: CompileContext, decompositions: dict | None) -> None:
-    """Stage 2, on the joint forward+backward graph: activation compression, then (under a recompute
-    budget) the block boundaries that keep recomputation inside a block."""
+def joint_passes(joint: fx.GraphModule, ctx: CompileContext) -> None:
+    """Stage 2, on the joint forward+backward graph: ``JOINT`` in order; the parameters whose
+    gradient a pass approximates are marked (Fira reads the marks)."""
     ctx.dump("joint_before", joint)
-    result = activation_compression.compress_activations(joint, ctx.config, ctx.input_names, decompositions,
-                                                         caller_held=ctx.inputs_from_frame,
-                                                         in_block=bool(ctx.report.served))
-    ctx.report.passes[activation_compression.NAME] = {
-        "rewritten": result.rewritten, "skipped": result.skipped, "counters": result.counters}
-    if ctx.config.partitioner == "mincut":
-        # After compression, which reads checkpointing's recompute tags and must not see these.
-        ctx.report.passes[broadcast_recompute.NAME] = {"counters": broadcast_recompute.recompute_broadcasts(joint)}
-    if ctx.config.recompute_budget is not None:
-        # After compression, so the compressed tensors, not the inputs they replace, are what is saved.
-        ctx.report.passes[block_boundaries.NAME] = {"counters": block_boundaries.mark_block_inputs(joint)}
-        if ctx.config.fused_cross_entropy:
-            marked = cross_entropy.keep_loss_statistics(joint)
-            ctx.report.passes[cross_entropy.NAME]["counters"]["statistics_kept"] = marked
-    ctx.report.approximated = dict(result.approximated_params)
+    _run(JOINT, joint, ctx)
     by_name = dict(zip(ctx.input_names, ctx.example_inputs))
-    for name, method in result.approximated_params.items():
-        param = by_name.get(name)
-        if isinstance(param, torch.Tensor):
-            mark_grad_approximation(param, method)
+    for result in ctx.report.passes.values():
+        ctx.report.approximated.update(result.approximated)
+        for name, method in result.approximated.items():
+            param = by_name.get(name)
+            if isinstance(param, torch.Tensor):
+                mark_grad_approximation(param, method)
     ctx.dump("joint_after", joint)
+
+
+def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), in_block: bool = False) -> str:
+    """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
+    (its source and options), the partitioner's options, and the layer names (targets match them)."""
+    h = hashlib.sha256(source_digest((Path(__file__).resolve(),)).encode())
+    for cls in (*PRE_AOT, *JOINT):
+        p = cls(config)
+        if p.enabled():
+            h.update(f"{p.name}/{p.stage}:{p.uuid()}".encode())
+    h.update(repr((config.partitioner, config.recompute_budget, config.compiler)).encode())
+    h.update(repr((tuple(input_names), in_block)).encode())
+    return h.hexdigest()
 
 
 def _base_partition(config: MemtrainConfig) -> Callable:
@@ -132,8 +162,7 @@ def _base_partition(config: MemtrainConfig) -> Callable:
     return budgeted
 
 
-def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, decompositions: dict | None,
-              *, num_fwd_outputs: int, **kw):
+def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_fwd_outputs: int, **kw):
     """Stage 3: report "before", joint passes, then the configured partitioner."""
     base = _base_partition(ctx.config)
     kw.pop("compiler", None)
@@ -141,7 +170,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, decompos
         untouched = fx.GraphModule(joint, joint.graph.__deepcopy__())  # deepcopy of the module fails on fake constants
         fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
         ctx.report.saved_before = report_mod.saved_tensors(fw_before, num_fwd_outputs, ctx.inputs_from_frame)
-    joint_passes(joint, ctx, decompositions)
+    joint_passes(joint, ctx)
     fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
     ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs, ctx.inputs_from_frame)
     ctx.dump("forward", fw)
@@ -152,14 +181,14 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, decompos
 class _Partitioner(tc.CustomPartitionerFn):
     """Inductor's partitioner hook; ``uuid`` keys Inductor's caches on our source and options."""
 
-    def __init__(self, ctx: CompileContext, decompositions: dict):
-        self.ctx, self.decompositions = ctx, decompositions
+    def __init__(self, ctx: CompileContext):
+        self.ctx = ctx
 
     def __call__(self, joint, joint_inputs, **kw):
-        return partition(joint, joint_inputs, self.ctx, self.decompositions, **kw)
+        return partition(joint, joint_inputs, self.ctx, **kw)
 
     def uuid(self):
-        return activation_compression.uuid(self.ctx.config, self.ctx.input_names)
+        return cache_key(self.ctx.config, self.ctx.input_names, self.ctx.in_block)
 
     def __deepcopy__(self, memo):
         # Inductor deep-copies its config to build cache keys; a copy would duplicate the context,
@@ -187,7 +216,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":
             return _compile_inductor(gm, example_inputs, ctx)
-        part = lambda joint, ji, **kw: partition(joint, ji, ctx, None, **kw)  # noqa: E731
+        part = lambda joint, ji, **kw: partition(joint, ji, ctx, **kw)  # noqa: E731
         backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
                                   inference_compiler=_python_compiler("inference", ctx), partition_fn=part)
         return backend(gm, example_inputs)
@@ -199,7 +228,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
-    part = _Partitioner(ctx, tc.inductor_decompositions())
+    ctx.decompositions = tc.inductor_decompositions()
+    part = _Partitioner(ctx)
     patches = {"custom_partitioner_fn": part}
     # A hit in AOTAutograd's cache skips our partitioner, and with it the report and the marks on the
     # parameters whose gradient is approximated (which Fira relies on): partition anew whenever either

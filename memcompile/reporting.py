@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from memcompile.passes.base import PassResult
+
 
 @dataclass(frozen=True)
 class SavedTensor:
@@ -37,7 +39,7 @@ class GraphReport:
     activation: str
     saved_before: list[SavedTensor] | None = None  # same partitioner without the passes
     saved_after: list[SavedTensor] = field(default_factory=list)
-    passes: dict[str, dict] = field(default_factory=dict)  # pass -> {"rewritten", "skipped", "counters"}
+    passes: dict[str, PassResult] = field(default_factory=dict)  # by pass name, in the order they ran
     quantized_layers: list[dict] = field(default_factory=list)
     inference: bool = False  # compiled under no_grad: no backward, nothing saved
     num_tokens: int | None = None
@@ -65,10 +67,13 @@ class GraphReport:
 
     @property
     def predicted_saving(self) -> int:
-        """Bytes the compression should free by the methods' arithmetic: each compressed input's
-        ``N*D`` elements become ``N*G`` (VeLoRA) or ``N*r`` (CompAct), plus a vector or seed per group."""
-        groups = self.passes.get("activation_compression", {}).get("rewritten", [])
-        return sum(g["bytes_before"] - g["bytes_after"] - g["state_bytes"] for g in groups)
+        """Bytes the passes should free by their own arithmetic (``PassResult.predicted_saving``)."""
+        return sum(r.predicted_saving for r in self.passes.values())
+
+    def record(self, result: PassResult) -> None:
+        """Keep a pass's result; the halves of a pass that works in two stages become one."""
+        done = self.passes.get(result.name)
+        self.passes[result.name] = result if done is None else done.merged(result)
 
     def __str__(self) -> str:
         lines = [f"memtrain graph {self.graph_id}: compiler={self.compiler} partitioner={self.partitioner} "
@@ -87,21 +92,8 @@ class GraphReport:
                          f" predicted saving {_fmt(self.predicted_saving)}, measured {_fmt(before - after)}")
         else:
             lines.append(f"  saved activations: {_fmt(after)} [{len(self.saved_after)} tensors]")
-        for name, rec in self.passes.items():
-            lines.append(f"  pass {name}: {rec.get('counters', {})}")
-            for r in rec.get("losses", []):
-                lines.append(f"    fused loss {r['loss']}: logits {r['logits']} {r['dtype']}"
-                             + (", their fp32 copy dropped" if r["upcast_dropped"] else "")
-                             + (", fused with the output projection" if r.get("linear") else ""))
-            for r in rec.get("rewritten", []):
-                lines.append(f"    compressed {r['input']} {tuple(r['shape'])} {r['dtype']} -> {tuple(r['saved_shape'])}"
-                             f" for {', '.join(r['layers'])}")
-            skipped: dict[str, list[str]] = {}
-            for s in rec.get("skipped", []):
-                skipped.setdefault(s["reason"], []).append(s["layer"])
-            for reason, layers in skipped.items():
-                shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
-                lines.append(f"    skipped ({reason}): {shown}")
+        for rec in self.passes.values():
+            lines.extend(rec.render())
         for q in self.quantized_layers:
             lines.append(f"  quantized {q.get('name')}: {q.get('bytes_before')} B -> {q.get('bytes_after')} B")
         costly = [t for t in self.saved_after if not t.is_input and t.alias_of is None]
@@ -202,21 +194,12 @@ class StepReport:
         return [q for g in self.graphs for q in g.quantized_layers]
 
     @property
-    def passes(self) -> dict[str, dict]:
-        """Each pass's records of every graph: lists joined, counters summed (once per graph)."""
-        merged: dict[str, dict] = {}
+    def passes(self) -> dict[str, PassResult]:
+        """Each pass's results of every graph as one (once per graph)."""
+        merged: dict[str, PassResult] = {}
         for g in self.graphs:
             for name, rec in g.passes.items():
-                out = merged.setdefault(name, {})
-                for key, value in rec.items():
-                    if isinstance(value, list):
-                        out.setdefault(key, []).extend(value)
-                    elif isinstance(value, dict):
-                        counters = out.setdefault(key, {})
-                        for k, v in value.items():
-                            counters[k] = counters.get(k, 0) + v if isinstance(v, (int, float)) else v
-                    else:
-                        out[key] = value
+                merged[name] = merged[name].merged(rec) if name in merged else rec
         return merged
 
     def __getattr__(self, name):

@@ -9,6 +9,7 @@ import torch
 
 import memcompile
 from memcompile import activation_state
+from memcompile.passes.compression import compact, velora
 from memcompile.marks import grad_approximation
 from tests import models, reference
 
@@ -111,8 +112,8 @@ def test_compact_full_training_llama_formula_grads():
     compressed = {l for g in groups for l in g["layers"]}
     for g in groups:
         # a seed per group, from its name inside the block and the block's index (no refresh yet)
-        name, layer = activation_state.split_layer(g["layers"][0])
-        seed = activation_state.layer_seed(name, 3, layer)
+        name, layer = compact.split_layer(g["layers"][0])
+        seed = compact.layer_seed(name, 3, layer)
         r = g["saved_shape"][1]
         assert r == g["shape"][1] // 4
         for layer in g["layers"]:
@@ -158,25 +159,25 @@ def test_velora_vector_frozen_after_first_batch_and_compact_seed_refresh():
     compiled = torch.compile(model, backend="memtrain", options={
         "activation": "velora", "compiler": "aot_eager", "velora": {"num_groups": 8}})
     compiled(input_ids=models.batch(seed=1), labels=models.batch(seed=1)).loss.backward()
-    first = {k: v.clone() for k, v in activation_state.velora_vectors(model).items()}
+    first = {k: v.clone() for k, v in velora.vectors(model).items()}
     assert len(first) == 6 and all(k.endswith("lora_A.default.weight") for k in first)
     compiled(input_ids=models.batch(seed=2), labels=models.batch(seed=2)).loss.backward()
-    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors(model).items())
+    assert all(torch.equal(first[k], v) for k, v in velora.vectors(model).items())
     saved = activation_state.state_dict(model)
     activation_state.reset(model)
-    assert activation_state.velora_vectors(model) == {}
+    assert velora.vectors(model) == {}
     activation_state.load_state_dict(model, saved)
-    assert all(torch.equal(first[k], v) for k, v in activation_state.velora_vectors(model).items())
+    assert all(torch.equal(first[k], v) for k, v in velora.vectors(model).items())
 
     # CompAct: a new projection every `refresh` steps, the same within a step's forward and backward;
     # two owners under one key (one compiled block serving two layers) draw different seeds.
     owner_a, owner_b = torch.zeros(1), torch.zeros(1)
-    s0 = [int(activation_state.compact_seed(torch.zeros(1), owner_a, "mlp", -1, 0, 2)) for _ in range(5)]
-    base = activation_state.layer_seed("mlp", 0, 0)
+    s0 = [int(compact.compact_seed(torch.zeros(1), owner_a, "mlp", -1, 0, 2)) for _ in range(5)]
+    base = compact.layer_seed("mlp", 0, 0)
     assert s0 == [base, base, base + 1, base + 1, base + 2]
-    assert int(activation_state.compact_seed(torch.zeros(1), owner_b, "mlp", -1, 0, 2)) == \
-        activation_state.layer_seed("mlp", 0, 1) != base
-    assert activation_state.split_layer("model.layers.3.mlp.experts.2.w1") == ("mlp.experts.2.w1", 3)
+    assert int(compact.compact_seed(torch.zeros(1), owner_b, "mlp", -1, 0, 2)) == \
+        compact.layer_seed("mlp", 0, 1) != base
+    assert compact.split_layer("model.layers.3.mlp.experts.2.w1") == ("mlp.experts.2.w1", 3)
 
 
 def test_model_without_linear_layers_is_left_alone():
@@ -305,9 +306,9 @@ def test_dynamic_token_count_compresses_and_matches_formula(method):
         h = torch.nn.functional.gelu(model[0](x)).detach()
         g = torch.ones(n, 16)
         if method == "velora":
-            x_hat, _ = reference.velora_x_hat(h, 4, 1.0, v=activation_state.velora_vectors(model)["2.weight"])
+            x_hat, _ = reference.velora_x_hat(h, 4, 1.0, v=velora.vectors(model)["2.weight"])
         else:
-            x_hat = reference.compact_x_hat(h, activation_state.layer_seed("", 0, 2), 8)  # layer "2" of the Sequential
+            x_hat = reference.compact_x_hat(h, compact.layer_seed("", 0, 2), 8)  # layer "2" of the Sequential
         torch.testing.assert_close(model[2].weight.grad.double(), reference.linear_wgrad(g, x_hat), rtol=1e-4, atol=1e-6)
     reps = memcompile.reports()
     assert len(reps) == 1  # one compile serves every token count

@@ -11,6 +11,7 @@ import torch
 import memcompile
 from memcompile import _torch_compat as tc
 from memcompile import activation_state
+from memcompile.passes.compression import velora
 from tests import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,7 @@ def test_two_models_with_the_same_names_keep_their_own_state():
     alone = models.tiny_lora_llama(seed=1)
     memcompile.compile_blocks(alone, opts)
     _train(alone, alone, 1, seed0=10)
-    expected = activation_state.velora_vectors(alone)
+    expected = velora.vectors(alone)
     torch.compiler.reset()
     activation_state.reset()
 
@@ -135,10 +136,10 @@ def test_two_models_with_the_same_names_keep_their_own_state():
     memcompile.compile_blocks(second, opts)
     _train(first, first, 1, seed0=20)
     _train(second, second, 1, seed0=10)
-    got = activation_state.velora_vectors(second)
+    got = velora.vectors(second)
     assert got.keys() == expected.keys() and len(got) == 6
     assert all(torch.equal(got[k], expected[k]) for k in got)
-    assert not torch.equal(activation_state.velora_vectors(first)[next(iter(got))], got[next(iter(got))])
+    assert not torch.equal(velora.vectors(first)[next(iter(got))], got[next(iter(got))])
 
 
 def test_recompute_budget_advances_the_state_once_per_step():
@@ -162,13 +163,13 @@ def test_non_finite_first_batch_does_not_freeze_velora_vector():
     bad[0, 3] = float("nan")
     with pytest.warns(UserWarning, match="NaN or inf"):
         compiled(inputs_embeds=bad, labels=ids).loss.backward()
-    assert activation_state.velora_vectors(model) == {}
+    assert velora.vectors(model) == {}
     model.zero_grad(set_to_none=True)
     loss = compiled(inputs_embeds=embeds, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    vectors = activation_state.velora_vectors(model)
+    vectors = velora.vectors(model)
     assert len(vectors) == 3 and all(torch.isfinite(v).all() for v in vectors.values())
 
 

@@ -9,6 +9,10 @@ gradients are untouched; only the weight gradient becomes the method's approxima
 * VeLoRA, ``x_hat = ungroup(z v^T) * scale``: ``grad_W = ((grad_out^T z) ⊗ v) * scale``.
 * CompAct, ``x_hat = z P^T``: ``grad_W = (grad_out^T z) P^T``, ``P`` regenerated from a saved seed.
 
+The methods are plug-ins, one file each in ``memcompile/passes/compression/``: this pass finds the
+layers, groups them by input, asks the method (``MemtrainConfig.activation``) whether each fits and
+traces the method's ``project`` and ``weight_grad`` into the graph.
+
 Both linear forms are handled: ``mm(x, t(W))`` (``nn.Linear``, weight grad ``mm(t(g), x)``) and
 ``mm(x, W)`` (GPT-2's ``Conv1D``, weight grad ``mm(t(x), g)``). Layers that share one input (q/k/v,
 gate/up, the LoRA A of several targets on one input) share one compressed tensor.
@@ -21,23 +25,20 @@ Use it on its own on any AOTAutograd joint graph (``partitioner_tag`` metadata p
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import inspect
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.fx as fx
 
-from memcompile import activation_state
 from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, is_checkpointed, must_save, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
-from memcompile.kernels import random_projection
-from memcompile.ops import memtrain
 
 from ._graph import TRANSPOSE_OPS, VIEW_OPS, first_non_placeholder, insert_traced, is_call, view_base, view_family
+from .base import GraphPass, PassContext, PassResult, module_sources
+from .compression import METHODS, CompressionMethod, Group
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -60,12 +61,39 @@ class Layer:
     wgrads: list[fx.Node]  # backward mm nodes computing the weight gradient from x
 
 
-@dataclass
-class CompressionResult:
-    rewritten: list[dict] = field(default_factory=list)  # one entry per compressed group of layers
-    skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
-    counters: dict[str, int] = field(default_factory=dict)
-    approximated_params: dict[str, str] = field(default_factory=dict)  # weight name -> method
+class CompressionResult(PassResult):
+    """The pass's result: one record per compressed group of layers; ``approximated`` maps each
+    compressed weight to the method of its gradient."""
+
+    def describe(self, r: dict) -> str:
+        return (f"compressed {r['input']} {tuple(r['shape'])} {r['dtype']} -> {tuple(r['saved_shape'])}"
+                f" for {', '.join(r['layers'])}")
+
+    @property
+    def predicted_saving(self) -> int:
+        """Each compressed input's ``N*D`` elements become ``N*G`` (VeLoRA) or ``N*r`` (CompAct), plus a
+        vector or seed per group."""
+        return sum(g["bytes_before"] - g["bytes_after"] - g["state_bytes"] for g in self.rewritten)
+
+
+class CompressActivations(GraphPass):
+    """The pass, on the joint graph (forward and backward of a layer in one graph)."""
+
+    name, stage = NAME, "joint"
+
+    def options(self) -> tuple:
+        c = self.config
+        section = getattr(c, c.activation, None)
+        return (c.activation, c.target_patterns, c.exclude_patterns, section)
+
+    def sources(self):
+        # The chosen method's file is found by name at run time, not by an import this file makes.
+        method = METHODS.get(self.config.activation)
+        return super().sources() + (module_sources(method.module) if method else ())
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> CompressionResult:
+        return compress_activations(gm, self.config, ctx.input_names, ctx.decompositions,
+                                    caller_held=ctx.inputs_from_frame, in_block=ctx.in_block)
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -76,21 +104,6 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
         if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) or f".{p}." in padded:
             return True
     return False
-
-
-def uuid(config: MemtrainConfig, param_names: Sequence[str] | None = None) -> str:
-    """Cache key: the source of this pass and of what it inserts, the options that change the
-    rewrite, and the layer names (targets match them)."""
-    from memcompile import pipeline
-    from . import _graph
-
-    h = hashlib.sha256()
-    for module in (inspect.getmodule(uuid), _graph, activation_state, random_projection, pipeline):
-        h.update(inspect.getsource(module).encode())
-    h.update(repr((config.activation, config.target_patterns, config.exclude_patterns, config.velora,
-                   config.compact, config.partitioner)).encode())
-    h.update(repr(tuple(param_names or ())).encode())
-    return h.hexdigest()
 
 
 def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | None, int]:
@@ -156,73 +169,10 @@ def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
     return layers
 
 
-def _velora_fns(cfg, key: str, n: int, d: int):
-    # compress(x, owner): ``owner`` is the group's first weight, which holds the layer's state at run time
-    g, scale, once = cfg.velora.num_groups, float(cfg.velora.scale), cfg.velora.init == "batch_average_once"
-    m = -(-d // g)
-
-    def compress(x, owner):
-        v = memtrain.velora_vector(x, owner, g, key, once)
-        if m * g != d:
-            x = torch.nn.functional.pad(x, (0, m * g - d))
-        # -1, not n: the token count may be symbolic (dynamic shapes); the width never is
-        z = torch.mv(x.reshape(-1, m), v.to(x.dtype)).reshape(-1, g)
-        return z, v
-
-    def wgrad_linear(gt, z, v):  # (O, N), (N, G), (m,) -> (O, D)
-        p = torch.mm(gt, z).float()
-        w = (p.unsqueeze(-1) * v.view(1, 1, m)).reshape(p.shape[0], g * m)[:, :d]
-        return (w * scale).to(gt.dtype)
-
-    def wgrad_conv1d(gr, z, v):  # (N, O), (N, G), (m,) -> (D, O)
-        p = torch.mm(z.t(), gr).float()
-        w = (v.view(1, m, 1) * p.unsqueeze(1)).reshape(g * m, p.shape[1])[:d]
-        return (w * scale).to(gr.dtype)
-
-    return compress, wgrad_linear, wgrad_conv1d, g, 4 * m  # v: m fp32 values
-
-
-def _compact_fns(cfg, key: str, n: int, d: int, dtype, device, in_block: bool):
-    # The seed depends on the group's name inside its block and the block's index, so a whole-model
-    # and a block-by-block compile draw the same projections (see activation_state.compact_seed).
-    name, layer = (key, -1) if in_block else activation_state.split_layer(key)
-    layer = 0 if layer is None else layer
-    rank = cfg.compact.rank
-    r = max(1, round(rank * d)) if isinstance(rank, float) else min(int(rank), d)
-    seed0, refresh = cfg.compact.seed, cfg.compact.refresh
-
-    def compress(x, owner):
-        seed = memtrain.compact_seed(x, owner, name, -1 if in_block else layer, seed0, refresh)
-        p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 0)
-        return torch.mm(x, p), seed
-
-    def wgrad_linear(gt, z, seed):  # (O, N), (N, r) -> (O, D)
-        p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 1)
-        o = gt.shape[0]
-        # Evaluate in the cheaper order: (g^T z) P^T costs N*O*r + O*r*D, g^T (z P^T) N*r*D + N*O*D.
-        if n * o * r + o * r * d <= n * r * d + n * o * d:
-            return torch.mm(torch.mm(gt, z), p.t())
-        return torch.mm(gt, torch.mm(z, p.t()))
-
-    def wgrad_conv1d(gr, z, seed):  # (N, O), (N, r) -> (D, O)
-        p = memtrain.gaussian_sketch(seed, d, r, dtype, device, 1)
-        o = gr.shape[1]
-        if n * o * r + o * r * d <= n * r * d + n * o * d:
-            return torch.mm(p, torch.mm(z.t(), gr))
-        return torch.mm(torch.mm(z, p.t()).t(), gr)
-
-    return compress, wgrad_linear, wgrad_conv1d, r, 8  # the int64 seed
-
-
-def compact_width(config: MemtrainConfig, d: int) -> int:
-    """CompAct's projected width for an input of width ``d``, before any clamping to ``d``."""
-    rank = config.compact.rank
-    return max(1, round(rank * d)) if isinstance(rank, float) else int(rank)
-
-
-def _warn_about_silent_skips(config: MemtrainConfig, layers: list[Layer], skipped: list[dict]) -> None:
+def _warn_about_silent_skips(config: MemtrainConfig, method: CompressionMethod, layers: list[Layer],
+                             skipped: list[dict], unfit: list[str]) -> None:
     """Options that would make the pass compress nothing without a word: targets that match no layer,
-    a CompAct rank that is not below a layer's width."""
+    and what the method says of the layers its ``check`` turned down (``unfit``)."""
     if layers and sum(s["reason"] == "not targeted" for s in skipped) == len(layers):
         names = [l.name.removesuffix(".weight") for l in layers]
         warnings.warn(f"memtrain: targets={list(config.target_patterns)} (exclude={list(config.exclude_patterns)}) "
@@ -235,12 +185,9 @@ def _warn_about_silent_skips(config: MemtrainConfig, layers: list[Layer], skippe
                       "compressing them saves nothing); memcompile.report() lists them. To compress them, turn "
                       "checkpointing off (model.gradient_checkpointing_disable()) and use recompute_budget",
                       stacklevel=2)
-    wide = [s["layer"] for s in skipped if s["reason"].startswith("compact.rank")]
-    if wide:
-        warnings.warn(f"memtrain: compact.rank={config.compact.rank} does not narrow the input of "
-                      f"{', '.join(wide[:3])}{', ...' if len(wide) > 3 else ''}: projecting would save nothing, "
-                      "so those layers are left exact. Use a ratio below 1 (compact.rank=0.25) or a width below "
-                      "the layer's", stacklevel=2)
+    message = method.skip_warning(getattr(config, method.name), unfit) if unfit and method.skip_warning else None
+    if message:
+        warnings.warn(message, stacklevel=2)
 
 
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:
@@ -264,10 +211,11 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
     is compressed like any activation. Without it every input counts as held.
     ``in_block``: the graph is one block that serves several layers, its names relative to the block."""
     graph = gm if isinstance(gm, fx.Graph) else gm.graph
-    result = CompressionResult()
-    method = config.activation
-    if method == "none":
+    result = CompressionResult(NAME)
+    if config.activation == "none":
         return result
+    method = METHODS[config.activation]
+    options = getattr(config, method.name)
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
     names = list(param_names) if param_names is not None and len(param_names) == len(placeholders) else None
@@ -281,6 +229,7 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
     all_layers = find_linears(graph, primals)
     wgrad_owner = {mm: l for l in all_layers for mm in l.wgrads}
     groups: dict[tuple, list[Layer]] = {}
+    unfit: list[str] = []  # skipped by the method's check
     for layer in all_layers:
         name = layer.name.removesuffix(".weight")
         if matches(name, config.exclude_patterns) or not matches(name, config.target_patterns):
@@ -295,17 +244,13 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         if shape is None:
             result.skipped.append({"layer": name, "reason": "input is not 2-D with a static width"})
             continue
-        if method == "velora" and config.velora.num_groups > shape[1]:
-            result.skipped.append({"layer": name, "reason": f"num_groups {config.velora.num_groups} > "
-                                   f"input width {shape[1]}"})
-            continue
-        if method == "compact" and compact_width(config, shape[1]) >= shape[1]:
-            # z = x P would be as wide as x: the same memory, and an approximate gradient for nothing.
-            result.skipped.append({"layer": name, "reason": f"compact.rank {config.compact.rank} leaves the "
-                                   f"input width {shape[1]} as it is"})
+        reason = method.check(options, shape[1])
+        if reason is not None:
+            result.skipped.append({"layer": name, "reason": reason})
+            unfit.append(name)
             continue
         groups.setdefault((_value_root(layer.x), layer.x.meta["val"].dtype, shape), []).append(layer)
-    _warn_about_silent_skips(config, all_layers, result.skipped)
+    _warn_about_silent_skips(config, method, all_layers, result.skipped, unfit)
 
     for key_, layers in list(groups.items()):
         # Compressing frees memory only if nothing else in the backward reads the input (or a view of it).
@@ -325,39 +270,36 @@ def compress_activations(gm: fx.GraphModule | fx.Graph, config: MemtrainConfig,
         x = min((l.x for l in layers), key=position.__getitem__)
         base = view_base(x)
         val = x.meta["val"]
-        if method == "velora":
-            compress, wg_lin, wg_conv, width, state_bytes = _velora_fns(config, key, n, d)
-        else:
-            compress, wg_lin, wg_conv, width, state_bytes = _compact_fns(config, key, n, d, val.dtype, val.device, in_block)
+        plan = method.plan(options, Group(key, n, d, val.dtype, val.device, in_block))
         anchor = x.next if x.op != "placeholder" else first_non_placeholder(graph)
-        z, state = insert_traced(graph, compress, [x, layers[0].weight], before=anchor, tag=FORWARD_TAG,
+        z, state = insert_traced(graph, plan.project, [x, layers[0].weight], before=anchor, tag=FORWARD_TAG,
                                  decompositions=decompositions, name=NAME)
         # Reading or advancing the state twice (a recompute in the backward) would count a step twice
         # or re-estimate v from another batch: these nodes are saved, never recomputed.
-        assert is_call(state, {memtrain.velora_vector.default, memtrain.compact_seed.default}), state
+        assert is_call(state, {method.state_op}), state
         must_save(state)
         for layer in layers:
             for mm in layer.wgrads:
                 if layer.conv1d:
                     t_x, other = mm.args[0], mm.args[1]
-                    new = insert_traced(graph, wg_conv, [other, z, state], before=mm, tag=BACKWARD_TAG,
+                    new = insert_traced(graph, plan.weight_grad_conv1d, [other, z, state], before=mm, tag=BACKWARD_TAG,
                                         decompositions=decompositions, name=NAME)
                 else:
                     t_x, other = None, mm.args[0]
-                    new = insert_traced(graph, wg_lin, [other, z, state], before=mm, tag=BACKWARD_TAG,
+                    new = insert_traced(graph, plan.weight_grad, [other, z, state], before=mm, tag=BACKWARD_TAG,
                                         decompositions=decompositions, name=NAME)
                 mm.replace_all_uses_with(new)
                 graph.erase_node(mm)
                 if t_x is not None and not t_x.users:
                     graph.erase_node(t_x)
-            result.approximated_params[layer.name] = method
+            result.approximated[layer.name] = method.name
         entry = {"layers": names_, "input": base.name, "shape": (n, d), "dtype": str(val.dtype).removeprefix("torch."),
-                 "method": method, "saved_shape": (n, width),
+                 "method": method.name, "saved_shape": (n, plan.width),
                  # what else the forward keeps per group: VeLoRA's fp32 vector, CompAct's int64 seed
-                 "state_bytes": state_bytes,
-                 "bytes_before": n * d * val.element_size(), "bytes_after": n * width * val.element_size()}
+                 "state_bytes": plan.state_bytes,
+                 "bytes_before": n * d * val.element_size(), "bytes_after": n * plan.width * val.element_size()}
         result.rewritten.append(entry)
-    result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated_params),
+    result.counters = {"groups": len(result.rewritten), "layers": len(result.approximated),
                        "skipped": len(result.skipped)}
     graph.lint()
     if isinstance(gm, fx.GraphModule):

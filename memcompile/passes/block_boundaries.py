@@ -23,6 +23,8 @@ import torch.fx as fx
 
 from memcompile._torch_compat import must_save, partitioner_tag
 
+from .base import GraphPass, PassResult
+
 NAME = "block_boundaries"
 
 
@@ -51,3 +53,19 @@ def mark_block_inputs(gm: fx.GraphModule) -> dict:
             marked += 1
             blocks |= entered
     return {"marked": marked, "blocks": len(blocks)}
+
+
+class MarkBlockInputs(GraphPass):
+    """The pass, on the joint graph; only under a recompute budget, the only case where min-cut
+    recomputes across blocks."""
+
+    name, stage = NAME, "joint"
+
+    def enabled(self) -> bool:
+        return self.config.recompute_budget is not None
+
+    def options(self) -> tuple:
+        return (self.config.recompute_budget is not None,)
+
+    def __call__(self, gm: fx.GraphModule, ctx=None) -> PassResult:
+        return PassResult(self.name, counters=mark_block_inputs(gm))

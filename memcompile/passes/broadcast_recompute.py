@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 
 from memcompile._torch_compat import must_recompute, partitioner_tag
-from memcompile.passes._graph import VIEW_OPS
+from ._graph import VIEW_OPS
+from .base import GraphPass, PassResult
 
 NAME = "broadcast_recompute"
 
@@ -80,3 +81,19 @@ def recompute_broadcasts(gm: fx.GraphModule) -> dict:
         copies += len(clones)
         nbytes += sum(_numel(c) * c.meta["val"].element_size() for c in clones)
     return {"copies": copies, "marked": marked, "bytes": nbytes}
+
+
+class RecomputeBroadcasts(GraphPass):
+    """The pass, on the joint graph; with the min-cut partitioner (the default one saves what the
+    forward made and recomputes nothing)."""
+
+    name, stage = NAME, "joint"
+
+    def enabled(self) -> bool:
+        return self.config.partitioner == "mincut"
+
+    def options(self) -> tuple:
+        return (self.config.partitioner == "mincut",)
+
+    def __call__(self, gm: fx.GraphModule, ctx=None) -> PassResult:
+        return PassResult(self.name, counters=recompute_broadcasts(gm))

@@ -20,7 +20,7 @@ and changes no numbers beyond fp32 round-off. Calls it cannot take (class weight
 
 Example::
 
-    counts = fuse_cross_entropy(dynamo_gm)   # {"counters": {"rewritten": 1, "skipped": 0}, ...}
+    result = fuse_cross_entropy(dynamo_gm)   # result["counters"] == {"rewritten": 1, "skipped": 0}
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from memcompile._torch_compat import LINEAR_FUNCTIONS, FakeTensor, must_save
 from memcompile.kernels import cross_entropy as kernel
 from memcompile.kernels import linear_cross_entropy as linear_kernel
 from memcompile.ops import memtrain
+
+from .base import GraphPass, PassResult
 
 NAME = "cross_entropy"
 _SIGNATURE = inspect.signature(F.cross_entropy)
@@ -109,7 +111,48 @@ def _fake_call(fn, *args, **kwargs):
         return fn(*vals, **kwargs)
 
 
-def fuse_cross_entropy(gm: fx.GraphModule) -> dict:
+class FusedLosses(PassResult):
+    """The pass's result: its records are the fused losses."""
+
+    listed_as = "losses"
+
+    def describe(self, r: dict) -> str:
+        return (f"fused loss {r['loss']}: logits {r['logits']} {r['dtype']}"
+                + (", their fp32 copy dropped" if r["upcast_dropped"] else "")
+                + (", fused with the output projection" if r.get("linear") else ""))
+
+
+class FuseCrossEntropy(GraphPass):
+    """The rewrite, on Dynamo's graph, where the loss is still one ``F.cross_entropy`` call."""
+
+    name, stage = NAME, "pre_aot"
+
+    def enabled(self) -> bool:
+        return self.config.fused_cross_entropy
+
+    def options(self) -> tuple:
+        return (self.config.fused_cross_entropy,)
+
+    def __call__(self, gm: fx.GraphModule, ctx=None) -> FusedLosses:
+        return fuse_cross_entropy(gm)
+
+
+class KeepLossStatistics(GraphPass):
+    """The pass's second half, on the joint graph under a recompute budget (``keep_loss_statistics``)."""
+
+    name, stage = NAME, "joint"
+
+    def enabled(self) -> bool:
+        return self.config.fused_cross_entropy and self.config.recompute_budget is not None
+
+    def options(self) -> tuple:
+        return (self.config.fused_cross_entropy, self.config.recompute_budget is not None)
+
+    def __call__(self, gm: fx.GraphModule, ctx=None) -> FusedLosses:
+        return FusedLosses(self.name, counters={"statistics_kept": keep_loss_statistics(gm)})
+
+
+def fuse_cross_entropy(gm: fx.GraphModule) -> FusedLosses:
     """Rewrite every supported ``F.cross_entropy`` call in place; returns counters and what was done."""
     graph = gm.graph
     losses, skipped = [], []
@@ -145,7 +188,7 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> dict:
     if losses:
         graph.lint()
         gm.recompile()
-    return {"counters": {"rewritten": len(losses), "skipped": len(skipped)}, "losses": losses, "skipped": skipped}
+    return FusedLosses(NAME, losses, skipped, {"rewritten": len(losses), "skipped": len(skipped)})
 
 
 def _replace_loss(node: fx.Node, new: fx.Node, loss_input: fx.Node) -> bool:

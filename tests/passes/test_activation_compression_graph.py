@@ -99,7 +99,7 @@ def test_matches():
 
 
 def test_cache_key_changes_with_options_and_layer_names():
-    from memcompile.passes.activation_compression import uuid
+    from memcompile.pipeline import cache_key as uuid
 
     base = uuid(MemtrainConfig(), ["a.weight"])
     assert base == uuid(MemtrainConfig(), ["a.weight"])
