@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from memcompile.config import LoRAConfig
+
+class QuantOptions(Protocol):
+    """The quantisation options a scheme reads (``memcompile.config.LoRAConfig`` has them); named here
+    so this module does not import the config, which lists the schemes."""
+
+    blocksize: int
+    double_quant: bool
 
 
 class QuantizedLinear(nn.Module):
@@ -63,7 +68,7 @@ class QuantScheme(ABC):
     layer: type[QuantizedLinear]  # the class of the layers it builds
 
     @abstractmethod
-    def quantize(self, weight: torch.Tensor, cfg: LoRAConfig) -> Any:
+    def quantize(self, weight: torch.Tensor, cfg: QuantOptions) -> Any:
         """The format's state of a dense 2-D ``weight`` under ``cfg``'s options."""
 
     @abstractmethod
@@ -71,7 +76,7 @@ class QuantScheme(ABC):
         """The dense weight of ``state``, in ``dtype`` or the dtype it had before quantisation."""
 
     @abstractmethod
-    def from_linear(self, linear: nn.Linear, cfg: LoRAConfig) -> QuantizedLinear:
+    def from_linear(self, linear: nn.Linear, cfg: QuantOptions) -> QuantizedLinear:
         """The frozen quantised layer computing what ``linear`` computes, up to the format's error."""
 
     def adopt(self, module: nn.Module) -> QuantizedLinear | None:

@@ -148,7 +148,7 @@ def weight_grad_conv1d(gr, z, seed, *, tokens: int, width: int, rank: int):
 
 
 def plan(config: CompActConfig, group: Group) -> Compression:
-    import memcompile.ops  # noqa: F401  registers memtrain::gaussian_sketch
+    from memcompile.kernels import random_projection  # noqa: F401  defines memtrain::gaussian_sketch, used below
 
     # The seed depends on the group's name inside its block and the block's index, so a whole-model
     # and a block-by-block compile draw the same projections (see compact_seed).
