@@ -25,8 +25,7 @@ from tqdm import tqdm
 
 import memcompile
 from memcompile import textdata
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from memcompile.config import LLAMA_LINEARS
 
 
 def small_llama(args):
@@ -75,7 +74,7 @@ def build_model(args, tokens):
         model = pretrained_base(args, tokens)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(LLAMA_LINEARS))
     return get_peft_model(model, lora)
 
 

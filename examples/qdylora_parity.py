@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from memcompile.config import LLAMA_LINEARS
 from memcompile.lora import RankSampler, set_rank
 from memcompile.prepare import prepare, quantized_layers
 
@@ -153,8 +154,7 @@ def main():
         results[name] = (start, final, per_rank, seconds, base_bytes)
 
     dense_bytes = sum(m.weight.numel() * 4 for n, m in base.named_modules()
-                      if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in
-                      ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                      if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEARS)
     print("\nheld-out loss (nats/byte) before fine-tuning and, after one run, at each rank; "
           "train: mean training loss of the last 20 steps")
     print(f"{'method':<9} {'before':>8} {'train':>8} " + " ".join(f"{'r=' + str(r):>8}" for r in ranks)

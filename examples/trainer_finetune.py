@@ -26,8 +26,7 @@ import torch
 
 import memcompile
 from memcompile import textdata
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from memcompile.config import LLAMA_LINEARS
 
 
 def parse_args(argv=None):
@@ -101,11 +100,11 @@ def build_model(args, vocab: int = textdata.VOCAB):
     if args.lora == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LLAMA_LINEARS)))
     elif args.lora == "qdylora":
         quant = "nf4" if torch.cuda.is_available() or args.model_dir else "none"  # NF4 on CPU runs interpreted
         model = memcompile.prepare(model, {"lora": {"r_max": 8, "alpha": 16, "quant": quant,
-                                                    "targets": LORA_TARGETS, "seed": args.seed}})
+                                                    "targets": LLAMA_LINEARS, "seed": args.seed}})
         sampler = memcompile.RankSampler(model)
     options = {"activation": args.activation}
     if args.optimizer == "fira":

@@ -48,8 +48,11 @@ def partitioner_tag(node: torch.fx.Node) -> str | None:
     return node.meta.get("partitioner_tag")
 
 
-# What ``F.linear`` is in a Dynamo graph: the C function it wraps, or the Python one.
-LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+# Every form a functional linear takes in the graphs memcompile reads: ``F.linear`` (the C function
+# ``torch._C._nn.linear`` on current torch, named twice in case a release wraps it in Python again) in
+# Dynamo's and ``torch.fx.symbolic_trace``'s graphs, ``aten.linear`` in ``torch.export``'s. Each takes
+# ``(input, weight, bias=None)``; ``memcompile.passes._graph.linear_args`` reads them.
+LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
 
 def must_save(node: torch.fx.Node) -> None:

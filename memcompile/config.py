@@ -32,6 +32,8 @@ _METHODS = (METHODS[DEFAULT_ACTIVATION], *(METHODS[k] for k in sorted(METHODS) i
 ACTIVATION_METHODS = (*(m.name for m in _METHODS), "none")
 # The default patterns under activation="none" (nothing is compressed then).
 NO_METHOD_TARGETS = ("*",)
+# The seven linears of a Llama-style decoder layer (Llama, Mistral, Qwen2, ...): lora.targets' default.
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class LoRAConfig:
     r_max: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets: tuple[str, ...] = LLAMA_LINEARS
     quant: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64

@@ -17,11 +17,8 @@ import json
 import torch
 
 from memcompile import reporting
-from memcompile.config import ACTIVATION_METHODS
+from memcompile.config import ACTIVATION_METHODS, LLAMA_LINEARS
 from memcompile.passes.compression import METHODS
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def example_model(name: str, training: str, hidden: int, layers: int, lora_r: int, model_dir: str | None = None):
     """A small random model (or a local HF one), with LoRA on every linear unless ``training="full"``."""
@@ -46,7 +43,7 @@ def example_model(name: str, training: str, hidden: int, layers: int, lora_r: in
     if training == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = LORA_TARGETS if name == "llama" or model_dir else ["c_attn", "c_proj", "c_fc"]
+        targets = list(LLAMA_LINEARS) if name == "llama" or model_dir else ["c_attn", "c_proj", "c_fc"]
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                                  target_modules=targets))
     elif training != "full":

@@ -24,6 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_rank(b: object, r_max: int) -> int:
+    """``b`` if it is a usable LoRA rank (an int in ``1..r_max``); otherwise ``ValueError``."""
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= r_max:
+        raise ValueError(f"LoRA rank must be an int in 1..{r_max}, got {b!r}")
+    return b
+
+
 class LoRALinear(nn.Module):
     """A frozen ``base_layer`` (``NF4Linear`` or ``nn.Linear``) plus a DyLoRA adapter.
 
@@ -73,8 +80,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def set_rank(self, b: int) -> None:
         """Use the first ``b`` adapter features (``1 <= b <= r_max``); updates buffers in place."""
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.r_max:
-            raise ValueError(f"LoRA rank must be an int in 1..{self.r_max}, got {b!r}")
+        check_rank(b, self.r_max)
         idx = torch.arange(self.r_max, device=self.lora_mask.device)
         scale = self.alpha / b
         if self.frozen:
@@ -122,9 +128,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         """``(alpha / b) * B[:, :b] A[:b]`` (``out x in``, fp32): what merging at rank ``b`` adds."""
-        b = self.rank if rank is None else rank
-        if not 1 <= b <= self.r_max:
-            raise ValueError(f"LoRA rank must be in 1..{self.r_max}, got {b}")
+        b = check_rank(self.rank if rank is None else rank, self.r_max)
         return (self.alpha / b) * (self.lora_B[:, :b].float() @ self.lora_A[:b].float())
 
     def extra_repr(self) -> str:
@@ -150,9 +154,7 @@ def set_rank(model: nn.Module, b: int) -> None:
     layers = [m for _, m in lora_layers(model)]
     if not layers:
         raise ValueError("the model has no memcompile LoRA layers; call memcompile.prepare first")
-    r_max = min(m.r_max for m in layers)
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= r_max:
-        raise ValueError(f"LoRA rank must be an int in 1..{r_max}, got {b!r}")
+    check_rank(b, min(m.r_max for m in layers))
     for m in layers:
         m.set_rank(b)
 

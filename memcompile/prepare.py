@@ -1,6 +1,8 @@
 """``prepare(model, config)``: NF4 frozen base + dynamic-rank LoRA (QDyLoRA), by module swap before compiling.
 
-Each linear named by ``config.lora.targets`` becomes a ``LoRALinear`` around a frozen base:
+Each linear that ``config.lora.targets`` names (by path, dotted suffix or path component, as
+``memcompile._targets`` says: ``"self_attn"`` names every linear inside the attention) becomes a
+``LoRALinear`` around a frozen base:
 
 * ``nn.Linear``: quantised to NF4 (``quant="nf4"``, bitsandbytes layout, bit-identical to
   ``bitsandbytes.functional.quantize_4bit``) or kept as it is, frozen (``quant="none"``);
@@ -25,7 +27,6 @@ Example::
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import re
@@ -36,8 +37,9 @@ import torch
 import torch.nn as nn
 
 from memcompile import quant
+from memcompile._targets import matches
 from memcompile.config import LoRAConfig, MemtrainConfig, to_config
-from memcompile.lora import LoRALinear, lora_layers
+from memcompile.lora import LoRALinear, check_rank, lora_layers
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,6 @@ def lora_config(config: MemtrainConfig | LoRAConfig | Mapping[str, Any] | None) 
     if isinstance(config, LoRAConfig):
         return config
     return to_config(config).lora
-
-
-def matches(name: str, patterns) -> bool:
-    """Whether a module path matches a target pattern: ``fnmatch`` on the whole path or on a dotted
-    suffix, as PEFT's ``target_modules`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def _class_if_loaded(module: str, name: str):
@@ -180,11 +176,6 @@ def _check_not_prepared_otherwise(model: nn.Module, cfg: LoRAConfig) -> None:
                              "(memcompile.set_rank changes the rank up to r_max)")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def prepare(model: nn.Module, config: MemtrainConfig | LoRAConfig | Mapping[str, Any] | None = None) -> nn.Module:
     """Swap the targeted linears of ``model`` for NF4/dense frozen bases with DyLoRA adapters.
 
@@ -202,10 +193,14 @@ def prepare(model: nn.Module, config: MemtrainConfig | LoRAConfig | Mapping[str,
     _check_not_prepared_otherwise(model, cfg)
     done: list[str] = []
     unsupported: dict[str, list[str]] = {}
+    # What lies inside an adapter (memcompile's or PEFT's) is never a target itself, though a pattern that
+    # names the layer also matches the modules inside it (``"q_proj"`` matches ``q_proj.base_layer``).
+    peft_layer = _class_if_loaded("peft.tuners.lora", "LoraLayer") or LoRALinear
+    adapters = [n for n, m in model.named_modules() if isinstance(m, (LoRALinear, peft_layer))]
     # Names, not modules: holding every original module until the loop ends would keep every dense
     # weight alive next to its NF4 copy; this way each one is freed as soon as it is replaced.
     for name in [n for n, _ in model.named_modules()]:
-        if not name or not matches(name, cfg.targets) or any(name.startswith(d + ".") for d in done):
+        if not name or not matches(name, cfg.targets) or any(name.startswith(d + ".") for d in adapters + done):
             continue
         module = model.get_submodule(name)
         layer = convert_layer(module, cfg, name)
@@ -213,7 +208,7 @@ def prepare(model: nn.Module, config: MemtrainConfig | LoRAConfig | Mapping[str,
             if not isinstance(module, LoRALinear) and isinstance(getattr(module, "weight", None), torch.Tensor):
                 unsupported.setdefault(_qualname(module), []).append(name)  # a layer, not a container
             continue
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         done.append(name)
     classes = "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                         for cls, names in unsupported.items())
@@ -275,7 +270,7 @@ def merge_lora(model: nn.Module, rank: int | None = None) -> nn.Module:
         linear.weight = nn.Parameter(merged, requires_grad=False)
         if base.bias is not None:
             linear.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
-        _set_submodule(model, name, linear)
+        model.set_submodule(name, linear)
     return model
 
 
@@ -294,9 +289,7 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike, rank: int | N
     if not layers:
         raise ValueError("the model has no memcompile LoRA layers")
     r_max = min(m.r_max for _, m in layers)
-    b = layers[0][1].rank if rank is None else rank
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= r_max:
-        raise ValueError(f"LoRA rank must be an int in 1..{r_max}, got {b!r}")
+    b = check_rank(layers[0][1].rank if rank is None else rank, r_max)
     alphas = {name: m.alpha for name, m in layers}
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     dropouts = {m.lora_dropout.p for _, m in layers if isinstance(m.lora_dropout, nn.Dropout)}

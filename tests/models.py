@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from memcompile.config import LLAMA_LINEARS
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128, seed: int = 0):
@@ -20,10 +20,10 @@ def tiny_lora_llama(r: int = 4, seed: int = 0, **kw):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llama(seed=seed, **kw), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                                   target_modules=LORA_TARGETS))
+                                                                   target_modules=list(LLAMA_LINEARS)))
     # PEFT starts B at zero; random B makes the A gradients (the compressed ones) non-zero.
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
-    assert len(lora_b) == len(LORA_TARGETS) * model.config.num_hidden_layers, "PEFT missed target modules"
+    assert len(lora_b) == len(LLAMA_LINEARS) * model.config.num_hidden_layers, "PEFT missed target modules"
     with torch.no_grad():
         for p in lora_b:
             p.normal_(std=0.05)

@@ -9,6 +9,7 @@ import torch
 
 import memcompile
 from memcompile import activation_state
+from memcompile.config import LLAMA_LINEARS
 from memcompile.passes.compression import compact, velora
 from memcompile.marks import grad_approximation
 from tests import models, reference
@@ -268,7 +269,7 @@ def test_bf16_base_with_fp32_adapters_shares_one_compressed_copy():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(models.tiny_llama(layers=1).to(torch.bfloat16),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_LINEARS)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

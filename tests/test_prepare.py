@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from memcompile.config import LLAMA_LINEARS
 from memcompile.quant.nf4.nf4_quant import nf4_quantize
 from memcompile.lora import LoRALinear, RankSampler, get_rank, set_rank
 from memcompile.quant.nf4.module import NF4Linear
@@ -15,7 +16,7 @@ from tests import models
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-TARGETS = models.LORA_TARGETS
+TARGETS = LLAMA_LINEARS
 R_MAX, ALPHA = 4, 8.0
 
 

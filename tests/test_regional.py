@@ -11,6 +11,7 @@ import torch
 import memcompile
 from memcompile import _torch_compat as tc
 from memcompile import activation_state
+from memcompile.config import LLAMA_LINEARS
 from memcompile.passes.compression import velora
 from tests import models
 
@@ -88,7 +89,7 @@ def test_regional_equals_whole_model_prepared_nf4_compact():
 
     def build():
         model = prepare(models.tiny_llama(layers=2, hidden=64, inter=128),
-                        memcompile.MemtrainConfig(lora={"r_max": 4, "targets": models.LORA_TARGETS}))
+                        memcompile.MemtrainConfig(lora={"r_max": 4, "targets": LLAMA_LINEARS}))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("lora_B"):
@@ -109,7 +110,7 @@ def test_regional_equals_whole_model_qwen2_velora():
         torch.manual_seed(0)
         cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-        model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+        model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_LINEARS)))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -221,7 +222,7 @@ def test_regional_inductor_bf16_variable_lengths():
 
     torch.manual_seed(0)
     model = get_peft_model(models.tiny_llama(layers=3).to(torch.bfloat16),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_LINEARS)))
     memcompile.compile_blocks(model, {"activation": "velora", "velora": {"num_groups": 8}})
     graphs = tc.dynamo_graph_count()
     for t in (16, 24, 40):

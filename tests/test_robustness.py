@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import memcompile
+from memcompile.config import LLAMA_LINEARS
 from tests import models
 
 
@@ -144,7 +145,7 @@ def test_inductor_bf16_report_predicts_what_it_measures():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(models.tiny_llama(layers=1).to(torch.bfloat16),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=models.LORA_TARGETS))
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_LINEARS)))
     ids = models.batch()
     compiled = torch.compile(model, backend="memtrain", options={"activation": "velora", "velora": {"num_groups": 8}})
     compiled(input_ids=ids, labels=ids).loss.backward()

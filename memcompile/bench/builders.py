@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from memcompile.bench import models
 from memcompile.bench.setups import Setup
+from memcompile.config import LLAMA_LINEARS
 
 LORA = dict(r=16, alpha=32, dropout=0.0)  # the anchors' adapters: r=16, alpha 32, no dropout, 7 linears
 TRAIN_LR = 1e-4  # the anchors' learning rate
@@ -110,7 +111,7 @@ def _peft_lora(model: nn.Module) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], task_type="CAUSAL_LM",
-                     target_modules=list(models.LORA_TARGETS))
+                     target_modules=list(LLAMA_LINEARS))
     return get_peft_model(model, cfg)
 
 
@@ -119,7 +120,7 @@ def _prepare(model: nn.Module, options: dict) -> tuple[nn.Module, Callable, Call
     import memcompile
 
     lora = {"r_max": LORA["r"], "alpha": float(LORA["alpha"]), "dropout": LORA["dropout"],
-            "targets": models.LORA_TARGETS, "quant": "nf4", "double_quant": True, "dynamic": True}
+            "targets": LLAMA_LINEARS, "quant": "nf4", "double_quant": True, "dynamic": True}
     model = memcompile.prepare(model, {**options, "lora": lora})
     return model, memcompile.RankSampler(model).step, lambda: memcompile.set_rank(model, LORA["r"])
 

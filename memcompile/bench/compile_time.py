@@ -29,6 +29,7 @@ def _build(model_name: str, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaForCausalLM
 
     from memcompile.bench import models
+    from memcompile.config import LLAMA_LINEARS
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -36,7 +37,7 @@ def _build(model_name: str, dtype: torch.dtype, device: torch.device):
     model.config.use_cache = False
     model.train()
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                            target_modules=list(models.LORA_TARGETS)))
+                                            target_modules=list(LLAMA_LINEARS)))
 
 
 def run_variant(args) -> dict:

@@ -31,8 +31,6 @@ MODELS: dict[str, dict] = {
                  num_key_value_heads=2, vocab_size=256),
 }
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def model_config(name: str):
     from transformers import LlamaConfig

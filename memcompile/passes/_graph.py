@@ -1,4 +1,4 @@
-"""Small graph utilities shared by the passes: inlining traced code, view chains, dumps."""
+"""Small graph utilities shared by the passes: inlining traced code, view chains, linear calls, dumps."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,13 @@ TRANSPOSE_OPS = frozenset({aten.t.default, aten.permute.default, aten.transpose.
 
 def is_call(node: object, targets: Iterable) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def linear_args(node: fx.Node) -> tuple:
+    """``(input, weight, bias)`` of a functional linear call (``_torch_compat.LINEAR_FUNCTIONS``), by
+    position or keyword; ``bias`` is ``None`` when the call has none."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    return tuple(node.kwargs.get(k, a) for k, a in zip(("input", "weight", "bias"), args))
 
 
 def view_base(node: fx.Node) -> fx.Node:

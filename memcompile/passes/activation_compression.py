@@ -24,7 +24,6 @@ Use it on its own on any AOTAutograd joint graph (``partitioner_tag`` metadata p
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import warnings
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from memcompile._targets import matches
 from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, is_checkpointed, must_save, partitioner_tag, size_hint
 from memcompile.config import MemtrainConfig
 
@@ -94,16 +94,6 @@ class CompressActivations(GraphPass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> CompressionResult:
         return compress_activations(gm, self.config, ctx.input_names, ctx.decompositions,
                                     caller_held=ctx.inputs_from_frame, in_block=ctx.in_block)
-
-
-def matches(name: str, patterns: Sequence[str]) -> bool:
-    """Whether a module/parameter path matches any pattern: fnmatch on the whole path, as a dotted
-    suffix, or as a dotted path segment (``"lora_A"`` matches ``"...q_proj.lora_A.default"``)."""
-    padded = f".{name}."
-    for p in patterns:
-        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) or f".{p}." in padded:
-            return True
-    return False
 
 
 def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | None, int]:

@@ -36,6 +36,7 @@ from memcompile.kernels import cross_entropy as kernel
 from memcompile.kernels import linear_cross_entropy as linear_kernel
 from memcompile.ops import memtrain
 
+from ._graph import linear_args
 from .base import GraphPass, PassResult
 
 NAME = "cross_entropy"
@@ -75,9 +76,7 @@ def linear_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(h, W)`` when ``node`` is ``F.linear(h, W)`` without a bias, else ``None``."""
     if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
         return None
-    args = list(node.args) + [None] * (3 - len(node.args))
-    h, w = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
-    bias = node.kwargs.get("bias", args[2])
+    h, w, bias = linear_args(node)
     if bias is not None or not isinstance(h, fx.Node) or not isinstance(w, fx.Node):
         return None
     return h, w

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from memcompile.config import LLAMA_LINEARS
 from memcompile.marks import mark_grad_approximation
 from memcompile.optim import Fira, fira_param_groups
 
@@ -365,7 +366,7 @@ def test_fira_param_groups_on_hf_llama_targets_attention_and_mlp():
     adamw, fira = fira_param_groups(model, rank=4)
     names = {id(p): n for n, p in model.named_parameters()}
     fira_names = {names[id(p)].split(".")[-2] for p in fira["params"]}
-    assert fira_names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert fira_names == set(LLAMA_LINEARS)
     assert len(fira["params"]) == 14
     assert sorted(names[id(p)] for p in adamw["params"]) == sorted(
         ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]

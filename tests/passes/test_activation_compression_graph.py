@@ -4,8 +4,9 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memcompile import MemtrainConfig
+from memcompile._targets import matches
 from memcompile._torch_compat import aot_autograd, make_boxed_func, min_cut_rematerialization_partition
-from memcompile.passes.activation_compression import compress_activations, matches
+from memcompile.passes.activation_compression import compress_activations
 
 aten = torch.ops.aten
 

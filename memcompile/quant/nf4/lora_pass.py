@@ -31,19 +31,19 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from memcompile._targets import matches
+from memcompile._torch_compat import LINEAR_FUNCTIONS
 from memcompile.config import LoRAConfig, MemtrainConfig
 from memcompile.lora import LoRALinear
-from memcompile.prepare import convert_layer, lora_config, matches
+from memcompile.passes._graph import linear_args
+from memcompile.prepare import convert_layer, lora_config
 
 log = logging.getLogger(__name__)
 
 NAME = "nf4_lora"
-_LINEAR_FUNCTIONS = (F.linear, torch.ops.aten.linear.default)
 
 
 @dataclass
@@ -78,9 +78,15 @@ def _free_name(gm: fx.GraphModule, path: str) -> str:
         name = f"{path}_{i}"
 
 
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    owner, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(owner) if owner else gm, name, module)
+# The parts of an adapter, as ``LoRALinear`` and PEFT name them. A traced graph keeps module paths, not
+# classes (its owners of ``q_proj.base_layer`` are plain modules), so an adapter is known by these names.
+_ADAPTER_PARTS = frozenset({"base_layer", "lora_A", "lora_B"})
+
+
+def _in_adapter(path: str) -> bool:
+    """Whether ``path`` lies inside an adapter (its base layer, its A or B): a pattern that names the layer
+    matches them too, as path components, but they are never targets themselves."""
+    return not _ADAPTER_PARTS.isdisjoint(path.split("."))
 
 
 def _inline(gm: fx.GraphModule, node: fx.Node, path: str, layer: LoRALinear, x: fx.Node) -> fx.Node:
@@ -100,15 +106,6 @@ def _inline(gm: fx.GraphModule, node: fx.Node, path: str, layer: LoRALinear, x: 
                 new.meta["memtrain_pass"] = NAME
                 env[n] = new
     raise AssertionError("traced layer has no output")
-
-
-def _linear_args(node: fx.Node):
-    """``(x, weight, bias)`` nodes of a functional linear call."""
-    args = list(node.args) + [None] * (3 - len(node.args))
-    x = node.kwargs.get("input", args[0])
-    w = node.kwargs.get("weight", args[1])
-    b = node.kwargs.get("bias", args[2])
-    return x, w, b
 
 
 def _only_holds(gm: fx.GraphModule, owner: str, node: fx.Node, attrs: tuple) -> bool:
@@ -148,7 +145,8 @@ def swap_nf4_lora(gm: fx.GraphModule, config: MemtrainConfig | LoRAConfig | Mapp
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if isinstance(module, LoRALinear) or not matches(node.target, cfg.targets):
+            if (isinstance(module, LoRALinear) or not matches(node.target, cfg.targets)
+                    or _in_adapter(node.target)):
                 continue
             if len(node.args) != 1 or node.kwargs:
                 result.skipped.append({"target": node.target, "reason": "called with more than one input"})
@@ -158,11 +156,13 @@ def swap_nf4_lora(gm: fx.GraphModule, config: MemtrainConfig | LoRAConfig | Mapp
                 result.skipped.append({"target": node.target, "reason": f"{type(module).__name__} is not supported"})
                 continue
             path, x, kind = node.target, node.args[0], "module"
-            _set_submodule(gm, path, layer)
+            gm.set_submodule(path, layer)
             dead, take_owner = (), False
-        elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
-            x, w, b = _linear_args(node)
+        elif node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
+            x, w, b = linear_args(node)
             if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(_attr(gm, w.target), nn.Parameter)):
+                continue
+            if _in_adapter(w.target):
                 continue
             owner = w.target.removesuffix(".weight")
             if not (matches(owner, cfg.targets) or matches(w.target, cfg.targets)):
@@ -183,7 +183,7 @@ def swap_nf4_lora(gm: fx.GraphModule, config: MemtrainConfig | LoRAConfig | Mapp
             take_owner = _only_holds(gm, owner, node, dead)
             path = owner if take_owner else _free_name(gm, w.target.replace(".", "_") + "_lora")
             if not take_owner:
-                _set_submodule(gm, path, layer)
+                gm.set_submodule(path, layer)
         else:
             continue
         out = _inline(gm, node, path, layer, x)
@@ -192,7 +192,7 @@ def swap_nf4_lora(gm: fx.GraphModule, config: MemtrainConfig | LoRAConfig | Mapp
         for d in dead:
             _drop_if_unused(gm, d)
         if take_owner:
-            _set_submodule(gm, path, layer)
+            gm.set_submodule(path, layer)
         result.new_params += [layer.lora_A, layer.lora_B]
         result.replaced.append({"target": path, "kind": kind, "shape": (layer.out_features, layer.in_features),
                                 "base": type(layer.base_layer).__name__})
