@@ -44,7 +44,8 @@ class LoRAConfig:
         r_max: maximum LoRA rank (adapters are allocated at this rank).
         alpha: LoRA alpha; the update is scaled by ``alpha / b`` at rank ``b``.
         dropout: dropout on the adapter input.
-        targets: module-name patterns of the linears to adapt.
+        targets: module-name patterns of the linears to adapt, read as ``targets`` is (``memcompile._targets``);
+            a pattern naming a container (``"self_attn"``) adapts the linears inside it.
         quant: a scheme of ``memcompile.quant`` (``"nf4"``: frozen base in bitsandbytes NF4) or ``"none"``.
         double_quant: quantise the NF4 absmax to 8 bits in blocks of 256 (bitsandbytes layout).
         blocksize: NF4 block size.
@@ -114,8 +115,9 @@ class MemtrainConfig:
             each in ``memcompile/passes/compression/``) or ``"none"``: how saved linear inputs are compressed.
         targets: module-name patterns of the linears whose input is compressed; ``None`` takes the
             method's default (VeLoRA: LoRA A inputs, ``v_proj``, ``down_proj``; CompAct: every
-            linear). A pattern matches a module path by ``fnmatch``, as a suffix, or as a path
-            component (``"lora_A"`` matches ``...q_proj.lora_A.default``).
+            linear). A pattern matches a module path by ``fnmatch``, as a suffix, or as path
+            components (``"lora_A"`` matches ``...q_proj.lora_A.default``): ``memcompile._targets``, the one
+            rule for ``targets``, ``exclude`` and ``lora.targets``.
         exclude: patterns never compressed (default: ``lm_head``, LoRA B, embeddings; CompAct also
             leaves the attention output projection alone, as its paper does). Layers whose input stays
             saved anyway for another backward op are skipped and reported whatever the patterns.
