@@ -18,6 +18,7 @@ Defaults on CPU: the tiny model, seq 64, batch 2, 1 warm-up + 3 timed steps.
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, TRAIN_DEFAULT
 
@@ -119,39 +120,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The module of memcompile.bench that runs each mode, imported on use (most import transformers or triton).
+MODES = {"train": "train", "converge": "converge", "estimate": "estimate", "compile-time": "compile_time",
+         "max-context": "max_context", "gpu": "gpu_check", "render-gpu": "gpu_report", "kernels": "kernels"}
+
+
 def main(argv: list[str] | None = None):
     args = parser().parse_args(argv)
-    if args.mode == "train":
-        from memcompile.bench import train
-
-        return train.main(args)
-    if args.mode == "estimate":
-        from memcompile.bench import estimate
-
-        return estimate.main(args)
-    if args.mode == "compile-time":
-        from memcompile.bench import compile_time
-
-        return compile_time.main(args)
-    if args.mode == "converge":
-        from memcompile.bench import converge
-
-        return converge.main(args)
-    if args.mode == "gpu":
-        from memcompile.bench import gpu_check
-
-        return gpu_check.main(args)
-    if args.mode == "render-gpu":
-        from memcompile.bench import gpu_report
-
-        return gpu_report.main(args)
-    if args.mode == "max-context":
-        from memcompile.bench import max_context
-
-        return max_context.main(args)
-    from memcompile.bench import kernels
-
-    return kernels.main(args)
+    return importlib.import_module(f"memcompile.bench.{MODES[args.mode]}").main(args)
 
 
 if __name__ == "__main__":

@@ -136,19 +136,11 @@ SETUPS: dict[str, Setup] = _table(
           optimizer="galore", lr=1e-2),
     Setup("fira", "full-parameter training, Fira (memcompile.optim.Fira)", adapter="none", optimizer="fira",
           lr=1e-2),
-    # What the moments become at a projector refresh (Fira's moment_transfer), one setup per mode.
-    Setup("galore_official", "GaLore, moment_transfer='official'", adapter="none", optimizer="galore",
-          moment_transfer="official", lr=1e-2, modes=("converge",)),
-    Setup("galore_align", "GaLore, moment_transfer='align'", adapter="none", optimizer="galore",
-          moment_transfer="align", lr=1e-2, modes=("converge",)),
-    Setup("galore_rotate", "GaLore, moment_transfer='rotate'", adapter="none", optimizer="galore",
-          moment_transfer="rotate", lr=1e-2, modes=("converge",)),
-    Setup("fira_official", "Fira, moment_transfer='official'", adapter="none", optimizer="fira",
-          moment_transfer="official", lr=1e-2, modes=("converge",)),
-    Setup("fira_align", "Fira, moment_transfer='align'", adapter="none", optimizer="fira",
-          moment_transfer="align", lr=1e-2, modes=("converge",)),
-    Setup("fira_rotate", "Fira, moment_transfer='rotate'", adapter="none", optimizer="fira",
-          moment_transfer="rotate", lr=1e-2, modes=("converge",)),
+    # What the moments become at a projector refresh (Fira's moment_transfer), one setup per optimizer and mode:
+    # galore_official, galore_align, galore_rotate, fira_official, fira_align, fira_rotate.
+    *(Setup(f"{optimizer}_{mode}", f"{label}, moment_transfer={mode!r}", adapter="none", optimizer=optimizer,
+            moment_transfer=mode, lr=1e-2, modes=("converge",))
+      for optimizer, label in (("galore", "GaLore"), ("fira", "Fira")) for mode in ("official", "align", "rotate")),
     # One question, three answers on the same pools of 2x batch drawn in proportion to source size: train on
     # all of it, on a random half, or on the half CoLM picks (small sources kept whole, the rest by
     # facility location on zeroth-order gradients). Only the rows that train differ.
