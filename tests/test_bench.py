@@ -121,6 +121,17 @@ def test_moment_transfer_setups_reach_the_optimizer():
         Setup("x", "AdamW with a Fira option", optimizer="adamw", moment_transfer="align")
 
 
+def test_every_mode_runs_a_module_with_main():
+    import argparse
+    import importlib
+
+    from memcompile.bench.__main__ import MODES, parser
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(MODES)
+    assert all(callable(importlib.import_module(f"memcompile.bench.{m}").main) for m in MODES.values())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
 def test_kernels_mode_without_cuda_says_so():
     from memcompile.bench.__main__ import main
