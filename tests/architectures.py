@@ -165,7 +165,8 @@ def linear_names(model: torch.nn.Module) -> list[str]:
             if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head and "lm_head" not in n]
 
 
-def write_doc(path: str, results: dict[str, str] | None = None, seconds: float | None = None) -> None:
+def write_doc(path: str, results: dict[str, str] | None = None, seconds: float | None = None,
+              note: str | None = None) -> None:
     """``docs/architectures.md``: each architecture, swept or skipped and why."""
     rows, skipped = [], {}
     for model_type, cls in architectures().items():
@@ -193,7 +194,8 @@ def write_doc(path: str, results: dict[str, str] | None = None, seconds: float |
     lines.append(f"transformers {transformers.__version__}, torch {torch.__version__}: {len(rows)} build tiny "
                  f"({counts['pass']} pass, {counts['fail']} fail, {counts['not run']} not run in the sweep this "
                  f"file records), {len(skipped)} skipped"
-                 + (f"; the sweep took {seconds / 60:.0f} min on CPU." if seconds else "."))
+                 + (f"; the sweep took {seconds / 60:.0f} min on CPU." if seconds else ".")
+                 + (f" {note}" if note else ""))
     lines += ["", "## Swept", "", "| model_type | class | result |", "| --- | --- | --- |"]
     lines += [f"| {t} | {c} | {r} |" for t, c, r in rows]
     lines += ["", "## Skipped", "", "| model_type | class | reason |", "| --- | --- | --- |"]
@@ -207,6 +209,7 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help="run the sweep (pytest) and record its results")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "architectures.md"))
     parser.add_argument("--log", help="results of an earlier sweep (MEMTRAIN_SWEEP_LOG) instead of --run")
+    parser.add_argument("--note", help="where the results come from, when not from one --run")
     args = parser.parse_args()
     results, seconds, log = None, None, args.log
     if args.run:
@@ -223,7 +226,7 @@ def main() -> None:
         seconds = time.time() - start
     if log:
         results = read_log(log)
-    write_doc(args.out, results, seconds)
+    write_doc(args.out, results, seconds, args.note)
 
 
 def read_log(path: str) -> dict[str, str]:
