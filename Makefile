@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(PY) examples/finetune.py $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check memcompile tests examples
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

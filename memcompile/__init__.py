@@ -4,15 +4,46 @@
     ...
     print(memcompile.report())
 """
-from memcompile.backend import memtrain
-from memcompile.config import LoRAConfig, MemtrainConfig
-from memcompile.passes.compression.compact import CompActConfig
-from memcompile.passes.compression.velora import VeLoRAConfig
-from memcompile.regional import compile_blocks
-from memcompile.reporting import clear_reports, report, reports
-from memcompile import activation_state
-from memcompile.lora import LoRALinear, RankSampler, get_rank, set_rank
-from memcompile.prepare import export_peft_adapter, merge_lora, prepare, quantized_layers
+import importlib
+
+# Public names and the module each comes from, imported on first use: ``import memcompile`` loads
+# neither torch nor Triton until something is used (the backend itself is found through the
+# ``torch_dynamo_backends`` entry point).
+_EXPORTS = {
+    "memtrain": "memcompile.backend",
+    "LoRAConfig": "memcompile.config",
+    "MemtrainConfig": "memcompile.config",
+    "CompActConfig": "memcompile.passes.compression.compact",
+    "VeLoRAConfig": "memcompile.passes.compression.velora",
+    "LoRALinear": "memcompile.lora",
+    "RankSampler": "memcompile.lora",
+    "get_rank": "memcompile.lora",
+    "set_rank": "memcompile.lora",
+    "export_peft_adapter": "memcompile.prepare",
+    "merge_lora": "memcompile.prepare",
+    "prepare": "memcompile.prepare",
+    "quantized_layers": "memcompile.prepare",
+    "compile_blocks": "memcompile.regional",
+    "clear_reports": "memcompile.reporting",
+    "report": "memcompile.reporting",
+    "reports": "memcompile.reporting",
+}
+_SUBMODULES = ("activation_state",)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"memcompile.{name}")
+    else:
+        raise AttributeError(f"module 'memcompile' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
 
 
 def trainer_callback(sampler=None, coreset=None, **kwargs):

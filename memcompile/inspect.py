@@ -20,6 +20,7 @@ from memcompile import reporting
 from memcompile.config import ACTIVATION_METHODS, LLAMA_LINEARS
 from memcompile.passes.compression import METHODS
 
+
 def example_model(name: str, training: str, hidden: int, layers: int, lora_r: int, model_dir: str | None = None):
     """A small random model (or a local HF one), with LoRA on every linear unless ``training="full"``."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

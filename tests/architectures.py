@@ -80,7 +80,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def tiny_config(model_type: str):
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     try:
         cls = CONFIG_MAPPING[model_type]

@@ -10,8 +10,8 @@ import torch
 import memcompile
 from memcompile import activation_state
 from memcompile.config import LLAMA_LINEARS
-from memcompile.passes.compression import compact, velora
 from memcompile.marks import grad_approximation
+from memcompile.passes.compression import compact, velora
 from tests import models, reference
 
 

@@ -80,7 +80,8 @@ def test_failures_become_rows():
 
 def test_unavailable_follows_what_memcompile_exports():
     import memcompile
-    from memcompile.bench.setups import SETUPS as TABLE, unavailable
+    from memcompile.bench.setups import SETUPS as TABLE
+    from memcompile.bench.setups import unavailable
 
     has_prepare = callable(getattr(memcompile, "prepare", None))
     assert (unavailable(TABLE["memtrain_qdylora"]) is None) == has_prepare
@@ -88,7 +89,8 @@ def test_unavailable_follows_what_memcompile_exports():
 
 
 def test_setup_table_is_well_formed():
-    from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS as TABLE, TRAIN_DEFAULT, select
+    from memcompile.bench.setups import CONVERGE_DEFAULT, TRAIN_DEFAULT, select
+    from memcompile.bench.setups import SETUPS as TABLE
 
     for name, s in TABLE.items():
         assert s.name == name

@@ -51,3 +51,15 @@ def test_the_check_finds_a_cycle():
     graph["memcompile.passes.activation_compression"] += ("memcompile.pipeline",)
     assert any("memcompile.pipeline" in c and "memcompile.passes.activation_compression" in c
                for c in _cycles(graph))
+
+
+def test_import_memcompile_is_light_and_every_public_name_resolves():
+    import subprocess
+    import sys
+
+    code = ("import sys, memcompile; loaded = [m for m in ('torch', 'triton') if m in sys.modules]; "
+            "print(','.join(loaded) or 'none'); "
+            "missing = [n for n in memcompile.__all__ if getattr(memcompile, n, None) is None]; print(missing)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "none"  # nothing heavy until a name is used
+    assert out[1] == "[]"

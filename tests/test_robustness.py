@@ -1,6 +1,5 @@
 """Defects users met outside the well-trodden path: gradient checkpointing, autocast, bf16 under
 Inductor, layer classes other than nn.Linear, options that silently did nothing, wrapped errors."""
-import logging
 import warnings
 
 import pytest

@@ -4,7 +4,6 @@ because the compression state (CompAct's step counters, VeLoRA's vectors), the r
 the coreset selector's state travel in the trainer's own checkpoints."""
 import importlib.util
 import os
-import shutil
 
 import pytest
 import torch

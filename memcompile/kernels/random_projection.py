@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, autotune, triton, tl, use_triton
+from ._triton import HAS_TRITON, autotune, tl, triton, use_triton
 
 
 def gaussian_sketch_ref(seed: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from memcompile._torch_compat import must_recompute, partitioner_tag
+
 from ._graph import VIEW_OPS
 from .base import GraphPass, PassResult
 

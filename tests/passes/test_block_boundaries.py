@@ -3,8 +3,12 @@ the backward never rebuilds one block's input through the blocks before it."""
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import activation_memory_budget, aot_autograd, make_boxed_func, \
-    min_cut_rematerialization_partition
+from memcompile._torch_compat import (
+    activation_memory_budget,
+    aot_autograd,
+    make_boxed_func,
+    min_cut_rematerialization_partition,
+)
 from memcompile.passes.block_boundaries import block_of, mark_block_inputs
 
 

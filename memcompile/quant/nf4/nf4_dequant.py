@@ -18,7 +18,6 @@ import torch
 
 from memcompile.kernels._triton import HAS_TRITON, autotune, tl, triton, use_triton
 
-
 if HAS_TRITON:
 
     # Memory-bound: a few block sizes and warp counts. The interpreter's cost is per program, so it gets

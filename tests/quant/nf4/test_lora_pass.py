@@ -4,10 +4,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memcompile.quant.nf4.nf4_quant import nf4_quantize
 from memcompile.lora import LoRALinear, RankSampler, set_rank
-from memcompile.quant.nf4.lora_pass import swap_nf4_lora
 from memcompile.prepare import prepare
+from memcompile.quant.nf4.lora_pass import swap_nf4_lora
+from memcompile.quant.nf4.nf4_quant import nf4_quantize
 
 CFG = {"lora": {"r_max": 4, "alpha": 8.0, "targets": ["q_proj", "w_v", "down"]}}
 NF4_LINEAR = torch.ops.memtrain.nf4_linear.default

@@ -4,8 +4,7 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-from memcompile.quant.nf4.nf4_quant import (NF4_CODE, decode_absmax, dynamic_map, nf4_quantize,  # noqa: E402
-                                          quantize_blockwise_8bit)
+from memcompile.quant.nf4.nf4_quant import NF4_CODE, decode_absmax, dynamic_map, nf4_quantize, quantize_blockwise_8bit  # noqa: E402
 
 # Odd on purpose: no dimension a multiple of the block size, odd element counts, a single element.
 SHAPES = [(33, 77), (65, 31), (7, 3), (1, 1), (130, 257)]
