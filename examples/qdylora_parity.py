@@ -24,9 +24,9 @@ import time
 import torch
 from tqdm import tqdm
 
+from memcompile.adapt import prepare, quantized_layers
 from memcompile.config import LLAMA_LINEARS
 from memcompile.lora import RankSampler, set_rank
-from memcompile.prepare import prepare, quantized_layers
 
 
 def stdlib_bytes(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:

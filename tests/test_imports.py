@@ -63,3 +63,13 @@ def test_import_memcompile_is_light_and_every_public_name_resolves():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "none"  # nothing heavy until a name is used
     assert out[1] == "[]"
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    # A submodule named like a public function would replace it on the package once imported.
+    import importlib.util
+
+    import memcompile
+
+    for name in memcompile.__all__:
+        assert importlib.util.find_spec(f"memcompile.{name}") is None or name in memcompile._SUBMODULES, name

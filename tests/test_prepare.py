@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from memcompile.adapt import export_peft_adapter, merge_lora, prepare, quantized_layers
 from memcompile.config import LLAMA_LINEARS
 from memcompile.lora import LoRALinear, RankSampler, get_rank, set_rank
-from memcompile.prepare import export_peft_adapter, merge_lora, prepare, quantized_layers
 from memcompile.quant.nf4.module import NF4Linear
 from memcompile.quant.nf4.nf4_quant import nf4_quantize
 from tests import models

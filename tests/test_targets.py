@@ -9,10 +9,10 @@ import torch.nn as nn
 
 from memcompile import _targets
 from memcompile._targets import matches
+from memcompile.adapt import prepare
 from memcompile.config import LLAMA_LINEARS, MemtrainConfig
 from memcompile.lora import LoRALinear
 from memcompile.passes import activation_compression
-from memcompile.prepare import prepare
 from memcompile.quant.nf4 import lora_pass
 from tests import models
 

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import must_recompute, partitioner_tag
+from memcompile._torch_compat import must_recompute, partitioner_tag, size_hint
 
 from ._graph import VIEW_OPS
 from .base import GraphPass, PassResult
@@ -39,10 +39,10 @@ def _numel(node: fx.Node) -> int | None:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return math.prod(int(s) for s in val.shape)
-    except (TypeError, ValueError):  # unbacked symbolic sizes: no decision
-        return None
+    # The example sizes, without guarding on them: ``int()`` of a symbolic size would specialise the
+    # graph to this length and make every other length recompile.
+    sizes = [size_hint(s) for s in val.shape]
+    return None if None in sizes else math.prod(sizes)
 
 
 def _forward(node: fx.Node) -> bool:

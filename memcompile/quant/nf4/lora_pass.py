@@ -36,10 +36,10 @@ import torch.nn as nn
 
 from memcompile._targets import matches
 from memcompile._torch_compat import LINEAR_FUNCTIONS
+from memcompile.adapt import convert_layer, lora_config
 from memcompile.config import LoRAConfig, MemtrainConfig
 from memcompile.lora import LoRALinear
 from memcompile.passes._graph import linear_args
-from memcompile.prepare import convert_layer, lora_config
 
 log = logging.getLogger(__name__)
 

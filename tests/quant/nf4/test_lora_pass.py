@@ -4,8 +4,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memcompile.adapt import prepare
 from memcompile.lora import LoRALinear, RankSampler, set_rank
-from memcompile.prepare import prepare
 from memcompile.quant.nf4.lora_pass import swap_nf4_lora
 from memcompile.quant.nf4.nf4_quant import nf4_quantize
 
