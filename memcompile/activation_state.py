@@ -9,11 +9,19 @@ each layer's own ``v`` and step counter, two models with the same module names k
 ``.to()`` moves ``v`` with the next call. Checkpoint it with ``state_dict(model)`` /
 ``load_state_dict(model, state)``, keyed by the model's parameter names.
 
+Under FSDP2 (``fully_shard``) the forward receives the module's unsharded parameters, which FSDP2
+creates at the first all-gather and keeps for the rest of training (their storage is freed between
+uses, the objects stay): the state lives on those, one per process. ``state_dict``/``load_state_dict``
+/``reset``/``velora_vectors`` reach them through ``FSDPModule.unshard()``, so with FSDP2 they are
+collective: call them on every process. Each process keeps its own state (VeLoRA's ``v`` is
+estimated from the process's own batch): save it per process.
+
 The graph nodes of these ops are never recomputed (the pass marks them must-save): recomputing them
 in the backward would count a step twice or re-estimate ``v`` from another batch.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
@@ -59,18 +67,36 @@ def _state_of(owner: torch.Tensor, create: bool = True) -> LayerState | None:
     return state
 
 
+def _owners(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters by name, as the compiled forward receives them: for a parameter that FSDP2
+    shards, its unsharded parameter (all-gathered here, one FSDP module at a time, then resharded)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no module of the model can be FSDP's
+    modules = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp is not None else []
+    owners = dict(model.named_parameters(remove_duplicate=False))
+    for module in modules:
+        module.unshard()
+        try:
+            # The parameters ``module`` manages are now plain (unsharded) tensors, the others DTensors.
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if not isinstance(p, torch.distributed.tensor.DTensor):
+                    owners[name] = p
+        finally:
+            module.reshard()
+    return owners
+
+
 def state_dict(model: torch.nn.Module) -> dict[str, dict]:
     """The VeLoRA vectors and CompAct seeds/counters of ``model``'s layers, by parameter name, to save
     with a training checkpoint."""
+    owners = _owners(model)
     with _LOCK:
-        return {name: state.to_dict() for name, p in model.named_parameters(remove_duplicate=False)
-                if (state := _state_of(p, create=False)) is not None}
+        return {name: state.to_dict() for name, p in owners.items() if (state := _state_of(p, create=False)) is not None}
 
 
 def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
     """Restore what ``state_dict(model)`` returned, so a resumed run uses the same ``v`` and seeds.
     Layers absent from ``state`` start afresh; names ``model`` lacks are an error."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _owners(model)
     unknown = sorted(set(state) - set(params))
     if unknown:
         raise KeyError(f"activation state for parameters the model does not have: {unknown[:5]}")
@@ -86,9 +112,10 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
 def reset(model: torch.nn.Module | None = None) -> None:
     """Forget the state of ``model``'s layers (every model's, without one): the next training step
     re-estimates VeLoRA's vectors and restarts CompAct's counters."""
+    params = None if model is None else _owners(model)
     with _LOCK:
-        if model is not None:
-            owners = [p for p in model.parameters() if _state_of(p, create=False) is not None]
+        if params is not None:
+            owners = [p for p in params.values() if _state_of(p, create=False) is not None]
         else:
             owners = [o for ref in list(_OWNERS.values()) if (o := ref()) is not None]
             _SEEDS_DRAWN.clear()
@@ -99,8 +126,9 @@ def reset(model: torch.nn.Module | None = None) -> None:
 
 def velora_vectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Each compressed layer group's estimated ``v``, by the name of the weight that owns it."""
+    owners = _owners(model)
     with _LOCK:
-        return {name: s.velora_v for name, p in model.named_parameters()
+        return {name: s.velora_v for name, p in owners.items()
                 if (s := _state_of(p, create=False)) is not None and s.velora_v is not None}
 
 
