@@ -137,17 +137,24 @@ def train(args, model, step_fn, opt, data, device, steps: int):
 
 
 def save(path, model, opt):
+    """Model and optimizer as sharded DCP state; the compression state in a file per process, as each
+    process has its own (VeLoRA's vector is estimated from its own batches)."""
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd, "activation": memcompile.activation_state.state_dict(model)},
-             checkpoint_id=path)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    activation = memcompile.activation_state.state_dict(model)  # collective under FSDP2
+    torch.save(activation, os.path.join(path, f"activation_rank{dist.get_rank()}.pt"))
+    dist.barrier()
 
 
 def load(path, model, opt):
+    """What ``save`` wrote, into a model sharded and an optimizer built as the saved ones were (the
+    same number of processes)."""
     msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd, "activation": memcompile.activation_state.state_dict(model)}
+    state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    memcompile.activation_state.load_state_dict(model, state["activation"])
+    activation = torch.load(os.path.join(path, f"activation_rank{dist.get_rank()}.pt"))
+    memcompile.activation_state.load_state_dict(model, activation)
 
 
 def main(argv=None):
