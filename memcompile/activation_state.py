@@ -67,9 +67,10 @@ def _state_of(owner: torch.Tensor, create: bool = True) -> LayerState | None:
     return state
 
 
-def _owners(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def forward_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s parameters by name, as the compiled forward receives them: for a parameter that FSDP2
-    shards, its unsharded parameter (all-gathered here, one FSDP module at a time, then resharded)."""
+    shards, its unsharded parameter (all-gathered here, one FSDP module at a time, then resharded;
+    collective). What the backend leaves on parameters (this state, ``memcompile.marks``) is there."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no module of the model can be FSDP's
     modules = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp is not None else []
     owners = dict(model.named_parameters(remove_duplicate=False))
@@ -88,7 +89,7 @@ def _owners(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def state_dict(model: torch.nn.Module) -> dict[str, dict]:
     """The VeLoRA vectors and CompAct seeds/counters of ``model``'s layers, by parameter name, to save
     with a training checkpoint."""
-    owners = _owners(model)
+    owners = forward_parameters(model)
     with _LOCK:
         return {name: state.to_dict() for name, p in owners.items() if (state := _state_of(p, create=False)) is not None}
 
@@ -96,7 +97,7 @@ def state_dict(model: torch.nn.Module) -> dict[str, dict]:
 def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
     """Restore what ``state_dict(model)`` returned, so a resumed run uses the same ``v`` and seeds.
     Layers absent from ``state`` start afresh; names ``model`` lacks are an error."""
-    params = _owners(model)
+    params = forward_parameters(model)
     unknown = sorted(set(state) - set(params))
     if unknown:
         raise KeyError(f"activation state for parameters the model does not have: {unknown[:5]}")
@@ -112,7 +113,7 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
 def reset(model: torch.nn.Module | None = None) -> None:
     """Forget the state of ``model``'s layers (every model's, without one): the next training step
     re-estimates VeLoRA's vectors and restarts CompAct's counters."""
-    params = None if model is None else _owners(model)
+    params = None if model is None else forward_parameters(model)
     with _LOCK:
         if params is not None:
             owners = [p for p in params.values() if _state_of(p, create=False) is not None]
@@ -126,7 +127,7 @@ def reset(model: torch.nn.Module | None = None) -> None:
 
 def velora_vectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Each compressed layer group's estimated ``v``, by the name of the weight that owns it."""
-    owners = _owners(model)
+    owners = forward_parameters(model)
     with _LOCK:
         return {name: s.velora_v for name, p in owners.items()
                 if (s := _state_of(p, create=False)) is not None and s.velora_v is not None}
