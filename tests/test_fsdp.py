@@ -157,10 +157,58 @@ def _worker(out: str, ckpt: str) -> None:
                 next(resumed)
             r["next_resumed"] = ex.train(args, other, other_fn, other_opt, resumed, cpu, 2)[0]
         result[mode] = r
+    result["fira"] = _fira_worker(ex, rank, cpu)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
+
+
+FIRA_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def _fira_run(ex, data, step_fn, model, world=1):
+    """Full fine-tuning with Fira on the Linear weights of attention and MLP (AdamW elsewhere)."""
+    from memcompile.optim.fira import Fira, fira_param_groups
+
+    opt = Fira(fira_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    losses = []
+    for _ in range(STEPS):
+        ids = next(data)
+        loss = step_fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _fira_worker(ex, rank, cpu):
+    """Fira under FSDP2: the losses and weights of three steps (projector refreshed at the third); and
+    the refusal of a gradient that VeLoRA approximates."""
+    import torch.distributed as dist
+
+    import memcompile
+
+    args = ex.parse_args([*ARGS, "--compile", "blocks"])
+    model = ex.shard(ex.small_llama(args.hidden, args.layers, args.seq, seed=args.seed), cpu)
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "none"})
+    losses = _fira_run(ex, ex.batches(args, rank), model, model)
+    means = []
+    for loss in losses:
+        t = torch.tensor(loss)
+        dist.all_reduce(t)
+        means.append(t.item() / dist.get_world_size())
+    weights = {n: p.full_tensor().tolist() for n, p in model.named_parameters() if n in FIRA_WEIGHTS}
+
+    approx = ex.shard(ex.small_llama(args.hidden, args.layers, args.seq, seed=args.seed), cpu)
+    memcompile.compile_blocks(approx, {"compiler": "aot_eager", "activation": "velora"})
+    try:
+        _fira_run(ex, ex.batches(args, rank), approx, approx)
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    return {"losses": means, "weights": weights, "refusal": refusal}
 
 
 def _one_process(ex, mode: str, world: int):
@@ -234,6 +282,27 @@ def test_fsdp2_trains_like_one_process(fsdp_run, mode):
         assert r["replicated"] == replicated and r["total"] == sharded_total + replicated
     # The compression state is kept across steps and found by activation_state.state_dict.
     assert len(run["activation_layers"]) == 3 * 2  # q/k/v, gate/up, and down's input, in each layer
+
+
+def test_fira_under_fsdp2(fsdp_run):
+    """Fira's sharded step (gradient all-gathered, the same update on every process, each applying its
+    rows) equals one process's Fira on both processes' batches; without compression the averaged
+    gradient is the whole batch's, up to round-off, which the projector's SVD passes on."""
+    import memcompile
+
+    ex, world = _example(), fsdp_run["world"]
+    run = fsdp_run["fira"]
+    args = ex.parse_args([*ARGS, "--compile", "blocks"])
+    model = ex.small_llama(args.hidden, args.layers, args.seq, seed=args.seed)
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "none"})
+    streams = [ex.batches(args, r) for r in range(world)]
+    data = iter(lambda: torch.cat([next(s) for s in streams]), None)
+    losses = _fira_run(ex, data, model, model)
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for n in FIRA_WEIGHTS:
+        torch.testing.assert_close(torch.tensor(run["weights"][n]), model.get_parameter(n).detach(),
+                                   rtol=1e-4, atol=1e-5, msg=n)
+    assert run["refusal"] is not None and "Fira needs the exact weight gradient" in run["refusal"]
 
 
 def test_fsdp2_checkpoint_round_trip(fsdp_run):
