@@ -305,6 +305,22 @@ def test_fira_under_fsdp2(fsdp_run):
     assert run["refusal"] is not None and "Fira needs the exact weight gradient" in run["refusal"]
 
 
+@pytest.mark.slow
+def test_fsdp2_inductor(fsdp_run, tmp_path):
+    """The default compiler: the example under torchrun, block by block with Inductor, trains as the
+    aot_eager run does (other kernels, so fp32 round-off apart)."""
+    out = tmp_path / "inductor.json"
+    options = {k: v for k, v in OPTIONS.items() if k != "compiler"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    args = [*ARGS[:ARGS.index("--options")], "--options", json.dumps(options), "--compile", "blocks", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "examples", "fsdp2_finetune.py"), *args]
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    losses = json.loads(out.read_text())["losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(fsdp_run["blocks"]["losses"]), rtol=1e-4, atol=1e-5)
+
+
 def test_fsdp2_checkpoint_round_trip(fsdp_run):
     run = fsdp_run["blocks"]
     assert run["model_keys_equal"] and run["nf4_keys"] >= 2 * 14
