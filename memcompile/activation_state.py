@@ -91,7 +91,8 @@ def state_dict(model: torch.nn.Module) -> dict[str, dict]:
     with a training checkpoint."""
     owners = forward_parameters(model)
     with _LOCK:
-        return {name: state.to_dict() for name, p in owners.items() if (state := _state_of(p, create=False)) is not None}
+        return {name: state.to_dict() for name, p in owners.items()
+                if (state := _state_of(p, create=False)) is not None}
 
 
 def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:

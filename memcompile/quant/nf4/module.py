@@ -3,8 +3,8 @@
 The layer owns only the packed codes and the quantisation state; no dense copy of the weight exists
 between calls. The uint8 state (the codes, and the absmax under double quantisation: 99.9% of the
 bytes) is held as frozen parameters, so FSDP2 (``fully_shard``) shards it on dim 0 and all-gathers it
-as packed bytes; the fp32 state stays in buffers (see ``_STATE``). Its forward is ``memtrain::nf4_linear``, which dequantises into a
-temporary in the forward and again in the backward.
+as packed bytes; the fp32 state stays in buffers (see ``_STATE``). Its forward is
+``memtrain::nf4_linear``, which dequantises into a temporary in the forward and again in the backward.
 
 Build one from a dense ``nn.Linear`` (quantised here, bit-identical to bitsandbytes) or from a
 ``bitsandbytes.nn.Linear4bit`` whose weight is already quantised (codes and state taken over as they are).
@@ -30,8 +30,9 @@ _STATE = ("weight", "weight_absmax", "weight_quant_map", "weight_nested_absmax",
 # The uint8 ones (the codes, and the absmax under double quantisation) are frozen parameters, so FSDP2
 # shards them; the floating ones are buffers, which it replicates. FSDP2 never casts a non-floating
 # parameter, while a MixedPrecisionPolicy with param_dtype=bf16 would round a floating one (the fp32
-# absmax) in its all-gather and corrupt every weight. The floating state left as buffers is small: with double quantisation the fp32 nested absmax
-# is 1/2048 of the codes' bytes; without it the fp32 absmax is 1/8 and stays replicated.
+# absmax) in its all-gather and corrupt every weight. The floating state left as buffers is small:
+# with double quantisation the fp32 nested absmax is 1/2048 of the codes' bytes; without it the fp32
+# absmax is 1/8 and stays replicated.
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
