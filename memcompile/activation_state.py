@@ -11,9 +11,17 @@ and a ``.to()`` moves ``v`` with the next call. Checkpoint it with ``state_dict(
 
 Which fields a layer's state has is up to the methods (``memcompile.passes.compression``): each
 registers its own with ``register_state``; their ops read and write them under ``LOCK``.
+
+Under FSDP2 (``fully_shard``) the forward receives the module's unsharded parameters, which FSDP2
+creates at the first all-gather and keeps for the rest of training (their storage is freed between
+uses, the objects stay): the state lives on those, one per process. ``state_dict``/``load_state_dict``
+/``reset``/``field_of`` reach them through ``FSDPModule.unshard()``, so with FSDP2 they are
+collective: call them on every process. Each process keeps its own state (VeLoRA's ``v`` is
+estimated from the process's own batch): save it per process.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any, Callable
@@ -66,18 +74,38 @@ def state_of(owner: torch.Tensor, create: bool = True) -> LayerState | None:
     return state
 
 
+def forward_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters by name, as the compiled forward receives them: for a parameter that FSDP2
+    shards, its unsharded parameter (all-gathered here, one FSDP module at a time, then resharded;
+    collective). What the backend leaves on parameters (this state, ``memcompile.marks``) is there."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no module of the model can be FSDP's
+    modules = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp is not None else []
+    owners = dict(model.named_parameters(remove_duplicate=False))
+    for module in modules:
+        module.unshard()
+        try:
+            # The parameters ``module`` manages are now plain (unsharded) tensors, the others DTensors.
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if not isinstance(p, torch.distributed.tensor.DTensor):
+                    owners[name] = p
+        finally:
+            module.reshard()
+    return owners
+
+
 def state_dict(model: torch.nn.Module) -> dict[str, dict]:
     """The compression state of ``model``'s layers (VeLoRA's vectors, CompAct's seeds and counters),
     by parameter name, to save with a training checkpoint."""
+    owners = forward_parameters(model)
     with LOCK:
-        return {name: state.to_dict() for name, p in model.named_parameters(remove_duplicate=False)
+        return {name: state.to_dict() for name, p in owners.items()
                 if (state := state_of(p, create=False)) is not None}
 
 
 def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
     """Restore what ``state_dict(model)`` returned, so a resumed run uses the same ``v`` and seeds.
     Layers absent from ``state`` start afresh; names ``model`` lacks are an error."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = forward_parameters(model)
     unknown = sorted(set(state) - set(params))
     if unknown:
         raise KeyError(f"activation state for parameters the model does not have: {unknown[:5]}")
@@ -93,9 +121,10 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
 def reset(model: torch.nn.Module | None = None) -> None:
     """Forget the state of ``model``'s layers (every model's, without one): the next training step
     re-estimates VeLoRA's vectors and restarts CompAct's counters."""
+    params = None if model is None else forward_parameters(model)
     with LOCK:
-        if model is not None:
-            owners = [p for p in model.parameters() if state_of(p, create=False) is not None]
+        if params is not None:
+            owners = [p for p in params.values() if state_of(p, create=False) is not None]
         else:
             owners = [o for ref in list(_OWNERS.values()) if (o := ref()) is not None]
             for forget in _RESETS:
@@ -107,6 +136,7 @@ def reset(model: torch.nn.Module | None = None) -> None:
 
 def field_of(model: torch.nn.Module, name: str) -> dict[str, Any]:
     """One field of every layer's state that has been set (not ``None``), by the owning weight's name."""
+    owners = forward_parameters(model)
     with LOCK:
-        return {pname: value for pname, p in model.named_parameters()
+        return {pname: value for pname, p in owners.items()
                 if (s := state_of(p, create=False)) is not None and (value := getattr(s, name)) is not None}

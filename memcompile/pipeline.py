@@ -196,6 +196,12 @@ class _Partitioner(tc.CustomPartitionerFn):
         # copied at all). The hook is keyed by ``uuid()``, so the same object serves as its copy.
         return self
 
+    def __reduce__(self):
+        # Inductor's FX-graph cache key pickles its config, this hook included: by value, that would
+        # hash every parameter's values (the context's example inputs), and fail under FSDP2, whose
+        # parameters' storage is freed when the backward compiles. The key needs only ``uuid()``.
+        return str, (self.uuid(),)
+
 
 def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
     def compiler(gm: fx.GraphModule, example_inputs):

@@ -7,13 +7,14 @@ Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Con
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from memcompile.marks import grad_approximation
+from memcompile.marks import grad_approximation, link_unsharded
 from memcompile.optim.projection import (
     align_signs,
     change_of_basis,
@@ -103,6 +104,13 @@ class Fira(torch.optim.Optimizer):
             at a projector refresh, see above. ``"official"`` reproduces the official code (and the
             published numbers) step for step.
         correct_bias: fold Adam's bias correction into the step size.
+
+    Under FSDP2 (``fully_shard``, parameters sharded on dim 0): each Fira matrix's gradient is
+    all-gathered and every process computes the same update from it (the projector and moments are
+    replicated, not sharded), then applies its own rows; the steps equal one process's. Per process
+    that adds one layer's full gradient and update while they are computed, and the low-rank state of
+    every matrix. Build the groups with :func:`fira_param_groups` (on every process), so the refusal
+    of approximated gradients below sees the backend's marks. Other placements are refused.
 
     Raises:
         ValueError: a group with ``rank`` holds a parameter that is not 2-D, or an option is out of
@@ -216,8 +224,37 @@ class Fira(torch.optim.Optimizer):
         _decay(p, group)
 
     def _fira_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        grad = p.grad.to(_state_dtype(p))
+        if _is_dtensor(p):
+            return self._fira_step_sharded(p, group)
+        update = self._fira_update(self.state[p], p.grad.to(_state_dtype(p)), group)
+        p.add_(update, alpha=-_step_size(group, self.state[p]["step"]))
+        _decay(p, group)
+
+    def _fira_step_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """A DTensor parameter (FSDP2): its gradient is all-gathered and every process runs the same
+        update on the whole matrix (the low-rank state replicated), then applies its own rows of it.
+        The same steps as one process; per process it costs one layer's full gradient and update
+        while they are computed, and the projector and moments of every Fira matrix."""
+        from torch.distributed.tensor import Shard
+
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise NotImplementedError(
+                f"Fira handles DTensor parameters sharded on dim 0 over one mesh dimension (FSDP2's "
+                f"fully_shard), not placements {tuple(p.placements)} on a {mesh.ndim}-D mesh; put this "
+                "parameter in a group without 'rank' (AdamW), or train it without this sharding (DDP)")
+        update = self._fira_update(self.state[p], p.grad.full_tensor().to(_state_dtype(p)), group)
+        local = p.to_local()
+        chunks, rank = torch.chunk(update, mesh.size(), dim=0), mesh.get_local_rank()
+        mine = chunks[rank] if rank < len(chunks) else update[:0]  # fewer rows than processes
+        if mine.shape != local.shape:  # FSDP2 and DTensor split dim 0 as torch.chunk does
+            raise NotImplementedError(f"Fira: a local shard of shape {tuple(local.shape)} is not the "
+                                      f"torch.chunk rows {tuple(mine.shape)} of the {tuple(p.shape)} matrix")
+        local.add_(mine.to(local.dtype), alpha=-_step_size(group, self.state[p]["step"]))
+        _decay(local, group)
+
+    def _fira_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance ``state`` by the (full) gradient ``grad``; the update before the step size."""
         if "step" not in state:
             state["step"] = 0
         if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
@@ -231,7 +268,7 @@ class Fira(torch.optim.Optimizer):
         norm_grad = _adam_direction(state, low_rank, group)
 
         alpha = group["alpha"]
-        update = project_back(norm_grad, basis, p.shape)
+        update = project_back(norm_grad, basis, grad.shape)
         if group["residual"]:
             paper = group["alpha_mode"] == "paper"
             scaled = self._scaled_residual(state, grad, low_rank, norm_grad, basis, group)
@@ -241,8 +278,7 @@ class Fira(torch.optim.Optimizer):
                 update.mul_(alpha).add_(scaled)
         else:
             update.mul_(alpha)
-        p.add_(update, alpha=-_step_size(group, state["step"]))
-        _decay(p, group)
+        return update
 
     @staticmethod
     def _refresh(state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -373,6 +409,8 @@ def fira_param_groups(
         and any(t in name for t in targets)
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Under FSDP2 the optimizer holds sharded parameters and the backend marks the unsharded ones.
+    link_unsharded(model)
     fira = [p for p in trainable if id(p) in fira_ids]
     rest = [p for p in trainable if id(p) not in fira_ids]
     groups: list[dict[str, Any]] = []
@@ -422,6 +460,11 @@ def _validate_group(group: dict[str, Any]) -> None:
                 f"parameter {what}of shape {tuple(p.shape)}. Put it in a group without 'rank' "
                 "(it then gets AdamW), e.g. with fira_param_groups(model, rank)."
             )
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # not imported: not one
+    return dtensor is not None and isinstance(p, dtensor)
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:

@@ -1,8 +1,10 @@
 """``NF4Linear``: a frozen linear layer stored in NF4 (bitsandbytes layout, optional double quant).
 
-The layer owns only the packed codes and the quantisation state, as buffers; no dense copy of the
-weight exists between calls. Its forward is ``memtrain::nf4_linear``, which dequantises into a
-temporary in the forward and again in the backward.
+The layer owns only the packed codes and the quantisation state; no dense copy of the weight exists
+between calls. The uint8 state (the codes, and the absmax under double quantisation: 99.9% of the
+bytes) is held as frozen parameters, so FSDP2 (``fully_shard``) shards it on dim 0 and all-gathers it
+as packed bytes; the fp32 state stays in buffers (see ``_STATE``). Its forward is
+``memtrain::nf4_linear``, which dequantises into a temporary in the forward and again in the backward.
 
 Build one from a dense ``nn.Linear`` (quantised here, bit-identical to bitsandbytes) or from a
 ``bitsandbytes.nn.Linear4bit`` whose weight is already quantised (codes and state taken over as they are).
@@ -21,10 +23,16 @@ from memcompile.quant.nf4.nf4_quant import NESTED_BLOCKSIZE, NF4Weight, nf4_quan
 
 log = logging.getLogger(__name__)
 
-# The buffers holding ``NF4Weight.tensors()``, in that order. Their dtype is part of the format:
+# The tensors holding ``NF4Weight.tensors()``, in that order. Their dtype is part of the format:
 # ``.to(dtype)``/``.half()`` move them but never cast them.
 _STATE = ("weight", "weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map",
           "weight_nested_offset")
+# The uint8 ones (the codes, and the absmax under double quantisation) are frozen parameters, so FSDP2
+# shards them; the floating ones are buffers, which it replicates. FSDP2 never casts a non-floating
+# parameter, while a MixedPrecisionPolicy with param_dtype=bf16 would round a floating one (the fp32
+# absmax) in its all-gather and corrupt every weight. The floating state left as buffers is small:
+# with double quantisation the fp32 nested absmax is 1/2048 of the codes' bytes; without it the fp32
+# absmax is 1/8 and stays replicated.
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -34,11 +42,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class NF4Linear(QuantizedLinear):
     """Frozen ``y = x W^T + b`` with ``W`` in NF4.
 
-    Buffers (names follow bitsandbytes' ``Linear4bit`` state dict, with ``_`` for ``.``):
+    State (names follow bitsandbytes' ``Linear4bit`` state dict, with ``_`` for ``.``):
     ``weight`` uint8 ``[ceil(out*in/2), 1]``, ``weight_absmax`` (fp32, or uint8 with double quant),
     ``weight_quant_map`` fp32 ``[16]``, and with double quant ``weight_nested_absmax`` fp32,
-    ``weight_nested_quant_map`` fp32 ``[256]``, ``weight_nested_offset`` fp32 scalar.
-    ``bias`` stays dense, a frozen parameter.
+    ``weight_nested_quant_map`` fp32 ``[256]``, ``weight_nested_offset`` fp32 scalar. The uint8 ones
+    are frozen parameters (``requires_grad=False``), the others buffers; the state dict is the same
+    either way. ``bias`` stays dense, a frozen parameter.
     """
 
     def __init__(self, nf4: NF4Weight, bias: torch.Tensor | None = None):
@@ -49,12 +58,11 @@ class NF4Linear(QuantizedLinear):
         self.blocksize = nf4.blocksize
         self.nested_blocksize = NESTED_BLOCKSIZE
         self.weight_dtype = nf4.dtype  # dtype before quantisation: what dequantize()/merging return
-        self.register_buffer("weight", nf4.packed)
-        self.register_buffer("weight_absmax", nf4.absmax)
-        self.register_buffer("weight_quant_map", nf4.code)
-        self.register_buffer("weight_nested_absmax", nf4.nested_absmax)
-        self.register_buffer("weight_nested_quant_map", nf4.nested_code)
-        self.register_buffer("weight_nested_offset", nf4.nested_offset)
+        for name, t in zip(_STATE, nf4.tensors()):
+            if t is not None and t.dtype == torch.uint8:
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
@@ -101,16 +109,21 @@ class NF4Linear(QuantizedLinear):
     def _apply(self, fn, recurse=True):
         # A module-wide ``.to(torch.bfloat16)`` would round the fp32 absmax and code tables and corrupt
         # every weight; the quantisation state follows the device only.
-        buffers = self._buffers
-        state = {k: buffers[k] for k in _STATE if buffers.get(k) is not None}
-        for k in state:
-            buffers[k] = None
+        held = [(d, k, d[k]) for d in (self._parameters, self._buffers) for k in _STATE if d.get(k) is not None]
+        for d, k, _ in held:
+            d[k] = None
         try:
             super()._apply(fn, recurse)
         finally:
-            for k, t in state.items():
+            for d, k, t in held:
                 device = fn(torch.empty(0, dtype=torch.uint8, device=t.device)).device
-                buffers[k] = t.to(device)
+                if isinstance(t, nn.Parameter):
+                    # In place, as nn.Module moves parameters: the object (and what refers to it) stays.
+                    if t.device != device:
+                        t.data = t.data.to(device)
+                    d[k] = t
+                else:
+                    d[k] = t.to(device)
         return self
 
 
