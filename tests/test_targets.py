@@ -40,8 +40,8 @@ def test_pattern_does_not_match(pattern):
 def test_one_matcher_for_every_option():
     assert activation_compression.matches is _targets.matches
     assert lora_pass.matches is _targets.matches
-    # ``memcompile.prepare`` the attribute is the function; the module is in sys.modules.
-    assert importlib.import_module("memcompile.prepare").matches is _targets.matches
+    # ``memcompile.prepare`` is the function; its module is ``memcompile.adapt``.
+    assert importlib.import_module("memcompile.adapt").matches is _targets.matches
     # The compression pass's defaults read a pattern the same way (VeLoRA's "lora_A" is a component).
     assert matches(NAME + ".lora_A.default", MemtrainConfig(activation="velora").target_patterns)
 

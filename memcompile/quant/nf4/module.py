@@ -120,7 +120,10 @@ class NF4Linear(QuantizedLinear):
                 if isinstance(t, nn.Parameter):
                     # In place, as nn.Module moves parameters: the object (and what refers to it) stays.
                     if t.device != device:
-                        t.data = t.data.to(device)
+                        try:
+                            t.data = t.data.to(device)
+                        except RuntimeError:  # to or from meta: no shared tensor type, a new one as nn.Module does
+                            t = nn.Parameter(t.data.to(device), requires_grad=False)
                     d[k] = t
                 else:
                     d[k] = t.to(device)
