@@ -142,20 +142,9 @@ class Fira(torch.optim.Optimizer):
         moment_transfer: str = "align",
         correct_bias: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            rank=rank,
-            update_proj_gap=update_proj_gap,
-            alpha=alpha,
-            gamma=gamma,
-            alpha_mode=alpha_mode,
-            residual=residual,
-            moment_transfer=moment_transfer,
-            correct_bias=correct_bias,
-        )
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, alpha=alpha, gamma=gamma, alpha_mode=alpha_mode,
+                        residual=residual, moment_transfer=moment_transfer, correct_bias=correct_bias)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
