@@ -11,7 +11,6 @@ With no flags: full fine-tuning of a small random Llama on the help text that sh
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,43 +19,18 @@ import torch
 import torch.distributed as dist
 
 import memcompile
-from memcompile import textdata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_common import batches, init, make_optimizer, mean_loss, options, parser  # noqa: E402
 from trainer_finetune import small_llama  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--options", default="{}", help="memtrain's options, JSON")
-    p.add_argument("--activation", default="compact", choices=["velora", "compact", "none"])
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4, help="per process")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p = parser(__doc__, activation="compact", layers=3, batch=4, steps=20)
     p.add_argument("--bucket-mb", type=float, default=1.0,
                    help="DDP's bucket size (bucket_cap_mb); Dynamo splits the graph at every bucket")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="rank 0 writes the losses and what each sub-graph compressed here (JSON)")
     return p.parse_args(argv)
-
-
-def batches(args, rank: int):
-    """This process's batches: its own stream of windows of the bundled text."""
-    return textdata.Batches(textdata.byte_tokens(textdata.default_corpus()), args.seq, args.batch,
-                            seed=args.seed + 1000 * rank)
-
-
-def options(args) -> dict:
-    return {"activation": args.activation, **json.loads(args.options)}
-
-
-def make_optimizer(args, model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=args.lr) if args.optimizer == "sgd" else torch.optim.AdamW(params, lr=args.lr)
 
 
 def compressed(reports) -> dict:
@@ -71,15 +45,9 @@ def compressed(reports) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init()
     model = small_llama(args.hidden, args.layers, args.seq, seed=args.seed).to(device)  # same weights everywhere
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None,
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     bucket_cap_mb=args.bucket_mb)
     step_fn = torch.compile(ddp, backend="memtrain", options=options(args))
     opt = make_optimizer(args, model)
@@ -91,9 +59,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
+        losses.append(mean_loss(loss))
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step + 1}: loss {losses[-1]:.4f}", flush=True)
     if rank == 0:

@@ -13,7 +13,6 @@ With no flags: a small random Llama on the help text that ships with Python.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,44 +25,24 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import memcompile
-from memcompile import textdata
 from memcompile.lora import lora_layers
 from memcompile.quant import QuantizedLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_common import batches, init, make_optimizer, mean_loss, options, parser  # noqa: E402
 from trainer_finetune import small_llama  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--options", default="{}", help="memtrain's options, JSON")
-    p.add_argument("--activation", default="velora", choices=["velora", "compact", "none"])
+    p = parser(__doc__, activation="velora", layers=2, batch=2, steps=10)
     p.add_argument("--compile", default="blocks", choices=["blocks", "model", "none"],
                    help="memcompile.compile_blocks, torch.compile of the whole model, or eager")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2, help="per process")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--r-max", type=int, default=8)
     p.add_argument("--b-std", type=float, default=0.0,
                    help="start LoRA B at N(0, b_std) instead of zero (so A has gradients from the first step)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="save a sharded DCP checkpoint (model, optimizer, compression state) here")
     p.add_argument("--out", help="rank 0 writes losses, last adapter gradients and NF4 bytes per rank here (JSON)")
     return p.parse_args(argv)
-
-
-def options(args) -> dict:
-    return {"activation": args.activation, **json.loads(args.options)}
-
-
-def batches(args, rank: int):
-    """This process's batches: its own stream of windows of the bundled text."""
-    return textdata.Batches(textdata.byte_tokens(textdata.default_corpus()), args.seq, args.batch,
-                            seed=args.seed + 1000 * rank)
 
 
 def build(args, seed: int | None = None) -> torch.nn.Module:
@@ -96,12 +75,6 @@ def compile_model(args, model):
     return model
 
 
-def make_optimizer(args, model):
-    # The frozen parameters (the NF4 codes among them) are left out; they would get no gradient anyway.
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=args.lr) if args.optimizer == "sgd" else torch.optim.AdamW(params, lr=args.lr)
-
-
 def local_bytes(t: torch.Tensor) -> int:
     local = t.to_local() if isinstance(t, DTensor) else t
     return local.numel() * local.element_size()
@@ -118,7 +91,6 @@ def nf4_bytes(model) -> dict:
 
 def train(args, model, step_fn, opt, data, device, steps: int):
     """``steps`` steps; returns the mean losses over the processes and the last step's adapter gradients."""
-    world = dist.get_world_size()
     losses, grads = [], {}
     for step in range(steps):
         ids = next(data).to(device)
@@ -128,9 +100,7 @@ def train(args, model, step_fn, opt, data, device, steps: int):
             grads = {n: p.grad.full_tensor().cpu() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         opt.zero_grad(set_to_none=True)
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
+        losses.append(mean_loss(loss))
         if dist.get_rank() == 0:
             print(f"step {len(losses)}: loss {losses[-1]:.4f}", flush=True)
     return losses, grads
@@ -159,17 +129,12 @@ def load(path, model, opt):
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init()
     model = shard(build(args).to(device), device)
     step_fn = compile_model(args, model)
     opt = make_optimizer(args, model)
     losses, grads = train(args, model, step_fn, opt, batches(args, rank), device, args.steps)
-    nbytes = [None] * dist.get_world_size()
+    nbytes = [None] * world
     dist.all_gather_object(nbytes, nf4_bytes(model))
     if rank == 0:
         print("NF4 bytes per process:", nbytes, flush=True)
@@ -179,7 +144,7 @@ def main(argv=None):
             print(f"saved a sharded checkpoint to {args.checkpoint}", flush=True)
     if rank == 0 and args.out:
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "world": dist.get_world_size(), "nf4_bytes": nbytes,
+            json.dump({"losses": losses, "world": world, "nf4_bytes": nbytes,
                        "grads": {n: g.tolist() for n, g in grads.items()}}, f)
     dist.destroy_process_group()
 
