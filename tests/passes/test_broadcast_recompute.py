@@ -2,6 +2,7 @@
 backward from the unrepeated tensor instead of being saved, exactly."""
 import math
 
+import pytest
 import torch
 
 import memcompile
@@ -30,12 +31,13 @@ def _run(compiled, model, q, x):
     return out.detach(), q.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_repeated_copy_is_recomputed_not_saved():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_repeated_copy_is_recomputed_not_saved(compiler):
     torch.manual_seed(0)
     model = RepeatedKeys()
     q, x = torch.randn(B, HKV * REP, T, D), torch.randn(B, HKV, T, D)
     memcompile.clear_reports()
-    compiled = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager"})
+    compiled = torch.compile(model, backend="memtrain", options={"compiler": compiler})
     out_c, qg_c, grads_c = _run(compiled, model, q, x)
     out_e, qg_e, grads_e = _run(model, model, q, x)
 
@@ -45,7 +47,9 @@ def test_repeated_copy_is_recomputed_not_saved():
     # in whatever view the partitioner picks: the copy (B*HKV*REP*T*D elements) is not saved, its source is
     saved = [math.prod(s.shape) for s in rep.saved_after if not s.is_input and s.alias_of is None]
     assert B * HKV * REP * T * D not in saved and B * HKV * T * D in saved, [s.shape for s in rep.saved_after]
-    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
-    torch.testing.assert_close(qg_c, qg_e, rtol=0, atol=0)
+    # Inductor fuses, so its round-off differs from eager's; aot_eager runs the same ops.
+    tol = dict(rtol=0, atol=0) if compiler == "aot_eager" else {}
+    torch.testing.assert_close(out_c, out_e, **tol)
+    torch.testing.assert_close(qg_c, qg_e, **tol)
     for name in grads_e:
-        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grads_c[name], grads_e[name], msg=name, **tol)
