@@ -43,7 +43,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+    return sorted({*globals(), *__all__})
 
 
 def trainer_callback(sampler=None, coreset=None, **kwargs):
@@ -55,25 +55,5 @@ def trainer_callback(sampler=None, coreset=None, **kwargs):
     return make(sampler, coreset, **kwargs)
 
 
-__all__ = [
-    "CompActConfig",
-    "LoRAConfig",
-    "LoRALinear",
-    "RankSampler",
-    "MemtrainConfig",
-    "VeLoRAConfig",
-    "activation_state",
-    "clear_reports",
-    "compile_blocks",
-    "export_peft_adapter",
-    "get_rank",
-    "memtrain",
-    "merge_lora",
-    "prepare",
-    "quantized_layers",
-    "report",
-    "reports",
-    "set_rank",
-    "trainer_callback",
-]
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "trainer_callback"])
 __version__ = "0.1.0"

@@ -5,6 +5,9 @@ swept (multimodal, needs inputs other than token ids, fails to build or to run e
 ``python -m tests.architectures [--run]`` writes ``docs/architectures.md``: the skipped architectures
 with their reasons, and with ``--run`` the sweep's result per architecture (slow: every architecture
 is compiled three times).
+
+This module is the catalogue and the doc writer, not a test (pytest does not collect it): the
+assertions are in ``tests/test_architectures.py``.
 """
 from __future__ import annotations
 
