@@ -11,6 +11,7 @@ weights (``memcompile.activation_state``), so the shared graph keeps every layer
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any, Callable, Mapping, Sequence
@@ -112,5 +113,9 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         if owner is None:
             log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the loss stays eager")
         else:
-            owner.loss_function = torch.compile(owner.loss_function, backend=backend_for({}), dynamic=dynamic)
+            # The loss graph's inputs are the logits and labels: a recompute budget there could only
+            # rerun the loss itself, so it is compiled without one (the blocks keep theirs).
+            loss_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None), {})
+                            if backend == "memtrain" else backend)
+            owner.loss_function = torch.compile(owner.loss_function, backend=loss_backend, dynamic=dynamic)
     return blocks
