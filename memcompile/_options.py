@@ -36,3 +36,31 @@ def patterns(key: str, value: Any) -> tuple[str, ...] | None:
     if not value or not all(isinstance(v, str) and v for v in value):
         fail(key, value, "a non-empty string or list of non-empty module-name patterns, or None")
     return value
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(key: str, value: Any) -> int | None:
+    """Bytes from an int or a string such as ``"4.5GiB"``, ``"800 MB"``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        fail(key, value, "bytes as an int, or a string such as '4.5GiB' or '800MB'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            fail(key, value, "a positive number of bytes")
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):] or "b"
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if unit in _UNITS and amount > 0:
+            return int(amount * _UNITS[unit])
+    fail(key, value, "bytes as an int, or a string such as '4.5GiB' or '800MB' (units: B, KB, MB, GB, KiB, MiB, "
+         "GiB)")

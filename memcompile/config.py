@@ -82,6 +82,39 @@ class LoRAConfig:
         _options.int_at_least("lora.seed", self.seed, 0)
 
 
+@dataclass(frozen=True)
+class PlanConfig:
+    """How ``memory_target`` may be met, and the cost model that ranks the ways (``memcompile.passes.memory_plan``).
+
+    Args:
+        recompute: recompute a saved tensor in the backward from tensors that are saved anyway (exact).
+        offload: copy a saved tensor to pinned host memory and back (exact). ``None``: on CUDA only
+            (and on the meta device, which the estimate uses to model CUDA); ``True`` also on CPU, where
+            host and device are one memory (for tests: the rewrite runs, nothing is freed).
+        fp8: store a saved tensor in fp8 (e4m3) with a scale per row (lossy: relative error at most
+            2^-4 per element; off unless asked for).
+        flops_per_s, memory_bytes_per_s, host_bytes_per_s: the device's dense bf16 matmul rate, its
+            memory bandwidth (bytes read plus written) and the host link's, measured on an H100 (798
+            TFLOP/s, 3.0 TB/s, about 55 GB/s for pinned copies); override for another machine.
+        op_seconds: the fixed cost of one inserted op (a kernel launch), so tiny tensors come last.
+    """
+
+    recompute: bool = True
+    offload: bool | None = None
+    fp8: bool = False
+    flops_per_s: float = 7.5e14
+    memory_bytes_per_s: float = 3.0e12
+    host_bytes_per_s: float = 5.5e10
+    op_seconds: float = 5e-6
+
+    def __post_init__(self):
+        _options.choice("plan.recompute", self.recompute, (True, False))
+        _options.choice("plan.offload", self.offload, (None, True, False))
+        _options.choice("plan.fp8", self.fp8, (True, False))
+        for key in ("flops_per_s", "memory_bytes_per_s", "host_bytes_per_s", "op_seconds"):
+            _options.positive_float("plan." + key, getattr(self, key))
+
+
 def _quant_schemes() -> tuple[str, ...]:
     # Imported on use: the schemes register torch ops, and importing this module needs no torch.
     from memcompile import quant
@@ -89,7 +122,7 @@ def _quant_schemes() -> tuple[str, ...]:
     return quant.names()
 
 
-_SECTIONS = {**{m.name: m.config for m in _METHODS}, "lora": LoRAConfig}
+_SECTIONS = {**{m.name: m.config for m in _METHODS}, "lora": LoRAConfig, "plan": PlanConfig}
 
 
 def _method_sections(cls):
@@ -127,6 +160,14 @@ class MemtrainConfig:
         compiler: ``"inductor"`` (default) or ``"aot_eager"`` (runs the rewritten graphs in Python;
             for debugging and fast tests).
         partitioner: ``"mincut"`` (default; recomputes cheap pointwise ops) or ``"default"``.
+        memory_target: what each step's compiled graphs may keep for the backward, in bytes or as a
+            string (``"4.5GiB"``): the planner (``memcompile.passes.memory_plan``) chooses, for every
+            tensor the forward would save, to keep, recompute, offload or store it in fp8, whichever
+            meets the target at the least estimated time (``plan``: what it may use and the cost model).
+            Smaller targets never keep more; one that cannot be met is refused with the smallest
+            reachable. Under ``compile_blocks`` each block's graph gets the target divided by the
+            number of layers it serves. Exclusive with ``recompute_budget``.
+        plan: the planner's options (``PlanConfig`` or a dict).
         recompute_budget: with ``"mincut"``, keep the saved activations (after compression) to this
             fraction (0, 1] of what the partitioner would save, recomputing the rest in the backward
             (AOTAutograd's ``activation_memory_budget``, applied to memtrain's graphs only). ``None``:
@@ -153,6 +194,8 @@ class MemtrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     compiler: str = "inductor"
     partitioner: str = "mincut"
+    memory_target: int | str | None = None
+    plan: PlanConfig = field(default_factory=PlanConfig)
     recompute_budget: float | None = None
     fused_cross_entropy: bool = False
     report: bool = True
@@ -177,6 +220,13 @@ class MemtrainConfig:
                 _options.fail("recompute_budget", b, "a float in (0, 1] or None")
             if self.partitioner != "mincut":
                 _options.fail("recompute_budget", b, "None unless partitioner='mincut' (only min-cut recomputes)")
+        object.__setattr__(self, "memory_target", _options.byte_size("memory_target", self.memory_target))
+        if self.memory_target is not None:
+            if b is not None:
+                _options.fail("memory_target", self.memory_target, "None when recompute_budget is set (the planner "
+                              "recomputes what it chooses; use one of the two)")
+            if self.partitioner != "mincut":
+                _options.fail("memory_target", self.memory_target, "None unless partitioner='mincut'")
         _options.choice("fused_cross_entropy", self.fused_cross_entropy, (True, False))
         _options.choice("report", self.report, (True, False))
         if self.dump_dir is None and os.environ.get("MEMTRAIN_DUMP_DIR"):

@@ -19,6 +19,8 @@ Ordering constraints, each stated where it binds:
   The "before" report therefore already includes it: its saving shows in the estimate's peak.
 * Broadcast copies (grouped-query attention's repeated keys/values) are marked for recomputation
   after compression, whose checkpointing check reads the same recompute tags.
+* The memory planner runs on the partitioned graphs, after everything else: it plans what is left
+  saved, and there removing a saved tensor cannot make min-cut save another made from it.
 * Block boundaries are marked after compression, so what is saved at a boundary is what compression
   left there; only under a recompute budget, the only case where min-cut recomputes across blocks.
 """
@@ -37,7 +39,7 @@ from memcompile import quant
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
-from memcompile.passes import activation_compression, block_boundaries, broadcast_recompute, cross_entropy
+from memcompile.passes import activation_compression, block_boundaries, broadcast_recompute, cross_entropy, memory_plan
 from memcompile.passes._graph import dump_graph
 from memcompile.passes.base import GraphPass, source_digest
 
@@ -53,6 +55,8 @@ JOINT: tuple[type[GraphPass], ...] = (
     block_boundaries.MarkBlockInputs,
     cross_entropy.KeepLossStatistics,
 )
+# The partitioner's forward and backward graphs, where what is saved is explicit.
+PARTITIONED: tuple[type[GraphPass], ...] = (memory_plan.PlanMemory,)
 
 
 class CompileContext:
@@ -67,6 +71,7 @@ class CompileContext:
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
                                             activation=config.activation, frame_id=tc.current_frame_id())
         self.report.served = tuple(served)
+        self.served = tuple(served)
         self.in_block = bool(served)
         self.decompositions: dict | None = None  # Inductor's table, once Inductor partitions
         self.dump_prefix = f"graph{self.report.graph_id}"
@@ -139,7 +144,7 @@ def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), in_block:
     """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
     (its source and options), the partitioner's options, and the layer names (targets match them)."""
     h = hashlib.sha256(source_digest((Path(__file__).resolve(),)).encode())
-    for cls in (*PRE_AOT, *JOINT):
+    for cls in (*PRE_AOT, *JOINT, *PARTITIONED):
         p = cls(config)
         if p.enabled():
             h.update(f"{p.name}/{p.stage}:{p.uuid()}".encode())
@@ -172,6 +177,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_f
         ctx.report.saved_before = report_mod.saved_tensors(fw_before, num_fwd_outputs, ctx.inputs_from_frame)
     joint_passes(joint, ctx)
     fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+    _run(PARTITIONED, memory_plan.Partitioned(fw, bw, num_fwd_outputs), ctx)
     ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs, ctx.inputs_from_frame)
     ctx.dump("forward", fw)
     ctx.dump("backward", bw)

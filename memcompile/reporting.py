@@ -29,6 +29,7 @@ class SavedTensor:
     bytes: int
     is_input: bool  # a graph input (parameter, batch): held by the caller anyway, costs nothing extra
     alias_of: str | None = None  # a view of another saved tensor: shares its storage, costs nothing extra
+    on_host: bool = False  # offloaded (``memtrain::offload``): in pinned host memory, not on the device
 
 
 @dataclass
@@ -55,7 +56,7 @@ class GraphReport:
     def activation_bytes(saved: Sequence[SavedTensor] | None) -> int | None:
         if saved is None:
             return None
-        return sum(t.bytes for t in saved if not t.is_input and t.alias_of is None)
+        return sum(t.bytes for t in saved if not t.is_input and t.alias_of is None and not t.on_host)
 
     @property
     def bytes_before(self) -> int | None:
@@ -96,7 +97,10 @@ class GraphReport:
             lines.extend(rec.render())
         for q in self.quantized_layers:
             lines.append(f"  quantized {q.get('name')}: {q.get('bytes_before')} B -> {q.get('bytes_after')} B")
-        costly = [t for t in self.saved_after if not t.is_input and t.alias_of is None]
+        costly = [t for t in self.saved_after if not t.is_input and t.alias_of is None and not t.on_host]
+        host = sum(t.bytes for t in self.saved_after if t.on_host and t.alias_of is None)
+        if host:
+            lines.append(f"  offloaded to host memory: {_fmt(host)} (not counted above)")
         lines.append(f"  saved activations after, largest first ({len(costly)} storages; graph inputs not counted):")
         lines.extend("    " + _row(t) for t in sorted(costly, key=lambda t: -t.bytes)[:12])
         return "\n".join(lines)
@@ -143,7 +147,8 @@ def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int,
         alias_of = first_of_storage.setdefault(base, n.name)
         saved.append(SavedTensor(n.name, shape,
                                  str(val.dtype).removeprefix("torch."), int(nbytes), base in held,
-                                 None if alias_of == n.name else alias_of))
+                                 None if alias_of == n.name else alias_of,
+                                 on_host=str(base.target) == "memtrain.offload.default"))
     return saved
 
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from memcompile.config import MemtrainConfig
 
-STAGES = ("pre_aot", "joint")
+STAGES = ("pre_aot", "joint", "partitioned")
 _ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the memcompile package
 
 
@@ -104,6 +104,7 @@ class PassContext(Protocol):
     inputs_from_frame: list[bool]  # per input: whether the caller holds it anyway
     decompositions: dict | None  # Inductor's table, for code a joint pass inserts
     in_block: bool  # the graph is one block that serves several modules (names relative to it)
+    served: Sequence[str]  # those modules (empty for a graph of its own)
 
 
 class GraphPass:

@@ -1,0 +1,379 @@
+"""Partitioned-graph pass: meet ``memory_target`` by choosing, for every saved tensor, keep, recompute,
+offload or fp8, at the least estimated time.
+
+It runs after the partitioner, on the forward and backward graphs, where what is saved is explicit:
+the forward's outputs after its user outputs, read by the backward's placeholders of the same names.
+Rewriting there changes exactly the tensor it targets (on the joint graph, min-cut would answer a
+removed tensor by saving another made from it). Each saved activation gets its ways to leave the
+device, each priced by a cost model (``PlanConfig``: FLOPs and bytes at the device's rates, a fixed
+cost per inserted op):
+
+* **recompute**: the ops that made it rerun in the backward, from tensors that are saved anyway (and
+  graph inputs): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
+  exact. Never through a random op (dropout's mask is read saved, never redrawn), a multi-output op or
+  more than ``RECOMPUTE_LIMIT`` ops. The tensors it reads are then pinned (kept as they are).
+* **offload**: ``memtrain::offload`` copies it to pinned host memory right after it is made,
+  ``memtrain::reload`` brings it back for the backward. Exact; costs both copies over the host link
+  (counted in full: an upper bound, since the copies overlap compute).
+* **fp8**: ``memtrain::fp8_quantize`` stores it as e4m3 with a scale per row, ``fp8_dequantize``
+  restores it for the backward. Lossy (relative error at most 2^-4 per element), so only with
+  ``plan.fp8``; only for the output of a single-output op with rows of at least 16 elements, so
+  attention's and normalisation's statistics (which feed exponentials) are never rounded.
+
+Every tensor's cheapest way (time per byte freed) goes into one list, sorted by that price; the plan
+for a target is the shortest prefix of the list that brings the saved bytes under it. The list does
+not depend on the target, so a smaller target takes a longer prefix and never keeps more: monotonic by
+construction, and each choice frees exactly its bytes. A target below what the whole list reaches is
+refused with that minimum.
+
+Example::
+
+    result = PlanMemory(config)(Partitioned(fw, bw, num_fwd_outputs), ctx)
+    print("\\n".join(result.render()))
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from memcompile._torch_compat import size_hint
+from memcompile.config import PlanConfig
+
+from ._graph import insert_traced, view_base
+from .base import GraphPass, PassResult
+
+NAME = "memory_plan"
+aten = torch.ops.aten
+_MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm"}
+_FP8_MIN_ROW = 16  # a row's fp32 scale costs 4 bytes: at 16 elements that is already a fifth of the row
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+RECOMPUTE_LIMIT = 48  # nodes rerun for one saved tensor: a decoder block's forward is about 60 aten ops
+
+
+@dataclass
+class Choice:
+    """One way to free one saved tensor."""
+
+    node: fx.Node
+    action: str  # "recompute" | "offload" | "fp8"
+    bytes: int  # on the device before
+    bytes_after: int  # on the device after
+    seconds: float  # estimated cost added to the step
+    closure: tuple[fx.Node, ...] = ()  # recompute: the nodes rerun in the backward, ``node`` last
+    frontier: frozenset = frozenset()  # recompute: the saved tensors (and graph inputs) they read
+
+    @property
+    def freed(self) -> int:
+        return self.bytes - self.bytes_after
+
+    @property
+    def price(self) -> float:
+        return self.seconds / self.freed
+
+
+class MemoryPlan(PassResult):
+    listed_as = "plan"
+
+    def describe(self, r: dict) -> str:
+        if r["action"] == "keep":
+            return f"{r['tensor']} {r['shape']} {r['dtype']} {_fmt(r['bytes'])}: keep"
+        return (f"{r['tensor']} {r['shape']} {r['dtype']} {_fmt(r['bytes'])}: {r['action']} -> "
+                f"{_fmt(r['bytes_after'])}, ~{r['seconds'] * 1e6:.0f} us")
+
+    def render(self) -> list[str]:
+        c = self.counters
+        lines = [f"  pass {self.name}: target {_fmt(c['target'])}; saved {_fmt(c['before'])} -> "
+                 f"{_fmt(c['after'])}; estimated cost "
+                 f"{c['seconds'] * 1e3:.2f} ms a step; recompute {c['recompute']}, offload {c['offload']}, "
+                 f"fp8 {c['fp8']}, kept {c['keep']}"]
+        changed = [r for r in self.rewritten if r["action"] != "keep"]
+        lines.extend("    " + self.describe(r) for r in changed[:40])
+        if len(changed) > 40:
+            lines.append(f"    ... ({len(changed)} changed in all)")
+        return lines
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _shape(val: torch.Tensor) -> tuple[int, ...] | None:
+    sizes = tuple(size_hint(s) for s in val.shape)
+    return None if None in sizes else sizes
+
+
+def _nbytes(val) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    shape = _shape(val)
+    return 0 if shape is None else math.prod(shape) * val.element_size()
+
+
+def _flops(node: fx.Node) -> int:
+    """Multiply-adds times two of a matmul; other ops are priced by the bytes they move."""
+    kind = _MATMULS.get(node.target)
+    if kind is None:
+        return 0
+    a, b = (node.args[1], node.args[2]) if kind == "addmm" else node.args[:2]
+    sa, sb = _shape(a.meta["val"]), _shape(b.meta["val"])
+    if sa is None or sb is None:
+        return 0
+    return 2 * math.prod(sa) * sb[-1]
+
+
+def _is_random(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def _op_seconds(node: fx.Node, cfg: PlanConfig) -> float:
+    moved = _nbytes(node.meta.get("val")) + sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+    return _flops(node) / cfg.flops_per_s + moved / cfg.memory_bytes_per_s + cfg.op_seconds
+
+
+def recompute_closure(node: fx.Node, available: set[fx.Node], limit: int = RECOMPUTE_LIMIT):
+    """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
+    in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
+    mask is never redrawn: it is read saved), a multi-output op, a non-aten op (compression's state
+    ops among them: they must run once a step), an unsaved graph input, or more than ``limit`` nodes."""
+    closure, frontier, todo, seen = [], set(), [node], {node}
+    while todo:
+        n = todo.pop()
+        if n is not node and n in available:
+            frontier.add(n)  # saved anyway: the backward has it
+            continue
+        if (n.op != "call_function" or n.target is operator.getitem or _is_random(n)
+                or getattr(n.target, "namespace", None) != "aten"):
+            return None  # includes a graph input the backward does not get, and compression's state ops
+        closure.append(n)
+        if len(closure) > limit:
+            return None
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    order = {n: i for i, n in enumerate(node.graph.nodes)} if len(closure) > 1 else {node: 0}
+    return tuple(sorted(closure, key=order.__getitem__)), frozenset(frontier)
+
+
+def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanConfig, offload: bool) -> list[Choice]:
+    """Every way ``node`` (a saved tensor of ``nbytes``) may leave the device, with its estimated cost."""
+    val = node.meta["val"]
+    out: list[Choice] = []
+    if cfg.recompute:
+        found = recompute_closure(node, available)
+        if found is not None:
+            closure, frontier = found
+            seconds = sum(_op_seconds(n, cfg) for n in closure)
+            out.append(Choice(node, "recompute", nbytes, 0, seconds, closure, frontier))
+    if offload:
+        out.append(Choice(node, "offload", nbytes, 0, 2 * nbytes / cfg.host_bytes_per_s + 2 * cfg.op_seconds))
+    shape = _shape(val)
+    if (cfg.fp8 and val.dtype in _FLOAT and shape and shape[-1] >= _FP8_MIN_ROW
+            and node.target is not operator.getitem):
+        rows = math.prod(shape[:-1])
+        after = math.prod(shape) + 4 * rows
+        if after < nbytes:
+            seconds = 2 * (nbytes + after) / cfg.memory_bytes_per_s + 2 * cfg.op_seconds
+            out.append(Choice(node, "fp8", nbytes, after, seconds))
+    return out
+
+
+def ordered_choices(p, saved, cfg: PlanConfig, offload: bool) -> tuple[list[Choice], dict, int]:
+    """The plan's list: each saved activation's cheapest way out, cheapest per byte first. Also the saved
+    activations by name, and their bytes."""
+    nodes = {n.name: n for n in p.fw.graph.nodes}
+    available = {nodes[t.name] for t in saved if t.name in nodes}
+    aliased = {t.alias_of for t in saved if t.alias_of is not None}
+    activations = {t.name: t for t in saved if not t.is_input and t.alias_of is None and t.bytes > 0
+                   and not t.on_host}
+    best: list[Choice] = []
+    for name, t in activations.items():
+        node = nodes.get(name)
+        if node is None or name in aliased or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue  # a storage several saved views share stays (one rewrite per view would copy it twice)
+        options = choices_for(node, t.bytes, available, cfg, offload)
+        if options:
+            best.append(min(options, key=lambda c: (c.price, c.action)))
+    order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
+    best.sort(key=lambda c: (c.price, order[c.node]))
+    return best, activations, sum(t.bytes for t in activations.values())
+
+
+def sequence(choices: list[Choice]) -> list[Choice]:
+    """``choices`` in order, less the conflicts: a recompute whose inputs an earlier choice moves away,
+    and a move of what an earlier recompute reads (pinned). Independent of the target."""
+    seq, pinned, moved = [], set(), set()
+    for c in choices:
+        if (c.action == "recompute" and {view_base(f) for f in c.frontier} & moved) or c.node in pinned:
+            continue
+        seq.append(c)
+        if c.action == "recompute":
+            pinned |= {view_base(f) for f in c.frontier}
+        moved.add(c.node)
+    return seq
+
+
+def prefix(seq: list[Choice], start: int, estimate: int, target: int) -> tuple[int, int]:
+    """The end of the shortest prefix of ``seq`` (at least ``start`` long, ``estimate`` bytes saved there)
+    that brings the estimate to ``target`` or below, and its estimate; the whole list if none does."""
+    k = start
+    while k < len(seq) and estimate > target:
+        estimate -= seq[k].freed
+        k += 1
+    return k, estimate
+
+
+@dataclass
+class Partitioned:
+    """The partitioner's output: what the pass rewrites."""
+
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+    num_fwd_outputs: int
+
+    def outputs(self) -> list:
+        return list(next(n for n in self.fw.graph.nodes if n.op == "output").args[0])
+
+    def set_outputs(self, outs: list) -> None:
+        node = next(n for n in self.fw.graph.nodes if n.op == "output")
+        node.args = (tuple(outs),)
+
+    def placeholder(self, name: str) -> fx.Node:
+        return next(n for n in self.bw.graph.nodes if n.op == "placeholder" and n.name == name)
+
+
+def _first_user(node: fx.Node) -> fx.Node:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(node.users, key=order.__getitem__)
+
+
+def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node) -> fx.Node:
+    with bw.inserting_before(before):
+        ph = bw.placeholder(like.name)
+    ph.meta.update(val=like.meta["val"])
+    return ph
+
+
+def apply(p: Partitioned, chosen: list[Choice]) -> None:
+    """Rewrite the forward's saved outputs and the backward's placeholders, one choice at a time."""
+    memtrain = torch.ops.memtrain
+    for c in chosen:
+        node, outs = c.node, p.outputs()
+        slot = outs.index(node, p.num_fwd_outputs)
+        ph = p.placeholder(node.name)
+        if not ph.users:
+            continue
+        if c.action == "recompute":
+            back = _copy_into_backward(p, c, _first_user(ph))
+            ph.replace_all_uses_with(back)
+            p.bw.graph.erase_node(ph)
+            p.set_outputs(outs[:slot] + outs[slot + 1:])
+            continue
+        out_anchor = next(n for n in p.fw.graph.nodes if n.op == "output")
+        if c.action == "offload":
+            device = node.meta["val"].device
+            host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x), [node], before=out_anchor,
+                                 tag=None, name=NAME)
+            new_ph = _add_placeholder(p.bw.graph, ph, host)
+            back = insert_traced(p.bw.graph, lambda h: memtrain.reload(h, device), [new_ph],
+                                 before=_first_user(ph), tag=None, name=NAME)
+            p.set_outputs(outs[:slot] + [host] + outs[slot + 1:])
+        else:
+            dtype = node.meta["val"].dtype
+            q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x), [node], before=out_anchor,
+                                     tag=None, name=NAME)
+            q_ph = _add_placeholder(p.bw.graph, ph, q)
+            s_ph = _add_placeholder(p.bw.graph, ph, scale)
+            back = insert_traced(p.bw.graph, lambda a, b: memtrain.fp8_dequantize(a, b, dtype), [q_ph, s_ph],
+                                 before=_first_user(ph), tag=None, name=NAME)
+            p.set_outputs(outs[:slot] + [q, scale] + outs[slot + 1:])
+        ph.replace_all_uses_with(back)
+        p.bw.graph.erase_node(ph)
+    for gm in (p.fw, p.bw):
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
+    """The recompute: a copy of ``c.closure`` in the backward, reading the frontier's placeholders."""
+    env = {f: p.placeholder(f.name) for f in c.frontier}
+    with p.bw.graph.inserting_before(before):
+        for n in c.closure:
+            new = p.bw.graph.node_copy(n, lambda a: env[a])
+            new.meta["memtrain_pass"] = NAME
+            env[n] = new
+    return env[c.node]
+
+
+def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig) -> MemoryPlan:
+    """Plan and apply on the partitioned graphs; ``saved``: their saved tensors
+    (``reporting.saved_tensors``)."""
+    import memcompile.ops  # noqa: F401  registers memtrain.offload, reload, fp8_quantize, fp8_dequantize
+
+    device = _device(p.fw)
+    offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
+    choices, activations, before = ordered_choices(p, saved, cfg, offload)
+    seq = sequence(choices)
+    k, planned = prefix(seq, 0, before, target)
+    if planned > target:
+        raise ValueError(
+            f"memtrain memory_target {_fmt(target)} cannot be met: this graph saves {_fmt(before)}, and the "
+            f"smallest the planner reaches is {_fmt(planned)} (recompute={cfg.recompute}, offload="
+            f"{offload}, fp8={cfg.fp8}). Raise the target"
+            + ("" if cfg.fp8 else ", allow plan.fp8") + ("" if offload else ", allow plan.offload") + ".")
+    apply(p, seq[:k])
+    return _result(activations, seq[:k], target, before, planned)
+
+
+def _result(activations: dict, chosen: list[Choice], target: int, before: int, planned: int) -> MemoryPlan:
+    by_name = {c.node.name: c for c in chosen}
+    records, counts = [], {"recompute": 0, "offload": 0, "fp8": 0, "keep": 0}
+    for name, t in activations.items():
+        c = by_name.get(name)
+        action = c.action if c else "keep"
+        counts[action] += 1
+        records.append({"tensor": name, "shape": tuple(t.shape), "dtype": t.dtype, "bytes": t.bytes,
+                        "action": action, "bytes_after": c.bytes_after if c else t.bytes,
+                        "seconds": c.seconds if c else 0.0})
+    counters = {"target": target, "before": before, "after": planned,
+                "seconds": sum(c.seconds for c in chosen), **counts}
+    return MemoryPlan(NAME, records, [], counters)
+
+
+def _device(gm: fx.GraphModule) -> str:
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and n.op != "placeholder":
+            return val.device.type
+    return "cpu"
+
+
+class PlanMemory(GraphPass):
+    """The pass; only with ``memory_target``. On the partitioned graphs: it plans what the partitioner
+    and every joint pass left saved."""
+
+    name, stage = NAME, "partitioned"
+
+    def enabled(self) -> bool:
+        return self.config.memory_target is not None
+
+    def options(self) -> tuple:
+        return (self.config.memory_target, self.config.plan)
+
+    def __call__(self, p: Partitioned, ctx) -> MemoryPlan:
+        from memcompile.reporting import saved_tensors
+
+        # A block's graph runs once per layer it serves: each run gets its share of the step's target.
+        target = self.config.memory_target // max(1, len(ctx.served))
+        saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_from_frame)
+        return plan_memory(p, saved, target, self.config.plan)
