@@ -12,6 +12,8 @@ op                                 defined in
 ``cross_entropy_backward``         ``memcompile/kernels/cross_entropy.py``
 ``linear_cross_entropy_forward``   ``memcompile/kernels/linear_cross_entropy.py``
 ``gaussian_sketch``                ``memcompile/kernels/random_projection.py``
+``offload``                        ``memcompile/kernels/host_offload.py``
+``reload``                         ``memcompile/kernels/host_offload.py``
 ``nf4_dequant``                    ``memcompile/quant/nf4/nf4_dequant.py``
 ``nf4_linear``                     ``memcompile/quant/nf4/nf4_linear.py``
 ``velora_vector``                  ``memcompile/passes/compression/velora.py``
@@ -24,6 +26,7 @@ registered wherever it is matched or inserted.
 import torch
 
 from memcompile.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from memcompile.kernels.host_offload import offload, reload
 from memcompile.kernels.linear_cross_entropy import linear_cross_entropy_forward
 from memcompile.kernels.random_projection import gaussian_sketch
 from memcompile.passes.compression.compact import compact_seed
@@ -42,5 +45,7 @@ __all__ = [
     "memtrain",
     "nf4_dequant",
     "nf4_linear",
+    "offload",
+    "reload",
     "velora_vector",
 ]
