@@ -6,16 +6,16 @@ before the backward's uses of ``x``; the partitioner then saves ``h``, a CPU ten
 memory is freed after its last forward use.
 
 On CUDA the device-to-host copy runs on a side stream per device, into pinned memory, so it overlaps
-the forward's compute; ``reload`` makes the current stream wait for that copy before its own
+the forward's compute (see below); ``reload`` makes the current stream wait for that copy before its own
 host-to-device copy. On CPU both ops are plain copies, so a rewritten graph runs, exactly, without a
 GPU. Both ops are functional (new tensors out, nothing mutated): dead-code elimination may drop an
 unused one, and CSE may merge two offloads of one ``x`` or two reloads of one ``h`` to one device,
 which only shares a copy. ``h`` and the reloaded tensor are contiguous, whatever ``x``'s strides.
 
-Known limit: ``x.record_stream`` keeps the CUDA caching allocator from handing ``x``'s memory to
-another tensor before the copy ends, which covers eager and ``aot_eager``; Inductor's own buffer reuse
-within a graph (a later buffer of the same size written into ``x``'s) bypasses the allocator, so there
-the copy must be waited on before ``x``'s memory is reused.
+``x.record_stream`` keeps the CUDA caching allocator from handing ``x``'s memory to another tensor
+before the copy ends, but Inductor's own buffer reuse within a graph (a later buffer of the same size
+written into ``x``'s) bypasses the allocator; so the compute stream waits for the copy's event right
+away. The copy still runs beside the host's queueing of later kernels, but not beside their execution.
 """
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ def _offload_cuda(x: torch.Tensor) -> torch.Tensor:
         event = torch.cuda.Event()
         event.record(side)
     x.record_stream(side)  # x's memory stays allocated until the side stream is past the copy
+    # Inductor reuses a graph's buffers without the allocator, so record_stream alone does not keep a
+    # later kernel from writing into x's memory mid-copy: the compute stream waits for the copy. The
+    # host is never blocked; the planner prices the copy in full for this reason.
+    torch.cuda.current_stream(x.device).wait_event(event)
     _register(h, event)
     return h
 

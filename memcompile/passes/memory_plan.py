@@ -13,8 +13,8 @@ cost per inserted op):
   exact. Never through a random op (dropout's mask is read saved, never redrawn), a multi-output op or
   more than ``RECOMPUTE_LIMIT`` ops. The tensors it reads are then pinned (kept as they are).
 * **offload**: ``memtrain::offload`` copies it to pinned host memory right after it is made,
-  ``memtrain::reload`` brings it back for the backward. Exact; costs both copies over the host link
-  (counted in full: an upper bound, since the copies overlap compute).
+  ``memtrain::reload`` brings it back for the backward. Exact; costs both copies over the host link,
+  counted in full (the compute stream waits for each copy: ``memcompile/kernels/host_offload.py``).
 * **fp8**: ``memtrain::fp8_quantize`` stores it as e4m3 with a scale per row, ``fp8_dequantize``
   restores it for the backward. Lossy (relative error at most 2^-4 per element), so only with
   ``plan.fp8``; only for the output of a single-output op with rows of at least 16 elements, so
@@ -278,10 +278,10 @@ def apply(p: Partitioned, chosen: list[Choice]) -> None:
             p.bw.graph.erase_node(ph)
             p.set_outputs(outs[:slot] + outs[slot + 1:])
             continue
-        out_anchor = next(n for n in p.fw.graph.nodes if n.op == "output")
+        # Right after the tensor is made, so the device copy is freed after its last forward use.
         if c.action == "offload":
             device = node.meta["val"].device
-            host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x), [node], before=out_anchor,
+            host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x), [node], before=node.next,
                                  tag=None, name=NAME)
             new_ph = _add_placeholder(p.bw.graph, ph, host)
             back = insert_traced(p.bw.graph, lambda h: memtrain.reload(h, device), [new_ph],
@@ -289,7 +289,7 @@ def apply(p: Partitioned, chosen: list[Choice]) -> None:
             p.set_outputs(outs[:slot] + [host] + outs[slot + 1:])
         else:
             dtype = node.meta["val"].dtype
-            q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x), [node], before=out_anchor,
+            q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x), [node], before=node.next,
                                      tag=None, name=NAME)
             q_ph = _add_placeholder(p.bw.graph, ph, q)
             s_ph = _add_placeholder(p.bw.graph, ph, scale)

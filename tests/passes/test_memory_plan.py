@@ -1,0 +1,145 @@
+"""memory_target: the planner keeps what the step saves at or under the target, monotonic in it, exact
+where the plan is exact, and refuses what it cannot reach."""
+import pytest
+import torch
+
+import memcompile
+from memcompile import activation_state
+from memcompile.ops import memtrain
+from tests import models
+
+
+def _step(model, opts, seed=1, dtype=None):
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    activation_state.reset()
+    compiled = torch.compile(model, backend="memtrain", options=opts)
+    ids = models.batch(seed=seed)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
+        loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (graph,) = memcompile.report().graphs
+    return loss.detach(), grads, graph
+
+
+def _assert_exact(a, b):
+    assert torch.equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.equal(a[1][name], b[1][name]), name
+
+
+BASE = {"activation": "velora", "compiler": "aot_eager"}
+
+
+@pytest.mark.parametrize("build", [models.tiny_lora_llama, lambda: memcompile.prepare(models.tiny_llama())],
+                         ids=["peft_lora", "prepared_nf4"])
+def test_saved_bytes_are_under_the_target_monotonic_and_exact(build):
+    model = build()
+    free = _step(model, BASE)
+    before = free[2].bytes_after
+    saved = []
+    for fraction in (1.0, 0.8, 0.6, 0.4, 0.2, 0.1):
+        target = int(before * fraction)
+        run = _step(model, {**BASE, "memory_target": target, "plan": {"offload": True}})
+        plan = run[2].passes["memory_plan"]
+        assert run[2].bytes_after <= target, (fraction, run[2].bytes_after)
+        assert plan.counters["after"] == run[2].bytes_after  # the plan's arithmetic is what the graph keeps
+        _assert_exact(run, free)  # recompute and offload are exact
+        saved.append(run[2].bytes_after)
+    assert saved == sorted(saved, reverse=True)  # a smaller target never keeps more
+    assert saved[-1] < saved[0]
+
+
+def test_recompute_alone_is_exact_and_refuses_what_it_cannot_reach():
+    model = models.tiny_lora_llama()
+    free = _step(model, BASE)
+    before = free[2].bytes_after
+    run = _step(model, {**BASE, "memory_target": int(before * 0.8), "plan": {"offload": False}})
+    assert run[2].passes["memory_plan"].counters["recompute"] > 0
+    _assert_exact(run, free)
+    with pytest.raises(Exception, match=r"memory_target .* cannot be met: .* the smallest the planner reaches is"):
+        _step(model, {**BASE, "memory_target": 1000, "plan": {"offload": False}})
+
+
+def test_offload_rewrite_on_cpu_puts_the_copies_in_the_graphs():
+    model = models.tiny_lora_llama()
+    free = _step(model, BASE)
+    target = free[2].bytes_after // 10  # recompute off: what leaves the device goes to host memory
+    run = _step(model, {**BASE, "memory_target": target, "plan": {"offload": True, "recompute": False}})
+    counters = run[2].passes["memory_plan"].counters
+    assert counters["offload"] > 0 and counters["recompute"] == counters["fp8"] == 0
+    assert run[2].bytes_after <= target
+    on_host = sum(t.bytes for t in run[2].saved_after if t.on_host)
+    assert on_host == free[2].bytes_after - run[2].bytes_after
+    _assert_exact(run, free)
+
+
+def test_offload_ops_are_in_the_forward_and_backward(tmp_path):
+    model = models.tiny_lora_llama()
+    before = _step(model, BASE)[2].bytes_after
+    _step(model, {**BASE, "memory_target": before // 10, "plan": {"offload": True, "recompute": False},
+                  "dump_dir": str(tmp_path)})
+    forward = next(tmp_path.glob("*_forward.txt")).read_text()
+    backward = next(tmp_path.glob("*_backward.txt")).read_text()
+    assert "memtrain.offload.default" in forward and "memtrain.reload.default" in backward
+    assert "memtrain.reload" not in forward and "memtrain.offload" not in backward
+
+
+def test_dropout_with_recompute_gives_the_same_gradients():
+    """Dropout's mask is read saved, never redrawn in the backward: the planned run equals the unplanned
+    one with the same seed (a redrawn mask would differ)."""
+    from peft import LoraConfig, get_peft_model
+
+    def build():
+        return get_peft_model(models.tiny_llama(), LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj",
+                                                                                                  "down_proj"]))
+
+    free = _step(build(), BASE)
+    before = free[2].bytes_after
+    run = _step(build(), {**BASE, "memory_target": int(before * 0.7), "plan": {"offload": False}})
+    assert run[2].passes["memory_plan"].counters["recompute"] > 0
+    _assert_exact(run, free)
+
+
+def test_state_is_advanced_once_per_step_under_a_target():
+    model = models.tiny_lora_llama()
+    opts = {"activation": "compact", "compiler": "aot_eager", "targets": ["*"]}
+    before = _step(model, opts)[2].bytes_after
+    compiled = torch.compile(model, backend="memtrain",
+                             options={**opts, "memory_target": int(before * 0.6), "plan": {"offload": True}})
+    torch.compiler.reset()
+    activation_state.reset()
+    for step in range(3):
+        ids = models.batch(seed=step)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    calls = {s["compact_calls"] for s in activation_state.state_dict(model).values()}
+    assert calls == {3}
+    assert memcompile.report().passes["memory_plan"]["counters"]["recompute"] + \
+        memcompile.report().passes["memory_plan"]["counters"]["offload"] > 0
+
+
+@pytest.mark.slow
+def test_inductor_bf16_under_the_target_matches_the_unplanned_run():
+    model = models.tiny_lora_llama()
+    opts = {"activation": "velora", "compiler": "inductor"}
+    free = _step(model, opts, dtype=torch.bfloat16)
+    target = int(free[2].bytes_after * 0.5)
+    run = _step(model, {**opts, "memory_target": target, "plan": {"offload": True}}, dtype=torch.bfloat16)
+    assert run[2].bytes_after <= target
+    torch.testing.assert_close(run[0], free[0])
+    for name in free[1]:
+        torch.testing.assert_close(run[1][name], free[1][name], msg=name)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="memory_target"):
+        memcompile.MemtrainConfig(memory_target="4.5 parsecs")
+    with pytest.raises(ValueError, match="recompute_budget"):
+        memcompile.MemtrainConfig(memory_target="1GiB", recompute_budget=0.2)
+    assert memcompile.MemtrainConfig(memory_target="4.5GiB").memory_target == int(4.5 * 2**30)
+    assert memcompile.MemtrainConfig(memory_target="800MB").memory_target == 800 * 10**6
+    assert memtrain.offload.default is not None
