@@ -178,6 +178,9 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_f
     joint_passes(joint, ctx)
     fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
     _run(PARTITIONED, memory_plan.Partitioned(fw, bw, num_fwd_outputs), ctx)
+    # What the step pays for what it does not keep, at the cost model's rates (report, estimate).
+    ctx.report.overhead_seconds = (memory_plan.backward_recompute_seconds(bw, ctx.config.plan)
+                                   + memory_plan.transfer_seconds(ctx.report.passes.get(memory_plan.NAME)))
     ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs, ctx.inputs_from_frame)
     ctx.dump("forward", fw)
     ctx.dump("backward", bw)

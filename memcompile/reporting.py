@@ -47,6 +47,8 @@ class GraphReport:
     frame_id: int | None = None  # Dynamo's frame: a recompile replaces the graph of the same frame
     served: tuple[str, ...] = ()  # the modules one compiled block runs for (regional compilation)
     approximated: dict[str, str] = field(default_factory=dict)  # graph input name -> method of its gradient
+    # Estimated time of what the backward reruns and copies instead of keeping (``PlanConfig``'s rates).
+    overhead_seconds: float = 0.0
 
     @property
     def calls_per_step(self) -> int:
@@ -93,6 +95,9 @@ class GraphReport:
                          f" predicted saving {_fmt(self.predicted_saving)}, measured {_fmt(before - after)}")
         else:
             lines.append(f"  saved activations: {_fmt(after)} [{len(self.saved_after)} tensors]")
+        if self.overhead_seconds:
+            lines.append(f"  forward ops rerun in the backward, host copies, fp8 conversions: ~"
+                         f"{self.overhead_seconds * 1e3:.3f} ms a call at the cost model's rates (option plan)")
         for rec in self.passes.values():
             lines.extend(rec.render())
         for q in self.quantized_layers:
@@ -189,6 +194,10 @@ class StepReport:
     @property
     def predicted_saving(self) -> int:
         return self._sum("predicted_saving") or 0
+
+    @property
+    def overhead_seconds(self) -> float:
+        return sum(g.overhead_seconds * g.calls_per_step for g in self.graphs if not g.inference)
 
     @property
     def inference(self) -> bool:

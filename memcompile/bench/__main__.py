@@ -41,6 +41,13 @@ def _common(p: argparse.ArgumentParser, default_setups: tuple[str, ...]) -> None
     p.add_argument("--seed", type=int, default=0)
 
 
+def _plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-target", help="memtrain setups get this memory_target (e.g. 1.5GiB; replaces their "
+                   "recompute_budget): the planner keeps what the step saves under it")
+    p.add_argument("--fp8", action="store_true", help="with --memory-target: let the planner store saved "
+                   "tensors in fp8 (lossy)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m memcompile.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--json", help="write one JSON line per setup here")
     t.add_argument("--min-seq", type=int, help="draw each step's length from [min-seq, seq] (variable lengths; "
                    "the 'graphs' column counts Dynamo's compiles, recompiles included)")
+    _plan(t)
 
     c = sub.add_parser("converge", help="loss curves of each setup on the bundled text")
     _common(c, CONVERGE_DEFAULT)
@@ -67,7 +75,12 @@ def parser() -> argparse.ArgumentParser:
     _common(e, TRAIN_DEFAULT)
     e.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
     e.add_argument("--json", help="write one JSON line per setup here")
-    e.add_argument("--plot", help="write a bar chart of the estimates here (PNG)")
+    e.add_argument("--plot", help="write a bar chart of the estimates here (PNG; with --sweep, the sweep's curve)")
+    _plan(e)
+    e.add_argument("--sweep", help="comma list of memory targets in GiB: the planner's curve (predicted peak and "
+                   "step-time overhead per target) on --setups (default memtrain_all), beside --fractions of "
+                   "memtrain's recompute_budget and torch's activation_memory_budget")
+    e.add_argument("--fractions", default="0.1,0.2,0.3,0.5", help="with --sweep: the budget fractions compared")
 
     ct = sub.add_parser("compile-time", help="time to the first step: the whole model compiled against one "
                         "compiled block reused for every layer (memcompile.compile_blocks)")

@@ -37,6 +37,18 @@ class Options:
     seed: int = 0
     threads: int | None = None  # torch CPU threads in the setup's process (None: torch's default)
     min_seq: int | None = None  # train: each step's length drawn from [min_seq, seq] (None: always seq)
+    # memtrain options added to every memtrain setup (``--memory-target``: memory_target and plan; a
+    # target replaces the setup's recompute_budget).
+    memtrain: dict | None = None
+
+
+def memtrain_extra(args) -> dict | None:
+    """The memtrain options ``--memory-target``/``--fp8`` add to every memtrain setup."""
+    if getattr(args, "memory_target", None) is None:
+        if getattr(args, "fp8", False):
+            raise SystemExit("--fp8 needs --memory-target")
+        return None
+    return {"memory_target": args.memory_target, "plan": {"fp8": bool(args.fp8)}}
 
 
 @dataclass
@@ -138,8 +150,8 @@ def _optimizer(setup: Setup, model: nn.Module, params: list, lr: float, device: 
     return Fira(groups, lr=lr)
 
 
-def compile_forward(setup: Setup, model: nn.Module, compiler: str,
-                    budget: float = 0.3) -> tuple[Callable, str, contextlib.AbstractContextManager]:
+def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float = 0.3,
+                    extra: dict | None = None) -> tuple[Callable, str, contextlib.AbstractContextManager]:
     """The forward the setup trains through, the name of what compiles it, and the context the training
     loop must hold (AOTAutograd's ``activation_memory_budget`` for setups with ``memory_budget``;
     compiles happen at the first call, inside it).
@@ -153,10 +165,14 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str,
     if setup.compile == "none":
         return model, "eager", contextlib.nullcontext()
     if setup.compile == "memtrain":
-        options = {**setup.memtrain, "compiler": compiler}
+        options = {**setup.memtrain, "compiler": compiler, **(extra or {})}
+        if options.get("memory_target") is not None:
+            options.pop("recompute_budget", None)
         name = f"memtrain/{compiler}"
         if options.get("recompute_budget") is not None:
             name += f", budget {options['recompute_budget']:g}"
+        if options.get("memory_target") is not None:
+            name += f", target {options['memory_target']}"
         if setup.regional:
             import memcompile
 
@@ -195,7 +211,7 @@ def build(setup: Setup, opts: Options, device: torch.device, dtype: torch.dtype,
         model, before_step, before_eval = _prepare(model, setup.memtrain)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(setup, model, params, lr, device)
-    forward, compiler, context = compile_forward(setup, model, opts.compiler, opts.budget)
+    forward, compiler, context = compile_forward(setup, model, opts.compiler, opts.budget, opts.memtrain)
     built = Built(setup, model, forward, optimizer, params, compiler, context=context, before_step=before_step,
                   before_eval=before_eval)
     built.pool_factor = setup.pool_factor

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from memcompile.bench import anchors, measure, models
-from memcompile.bench.builders import LORA, Options, Unavailable, _peft_lora, _prepare, compile_forward
+from memcompile.bench.builders import LORA, Options, Unavailable, _peft_lora, _prepare, compile_forward, memtrain_extra
 from memcompile.bench.runner import run_setups
 from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
 from memcompile.bench.table import NA, fmt_num, render, status_notes, write_jsonl
@@ -126,7 +126,7 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
             model.enable_input_require_grads()
     if setup.adapter == "peft":
         model = _peft_lora(model)
-    forward, compiler, context = compile_forward(setup, model, "aot_eager", opts.budget)
+    forward, compiler, context = compile_forward(setup, model, "aot_eager", opts.budget, opts.memtrain)
     return model, forward, compiler, context
 
 
@@ -151,16 +151,34 @@ def count_step(setup, model, forward, context, batch: int, seq: int) -> dict:
         weights = tensor_bytes([*model.parameters(), *model.buffers()])
         # AdamW's exp_avg and exp_avg_sq, each like its parameter.
         optimizer = 2 * sum(p.numel() * p.element_size() for p in params)
-        with measure.LiveBytes(existing=held, describe=True) as live:
+        # Host tensors (offloaded by a memory plan) are not the GPU's memory.
+        with measure.LiveBytes(existing=held, describe=True, device="meta") as live:
             saved = measure.saved_bytes(step, held, measure.checkpointed_layers(model),
-                                        then=lambda out: out.loss.backward())
+                                        then=lambda out: out.loss.backward(), device="meta")
         model.zero_grad(set_to_none=True)
     resident = weights + optimizer
+    plan = _plan_figures() if setup.compile == "memtrain" else {}
     return dict(saved_bytes=saved, weights_bytes=weights, optimizer_bytes=optimizer, step_peak_bytes=live.peak,
                 peak_gib=round((resident + live.peak) / GIB, 3), saved_gib=round(saved / GIB, 3),
-                trainable=sum(p.numel() for p in params),
+                trainable=sum(p.numel() for p in params), **plan,
                 at_peak=[dict(op=op, shape=list(shape), dtype=dt, count=c, bytes=b)
                          for op, shape, dt, c, b in live.peak_breakdown()])
+
+
+def _plan_figures() -> dict:
+    """The step's estimated cost of what it recomputes and copies instead of keeping, and the memory
+    plan's decisions, from memtrain's report."""
+    import memcompile
+
+    step = memcompile.report()
+    if step is None or not step.graphs:
+        return {}
+    overhead = sum(g.overhead_seconds * g.calls_per_step for g in step.graphs)
+    out = {"overhead_ms": round(overhead * 1e3, 2)}
+    plan = step.passes.get("memory_plan")
+    if plan is not None:
+        out["plan"] = {k: plan.counters[k] for k in ("recompute", "offload", "fp8", "keep")}
+    return out
 
 
 def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
@@ -247,20 +265,22 @@ def columns(status) -> list:
             ("est. peak GiB", _gib("peak_gib")), ("est. saved GiB", _gib("saved_gib")),
             ("H100 peak GiB", _gib("anchor_peak_gib")), ("H100 saved GiB", _gib("anchor_saved_gib")),
             ("peak vs H100", _error("peak_gib", "anchor_peak_gib")),
-            ("saved vs H100", _error("saved_gib", "anchor_saved_gib"))]
+            ("saved vs H100", _error("saved_gib", "anchor_saved_gib")),
+            ("overhead ms", ok(lambda r: fmt_num(r["overhead_ms"]) if r.get("overhead_ms") is not None else NA))]
 
 
 def main(args) -> list[dict]:
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if getattr(args, "sweep", None):
+        return sweep(args)
     setups = select(args.setups, "train", TRAIN_DEFAULT)
-    opts = Options(model=args.model, seq=args.seq, batch=args.batch, compiler="aot_eager", budget=args.budget,
-                   seed=args.seed, threads=args.threads or 1)
+    opts = _options(args, memtrain_extra(args))
     print(f"estimate: model={args.model} seq={args.seq} batch={args.batch} dtype=bfloat16, on the meta device "
-          "(nothing allocated)", flush=True)
-    rows = run_setups(setups, lambda setup: {"mode": "estimate", "setup": setup.name,
-                                             "options": dataclasses.asdict(opts)}, timeout=args.timeout)
+          "(nothing allocated)" + (f"; memtrain setups: memory_target {args.memory_target}"
+                                   if getattr(args, "memory_target", None) else ""), flush=True)
+    rows = _run(setups, opts, args.timeout)
     add_anchors(rows, args.model, args.seq, args.batch)
     status, notes = status_notes(rows)
     print()
@@ -269,7 +289,8 @@ def main(args) -> list[dict]:
     print("\n".join(["", "where each peak is (resident = weights, buffers, AdamW moments; then the largest groups "
                       "of tensors live at the peak, by the op that made them):", *peak_lines(rows)]))
     print("\nest.: computed on the meta device as CUDA would run the step (python -m memcompile.bench estimate "
-          "--help); H100: measured, " + anchors.SOURCE)
+          "--help); H100: measured, " + anchors.SOURCE + "; overhead: estimated time of what the backward "
+          "recomputes and copies (memtrain setups, the planner's cost model)")
     if args.json:
         write_jsonl(args.json, rows)
         print(f"wrote {args.json}")
@@ -279,3 +300,101 @@ def main(args) -> list[dict]:
                               "bf16, on the meta device", goal)
         print(f"wrote {args.plot}")
     return rows
+
+
+def _options(args, memtrain: dict | None, budget: float | None = None) -> Options:
+    return Options(model=args.model, seq=args.seq, batch=args.batch, compiler="aot_eager",
+                   budget=args.budget if budget is None else budget, seed=args.seed, threads=args.threads or 1,
+                   memtrain=memtrain)
+
+
+def _run(setups, opts: Options, timeout) -> list[dict]:
+    return run_setups(setups, lambda setup: {"mode": "estimate", "setup": setup.name,
+                                             "options": dataclasses.asdict(opts)}, timeout=timeout)
+
+
+SWEEP_SETUP = "memtrain_all"
+
+
+def sweep(args) -> list[dict]:
+    """The planner's curve: for each target, the predicted peak and step-time overhead; beside it, the
+    same for memtrain's ``recompute_budget`` and the peak under torch's ``activation_memory_budget``
+    (a plain ``torch.compile``, whose overhead the planner's model does not see)."""
+    targets = [float(t) for t in args.sweep.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    name = args.setups or SWEEP_SETUP
+    setups = select(name, "train", TRAIN_DEFAULT)
+    budget_setup = SETUPS[f"{name}_budget"] if f"{name}_budget" in SETUPS else None
+    print(f"estimate --sweep: {name} at memory targets {targets} GiB; recompute_budget and "
+          f"activation_memory_budget at {fractions}; model={args.model} seq={args.seq} batch={args.batch}, on the "
+          "meta device", flush=True)
+    rows = []
+    for t in targets:
+        extra = {"memory_target": f"{t}GiB", "plan": {"fp8": bool(args.fp8)}}
+        for r in _run(setups, _options(args, extra), args.timeout):
+            rows.append({**r, "knob": "memory_target", "value": t})
+    for f in fractions:
+        if budget_setup is not None:
+            extra = {"recompute_budget": f}
+            for r in _run([budget_setup], _options(args, extra), args.timeout):
+                rows.append({**r, "knob": "recompute_budget", "value": f})
+        for r in _run([SETUPS["lora_budget"]], _options(args, None, budget=f), args.timeout):
+            rows.append({**r, "knob": "activation_memory_budget", "value": f})
+    print()
+    print(render(rows, [("knob", lambda r: r["knob"]), ("value", lambda r: f"{r['value']:g}"),
+                        ("setup", lambda r: r["setup"]), ("status", lambda r: r["status"][:60]),
+                        ("est. peak GiB", _gib("peak_gib")), ("est. saved GiB", _gib("saved_gib")),
+                        ("overhead ms", lambda r: fmt_num(r.get("overhead_ms")) if r.get("overhead_ms") is not None
+                         else NA),
+                        ("plan", lambda r: " ".join(f"{k} {v}" for k, v in r.get("plan", {}).items()) or NA)]))
+    print("\noverhead: estimated time a step spends rerunning forward ops in the backward and copying to and from "
+          "host memory, at the cost model's rates (memtrain option plan: an H100's); torch's "
+          "activation_memory_budget compiles without memtrain, so its overhead is not estimated")
+    if args.json:
+        write_jsonl(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_sweep(rows, args.plot, f"{args.model}, {args.batch} x {args.seq} tokens, bf16, meta-device estimate")
+        print(f"wrote {args.plot}")
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str, title: str) -> None:
+    """Predicted peak against the knob's value (left) and step-time overhead against peak (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    styles = {"memory_target": ("#3182bd", "o"), "recompute_budget": ("#e6550d", "s"),
+              "activation_memory_budget": ("#756bb1", "^")}
+    for knob, (color, marker) in styles.items():
+        done = sorted((r for r in rows if r["knob"] == knob and r["status"] == "ok"), key=lambda r: r["value"])
+        if not done:
+            continue
+        axis = left
+        label = {"memory_target": "memtrain memory_target (GiB, bottom axis)",
+                 "recompute_budget": "memtrain recompute_budget (fraction x 10)",
+                 "activation_memory_budget": "torch activation_memory_budget (fraction x 10)"}[knob]
+        scale = 1 if knob == "memory_target" else 10
+        axis.plot([r["value"] * scale for r in done], [r["peak_gib"] for r in done], color=color, marker=marker,
+                  label=label)
+        with_cost = [r for r in done if r.get("overhead_ms") is not None]
+        if with_cost:
+            right.plot([r["peak_gib"] for r in with_cost], [r["overhead_ms"] for r in with_cost], color=color,
+                       marker=marker, label=knob)
+    left.axhline(GOAL_GIB, color="#d62728", linestyle="--", linewidth=1, label=f"goal {GOAL_GIB:g} GiB")
+    left.set_xlabel("memory_target GiB (budgets: fraction x 10)")
+    left.set_ylabel("estimated peak GiB")
+    left.set_title("peak against the knob: " + title, fontsize=9)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    right.axvline(GOAL_GIB, color="#d62728", linestyle="--", linewidth=1)
+    right.set_xlabel("estimated peak GiB")
+    right.set_ylabel("estimated overhead ms per step")
+    right.set_title("what each peak costs (lower left is better)", fontsize=9)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

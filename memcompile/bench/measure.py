@@ -48,7 +48,8 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor],
-                checkpointed: Iterable[torch.nn.Module] = (), then: Callable[[object], object] | None = None) -> int:
+                checkpointed: Iterable[torch.nn.Module] = (), then: Callable[[object], object] | None = None,
+                device: str | None = None) -> int:
     """Bytes of the unique storages kept for backward while ``run()`` executes.
 
     Counted: what autograd packs (``saved_tensors_hooks``), and the inputs of each layer in
@@ -56,6 +57,7 @@ def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor],
     hooks shadow ours inside it). Storages of ``exclude`` (parameters, buffers, the batch) are left
     out: the caller holds them anyway, as ``memcompile.report()`` leaves out graph inputs.
     ``then(out)`` runs after the hooks are removed, before the graph is freed (e.g. the backward).
+    ``device``: count only tensors on this device type (None: every tensor).
     """
     skip = {storage_key(t) for t in exclude}
     # Keys cannot be reused while counting: what is counted stays alive until the backward (the graph,
@@ -66,7 +68,7 @@ def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor],
     def count(t: torch.Tensor) -> None:
         nonlocal total
         key = storage_key(t)
-        if key not in skip and key not in seen:
+        if key not in skip and key not in seen and (device is None or t.device.type == device):
             seen.add(key)
             total += t.untyped_storage().nbytes()
 
@@ -139,8 +141,9 @@ class LiveBytes(TorchDispatchMode):
     allocate less.
     """
 
-    def __init__(self, existing: Iterable[torch.Tensor] = (), describe: bool = False):
+    def __init__(self, existing: Iterable[torch.Tensor] = (), describe: bool = False, device: str | None = None):
         super().__init__()
+        self.device = device  # count only storages on this device type (None: all)
         self.now = self.peak = 0
         self._known = {storage_key(t) for t in existing}
         self._live: dict[tuple, weakref.finalize] = {}
@@ -156,7 +159,7 @@ class LiveBytes(TorchDispatchMode):
 
     def _add(self, t: torch.Tensor) -> None:
         key = storage_key(t)
-        if key in self._known or key in self._live:
+        if key in self._known or key in self._live or (self.device is not None and t.device.type != self.device):
             return
         storage = t.untyped_storage()
         n = storage.nbytes()

@@ -16,7 +16,7 @@ import torch
 
 from memcompile import _torch_compat as tc
 from memcompile.bench import measure, models
-from memcompile.bench.builders import TRAIN_LR, Options, build
+from memcompile.bench.builders import TRAIN_LR, Options, build, memtrain_extra
 from memcompile.bench.runner import run_setups
 from memcompile.bench.setups import SETUPS, TRAIN_DEFAULT, select
 from memcompile.bench.table import NA, fmt_bytes, fmt_num, fmt_ratio, render, status_notes, write_jsonl
@@ -30,8 +30,9 @@ def _saved_activations(built, ids, first_report: int, last_report: int) -> dict:
     """Saved-activation bytes: memtrain's own report for memtrain setups, hooks for every setup."""
     frozen = [*built.model.parameters(), *built.model.buffers(), ids]
     try:
+        # device: a memory plan's host copies are not the accelerator's memory
         hooks = measure.saved_bytes(lambda: built.forward(input_ids=ids, labels=ids), frozen,
-                                    measure.checkpointed_layers(built.model))
+                                    measure.checkpointed_layers(built.model), device=ids.device.type)
         hooks_error = None
     except Exception as e:  # a compiled graph that rejects the hooks: "n/a", not a guess
         hooks, hooks_error = None, f"{type(e).__name__}: {e}"[:160]
@@ -147,7 +148,8 @@ def main(args) -> list[dict]:
     if args.min_seq is not None and not 1 < args.min_seq <= args.seq:
         raise SystemExit(f"--min-seq must be in [2, --seq={args.seq}], got {args.min_seq}")
     opts = Options(model=args.model, seq=args.seq, batch=args.batch, compiler=compiler, budget=args.budget,
-                   seed=args.seed, threads=args.threads or (None if cuda else 1), min_seq=args.min_seq)
+                   seed=args.seed, threads=args.threads or (None if cuda else 1), min_seq=args.min_seq,
+                   memtrain=memtrain_extra(args))
     print(f"train: model={args.model} seq={args.seq} batch={args.batch} warmup={args.warmup} steps={args.steps} "
           f"device={device.type} dtype={str(models.train_dtype(device)).removeprefix('torch.')} "
           f"compiled setups: {compiler}", flush=True)

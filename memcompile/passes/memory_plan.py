@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import size_hint
+from memcompile._torch_compat import partitioner_tag, size_hint
 from memcompile.config import PlanConfig
 
 from ._graph import insert_traced, view_base
@@ -77,6 +77,10 @@ class Choice:
 
 class MemoryPlan(PassResult):
     listed_as = "plan"
+
+    @property
+    def predicted_saving(self) -> int:
+        return self.counters["before"] - self.counters["after"]
 
     def describe(self, r: dict) -> str:
         if r["action"] == "keep":
@@ -142,8 +146,9 @@ def _op_seconds(node: fx.Node, cfg: PlanConfig) -> float:
 def recompute_closure(node: fx.Node, available: set[fx.Node], limit: int = RECOMPUTE_LIMIT):
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
-    mask is never redrawn: it is read saved), a multi-output op, a non-aten op (compression's state
-    ops among them: they must run once a step), an unsaved graph input, or more than ``limit`` nodes."""
+    mask is never redrawn: it is read saved), a multi-output op, an op of neither aten nor memtrain,
+    compression's state ops (they must run once a step), an unsaved graph input, or more than ``limit``
+    nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs."""
     closure, frontier, todo, seen = [], set(), [node], {node}
     while todo:
         n = todo.pop()
@@ -151,8 +156,8 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], limit: int = RECOM
             frontier.add(n)  # saved anyway: the backward has it
             continue
         if (n.op != "call_function" or n.target is operator.getitem or _is_random(n)
-                or getattr(n.target, "namespace", None) != "aten"):
-            return None  # includes a graph input the backward does not get, and compression's state ops
+                or getattr(n.target, "namespace", None) not in ("aten", "memtrain") or n.target in _state_ops()):
+            return None  # includes a graph input the backward does not get
         closure.append(n)
         if len(closure) > limit:
             return None
@@ -348,6 +353,27 @@ def _result(activations: dict, chosen: list[Choice], target: int, before: int, p
     counters = {"target": target, "before": before, "after": planned,
                 "seconds": sum(c.seconds for c in chosen), **counts}
     return MemoryPlan(NAME, records, [], counters)
+
+
+def _state_ops() -> set:
+    """Compression's state ops (they read or advance per-layer state: once a step, never rerun)."""
+    from memcompile.passes.compression import METHODS
+
+    return {m.state_op for m in METHODS.values()}
+
+
+def backward_recompute_seconds(bw: fx.GraphModule, cfg: PlanConfig) -> float:
+    """Estimated time of the forward ops a backward graph reruns (the partitioner's recomputation and
+    the planner's), at ``cfg``'s rates: the same measure for a ``recompute_budget`` and a plan."""
+    return sum(_op_seconds(n, cfg) for n in bw.graph.nodes
+               if n.op == "call_function" and partitioner_tag(n) == "is_forward")
+
+
+def transfer_seconds(result: MemoryPlan | None) -> float:
+    """The plan's estimated time besides recomputation: host copies and fp8 conversions."""
+    if result is None:
+        return 0.0
+    return sum(r["seconds"] for r in result.rewritten if r["action"] in ("offload", "fp8"))
 
 
 def _device(gm: fx.GraphModule) -> str:
