@@ -2,7 +2,7 @@
 Nothing else decides pass order; adding a pass is its file and one line here.
 
     Dynamo graph ─ pre_aot ─▶ AOTAutograd joint graph ─ joint_passes ─▶ partition ─▶ forward / backward
-                                                                                      └ compile (Inductor or Python)
+                                                                   partitioned passes ┘ └ compile (Inductor or Python)
 
 Ordering constraints, each stated where it binds:
 * The "before" report partitions an untouched copy of the joint graph, so it must run before any

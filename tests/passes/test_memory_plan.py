@@ -35,10 +35,14 @@ def _assert_exact(a, b):
 BASE = {"activation": "velora", "compiler": "aot_eager"}
 
 
-@pytest.mark.parametrize("build", [models.tiny_lora_llama, lambda: memcompile.prepare(models.tiny_llama())],
-                         ids=["peft_lora", "prepared_nf4"])
-def test_saved_bytes_are_under_the_target_monotonic_and_exact(build):
-    model = build()
+BUILDS = {"peft_lora": lambda dtype: models.tiny_lora_llama().to(dtype),
+          "prepared_nf4": lambda dtype: memcompile.prepare(models.tiny_llama().to(dtype))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_saved_bytes_are_under_the_target_monotonic_and_exact(build, dtype):
+    model = BUILDS[build](dtype)
     free = _step(model, BASE)
     before = free[2].bytes_after
     saved = []
@@ -89,20 +93,27 @@ def test_offload_ops_are_in_the_forward_and_backward(tmp_path):
     assert "memtrain.reload" not in forward and "memtrain.offload" not in backward
 
 
-def test_dropout_with_recompute_gives_the_same_gradients():
-    """Dropout's mask is read saved, never redrawn in the backward: the planned run equals the unplanned
-    one with the same seed (a redrawn mask would differ)."""
+def test_dropout_with_recompute_gives_the_eager_gradients():
+    """Dropout's mask is read saved, never redrawn in the backward: with the same seed the planned run
+    equals eager bit for bit (a redrawn mask would differ), and so does the unplanned compile."""
     from peft import LoraConfig, get_peft_model
 
     def build():
-        return get_peft_model(models.tiny_llama(), LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj",
-                                                                                                  "down_proj"]))
+        return get_peft_model(models.tiny_llama(), LoraConfig(r=4, lora_dropout=0.3,
+                                                              target_modules=["q_proj", "v_proj", "down_proj"]))
 
-    free = _step(build(), BASE)
-    before = free[2].bytes_after
-    run = _step(build(), {**BASE, "memory_target": int(before * 0.7), "plan": {"offload": False}})
+    ids = models.batch()
+    model = build()
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    eager = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    opts = {"activation": "none", "compiler": "aot_eager"}
+    free = _step(build(), opts, seed=1)
+    run = _step(build(), {**opts, "memory_target": int(free[2].bytes_after * 0.7), "plan": {"offload": False}}, seed=1)
     assert run[2].passes["memory_plan"].counters["recompute"] > 0
     _assert_exact(run, free)
+    _assert_exact(run, eager)
 
 
 def test_state_is_advanced_once_per_step_under_a_target():
