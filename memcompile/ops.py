@@ -14,6 +14,8 @@ op                                 defined in
 ``gaussian_sketch``                ``memcompile/kernels/random_projection.py``
 ``offload``                        ``memcompile/kernels/host_offload.py``
 ``reload``                         ``memcompile/kernels/host_offload.py``
+``fp8_quantize``                   ``memcompile/kernels/fp8_quantize.py``
+``fp8_dequantize``                 ``memcompile/kernels/fp8_dequantize.py``
 ``nf4_dequant``                    ``memcompile/quant/nf4/nf4_dequant.py``
 ``nf4_linear``                     ``memcompile/quant/nf4/nf4_linear.py``
 ``velora_vector``                  ``memcompile/passes/compression/velora.py``
@@ -26,6 +28,8 @@ registered wherever it is matched or inserted.
 import torch
 
 from memcompile.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from memcompile.kernels.fp8_dequantize import fp8_dequantize
+from memcompile.kernels.fp8_quantize import fp8_quantize
 from memcompile.kernels.host_offload import offload, reload
 from memcompile.kernels.linear_cross_entropy import linear_cross_entropy_forward
 from memcompile.kernels.random_projection import gaussian_sketch
@@ -40,6 +44,8 @@ __all__ = [
     "compact_seed",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "fp8_dequantize",
+    "fp8_quantize",
     "gaussian_sketch",
     "linear_cross_entropy_forward",
     "memtrain",

@@ -99,6 +99,36 @@ def nf4_linear(device: torch.device, tiny: bool) -> list[Case]:
     return cases
 
 
+def _activation(device: torch.device, tiny: bool):
+    """Saved activations of the anchors' TinyLlama step: 8192 tokens of the hidden size (2048) and of the MLP
+    (5632), bf16 (tiny: fp32, a width that is no multiple of a block)."""
+    dtype = torch.float32 if tiny else torch.bfloat16
+    shapes = [(16, 300)] if tiny else [(8192, 2048), (8192, 5632)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(shape, device=device, dtype=dtype, generator=gen), f"x {shape[0]}x{shape[1]} "
+             f"{str(dtype)[6:]}") for shape in shapes]
+
+
+def fp8_quantize(device: torch.device, tiny: bool) -> list[Case]:
+    from memcompile.kernels import fp8_quantize as fq
+
+    # The codes: equal codes need equal scales too.
+    return [Case(size, {"triton": lambda x=x: fq.fp8_quantize_triton(x)[0],
+                        "torch": lambda x=x: fq.fp8_quantize_ref(x)[0]}) for x, size in _activation(device, tiny)]
+
+
+def fp8_dequantize(device: torch.device, tiny: bool) -> list[Case]:
+    from memcompile.kernels import fp8_dequantize as fd
+    from memcompile.kernels import fp8_quantize as fq
+
+    cases = []
+    for x, size in _activation(device, tiny):
+        q, scale = fq.fp8_quantize_ref(x)
+        cases.append(Case(size, {"triton": lambda q=q, s=scale, d=x.dtype: fd.fp8_dequantize_triton(q, s, d),
+                                 "torch": lambda q=q, s=scale, d=x.dtype: fd.fp8_dequantize_ref(q, s, d)}))
+    return cases
+
+
 def _logits(device: torch.device, tiny: bool):
     """The anchors' TinyLlama loss: 8192 tokens over a 32k vocabulary, bf16 (tiny: fp32)."""
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -159,6 +189,8 @@ CASES: dict[str, Callable[[torch.device, bool], list[Case]]] = {
     "cross_entropy_backward": cross_entropy_backward,
     "linear_cross_entropy": linear_cross_entropy,
     "gaussian_sketch": gaussian_sketch,
+    "fp8_quantize": fp8_quantize,
+    "fp8_dequantize": fp8_dequantize,
     "nf4_dequant": nf4_dequant,
     "nf4_linear": nf4_linear,
 }
