@@ -261,9 +261,13 @@ def _first_user(node: fx.Node) -> fx.Node:
     return min(node.users, key=order.__getitem__)
 
 
-def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node) -> fx.Node:
+def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node, name: str) -> fx.Node:
+    """A backward input for the new saved tensor ``like``, at the place of ``before``'s. Its own name: the
+    forward's (``getitem_14``) may be taken in the backward, and a placeholder's name is its argument's."""
     with bw.inserting_before(before):
-        ph = bw.placeholder(like.name)
+        ph = bw.placeholder(name)
+    if ph.name != name:
+        raise AssertionError(f"{NAME}: placeholder name {name!r} is taken")
     ph.meta.update(val=like.meta["val"])
     return ph
 
@@ -288,7 +292,7 @@ def apply(p: Partitioned, chosen: list[Choice]) -> None:
             device = node.meta["val"].device
             host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x), [node], before=node.next,
                                  tag=None, name=NAME)
-            new_ph = _add_placeholder(p.bw.graph, ph, host)
+            new_ph = _add_placeholder(p.bw.graph, ph, host, f"{node.name}_on_host")
             back = insert_traced(p.bw.graph, lambda h: memtrain.reload(h, device), [new_ph],
                                  before=_first_user(ph), tag=None, name=NAME)
             p.set_outputs(outs[:slot] + [host] + outs[slot + 1:])
@@ -296,8 +300,8 @@ def apply(p: Partitioned, chosen: list[Choice]) -> None:
             dtype = node.meta["val"].dtype
             q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x), [node], before=node.next,
                                      tag=None, name=NAME)
-            q_ph = _add_placeholder(p.bw.graph, ph, q)
-            s_ph = _add_placeholder(p.bw.graph, ph, scale)
+            q_ph = _add_placeholder(p.bw.graph, ph, q, f"{node.name}_fp8")
+            s_ph = _add_placeholder(p.bw.graph, ph, scale, f"{node.name}_fp8_scale")
             back = insert_traced(p.bw.graph, lambda a, b: memtrain.fp8_dequantize(a, b, dtype), [q_ph, s_ph],
                                  before=_first_user(ph), tag=None, name=NAME)
             p.set_outputs(outs[:slot] + [q, scale] + outs[slot + 1:])

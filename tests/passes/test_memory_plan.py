@@ -154,3 +154,24 @@ def test_options_are_checked():
     assert memcompile.MemtrainConfig(memory_target="4.5GiB").memory_target == int(4.5 * 2**30)
     assert memcompile.MemtrainConfig(memory_target="800MB").memory_target == 800 * 10**6
     assert memtrain.offload.default is not None
+
+
+def test_fp8_storage_is_under_the_target_and_within_its_bound():
+    """fp8 changes only what the backward reads: the loss is exact, each gradient within the format's
+    relative error (2^-4 per stored element) in norm, and q is one byte per element."""
+    model = models.tiny_lora_llama()
+    free = _step(model, BASE)
+    target = int(free[2].bytes_after * 0.7)
+    run = _step(model, {**BASE, "memory_target": target, "plan": {"fp8": True, "offload": False,
+                                                                   "recompute": False}})
+    plan = run[2].passes["memory_plan"]
+    assert plan.counters["fp8"] > 0 and run[2].bytes_after <= target
+    stored = [r for r in plan.rewritten if r["action"] == "fp8"]
+    for r in stored:  # one byte per element and a 4-byte scale per row
+        rows = r["bytes"] // (4 * r["shape"][-1])
+        assert r["bytes_after"] == r["bytes"] // 4 + 4 * rows
+    assert torch.equal(run[0], free[0])
+    for name, g in free[1].items():
+        err = (run[1][name] - g).norm() / g.norm().clamp_min(1e-30)
+        assert err <= 2 ** -4, (name, err.item())
+    assert any(not torch.equal(run[1][n], free[1][n]) for n in free[1])  # fp8 did change something
