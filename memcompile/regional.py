@@ -114,8 +114,9 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
             log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the loss stays eager")
         else:
             # The loss graph's inputs are the logits and labels: a recompute budget there could only
-            # rerun the loss itself, so it is compiled without one (the blocks keep theirs).
-            loss_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None), {})
+            # rerun the loss itself, so it is compiled without one (the blocks keep theirs); the blocks
+            # share memory_target among their layers, and the loss graph is not planned.
+            loss_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {})
                             if backend == "memtrain" else backend)
             owner.loss_function = torch.compile(owner.loss_function, backend=loss_backend, dynamic=dynamic)
     return blocks

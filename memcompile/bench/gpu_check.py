@@ -20,7 +20,7 @@ beside the GPU steps, on the CPU. The plan (docs/gpu-check.md):
     kernels                               50  python -m memcompile.bench kernels
     train-memtrain_velora_regional        70  VeLoRA, one compiled block for every layer
     train-memtrain_all_regional           70  everything on, one compiled block for every layer
-    train-memtrain_all_budget_regional    70  ... under the recompute budget
+    train-memtrain_all_target_regional    70  ... under memory_target 2GiB (the planner)
     train-qlora_gc                        45  the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)
     pytest-gpu                            95  pytest -m gpu: every Triton kernel, the backend end to end
     train-lora_compile_regional          100  plain Inductor, one compiled block for every layer
@@ -54,11 +54,11 @@ NEEDS_GPU = ("gpu-check needs a CUDA GPU and none is visible here (torch {torch}
              "`python -m memcompile.bench gpu --dry-run` runs the same steps on CPU (tiny model, Triton "
              "interpreter) to check the plumbing; its figures mean nothing.")
 # The train setups of the check, and the estimate of the same setups (bitsandbytes ones are measured only).
-TRAIN = ("memtrain_velora_regional", "memtrain_all_regional", "memtrain_all_budget_regional", "qlora_gc",
+TRAIN = ("memtrain_velora_regional", "memtrain_all_regional", "memtrain_all_target_regional", "qlora_gc",
          "lora_compile_regional")
 # The regional setups are estimated by their whole-model twins: on the meta device a block-by-block
 # compile does not yet run (its loss comes back without grad, and the budgeted one fails in AOTAutograd).
-ESTIMATE = ("lora_compile", "memtrain_velora", "memtrain_all", "memtrain_all_budget")
+ESTIMATE = ("lora_compile", "memtrain_velora", "memtrain_all", "memtrain_all_target")
 
 
 @dataclass
@@ -114,8 +114,8 @@ def _steps(dry: bool) -> list[Step]:
         # memtrain's setups first: one compiled block for every layer (memcompile.compile_blocks).
         train_step("memtrain_velora_regional", 70, "VeLoRA, one compiled block for every layer", dry),
         train_step("memtrain_all_regional", 70, "everything on, one compiled block for every layer", dry),
-        train_step("memtrain_all_budget_regional", 70, "everything on under the recompute budget, one compiled "
-                   "block for every layer", dry),
+        train_step("memtrain_all_target_regional", 70, "everything on under memory_target 2GiB (the planner), "
+                   "one compiled block for every layer", dry),
         train_step("qlora_gc", 45, "the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)", dry),
         Step("pytest-gpu", ["{py}", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
                             "--junitxml={out}/pytest-gpu.xml", "tests"], 95,

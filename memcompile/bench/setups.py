@@ -113,6 +113,12 @@ SETUPS: dict[str, Setup] = _table(
           adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
                     "recompute_budget": 0.2}),
+    # ... or the planner, at the target whose estimated peak is under 4.5 GiB at the anchors' setup
+    # (python -m memcompile.bench estimate --sweep: 2 GiB, 4.49 GiB, less overhead than budget 0.2).
+    Setup("memtrain_all_target", "memtrain_all + memory_target 2GiB: the planner recomputes or offloads the rest",
+          adapter="prepare", compile="memtrain",
+          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
+                    "memory_target": "2GiB"}),
     # Regional compilation: the setups above, each decoder layer compiled on its own.
     Setup("lora_compile_regional", "lora_compile, each decoder layer compiled on its own (Inductor, no memtrain)",
           compile="inductor", regional=True, modes=("train",)),
@@ -120,6 +126,10 @@ SETUPS: dict[str, Setup] = _table(
           adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
                     "recompute_budget": 0.2}, regional=True, modes=("train",)),
+    Setup("memtrain_all_target_regional", "memtrain_all_target, each decoder layer compiled on its own",
+          adapter="prepare", compile="memtrain",
+          memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
+                    "memory_target": "2GiB"}, regional=True, modes=("train",)),
     Setup("memtrain_velora_regional", "memtrain_velora, each decoder layer compiled on its own", compile="memtrain",
           memtrain={"activation": "velora"}, regional=True, modes=("train",)),
     Setup("memtrain_all_regional", "memtrain_all, each decoder layer compiled on its own", adapter="prepare",
@@ -153,7 +163,7 @@ SETUPS: dict[str, Setup] = _table(
 
 TRAIN_DEFAULT = ("lora", "qlora", "qlora_gc", "lora_gc", "lora_compile", "qlora_compile", "lora_budget",
                  "memtrain_velora", "memtrain_compact", "memtrain_velora_loss", "memtrain_qdylora", "memtrain_all",
-                 "memtrain_all_budget")
+                 "memtrain_all_budget", "memtrain_all_target")
 CONVERGE_DEFAULT = ("lora", "qlora", "memtrain_velora", "memtrain_compact", "memtrain_qdylora", "full_batch",
                     "random_half", "coreset", "adamw", "galore", "fira")
 # GaLore and Fira in each moment_transfer mode: python -m memcompile.bench converge --setups

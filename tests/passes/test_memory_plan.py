@@ -175,3 +175,27 @@ def test_fp8_storage_is_under_the_target_and_within_its_bound():
         err = (run[1][name] - g).norm() / g.norm().clamp_min(1e-30)
         assert err <= 2 ** -4, (name, err.item())
     assert any(not torch.equal(run[1][n], free[1][n]) for n in free[1])  # fp8 did change something
+
+
+def test_regional_blocks_share_the_target_exactly():
+    """Under compile_blocks every layer of a block gets target / layers: the blocks' saved bytes per step
+    are under the target, and the run equals the unplanned one."""
+    def run(opts):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        activation_state.reset()
+        model = models.tiny_lora_llama(layers=3)
+        memcompile.compile_blocks(model, options=opts)
+        ids = models.batch()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, memcompile.report()
+
+    free = run(BASE)
+    blocks = lambda r: sum(g.bytes_after * g.calls_per_step for g in r.graphs if g.served)  # noqa: E731
+    target = blocks(free[2]) // 2
+    planned = run({**BASE, "memory_target": target, "plan": {"offload": True}})
+    assert 0 < blocks(planned[2]) <= target
+    assert "memory_plan" not in next(g for g in planned[2].graphs if not g.served).passes  # the loss graph
+    _assert_exact(planned, free)
