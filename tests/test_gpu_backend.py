@@ -133,3 +133,37 @@ def test_everything_on_under_inductor_matches_the_plain_graph_on_cuda():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_memory_target_offload_and_recompute_are_exact_on_cuda(compiler):
+    """The planner on CUDA: offload (pinned host copies on a side stream) and recompute change nothing
+    the step computes, and what stays on the device is under the target."""
+    model, ids = models.tiny_lora_llama().to(CUDA), models.batch().to(CUDA)
+    opts = {"activation": "none", "compiler": compiler}
+    loss_f, grads_f, xg_f = _compiled(model, ids, opts)
+    free = memcompile.report().bytes_after
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    target = free // 5
+    loss_p, grads_p, xg_p = _compiled(model, ids, {**opts, "memory_target": target})
+    rep = memcompile.report()
+    assert rep.bytes_after <= target and rep.passes["memory_plan"]["counters"]["offload"] > 0
+    assert torch.equal(loss_p, loss_f) and torch.equal(xg_p, xg_f)
+    for name in grads_f:
+        assert torch.equal(grads_p[name], grads_f[name]), name
+
+
+def test_memory_target_fp8_is_within_its_bound_on_cuda():
+    model, ids = models.tiny_lora_llama().to(CUDA), models.batch().to(CUDA)
+    opts = {"activation": "none", "compiler": "inductor"}
+    loss_f, grads_f, _ = _compiled(model, ids, opts)
+    free = memcompile.report().bytes_after
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    loss_p, grads_p, _ = _compiled(model, ids, {**opts, "memory_target": int(free * 0.7),
+                                                "plan": {"fp8": True, "offload": False, "recompute": False}})
+    assert memcompile.report().passes["memory_plan"]["counters"]["fp8"] > 0
+    torch.testing.assert_close(loss_p, loss_f)
+    for name, g in grads_f.items():
+        assert ((grads_p[name] - g).norm() / g.norm().clamp_min(1e-30)).item() <= 2 ** -4, name
