@@ -113,8 +113,10 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
     if setup.optimizer != "adamw" or setup.selection != "all":
         raise Unavailable("the estimate covers AdamW fine-tuning on the whole batch")
     if setup.regional:
-        raise Unavailable("regional compilation does not run on the meta device yet; estimate the "
-                          "whole-model setup instead")
+        # torch.compile of a region called with a non-leaf meta tensor that requires grad (a block's
+        # input, the loss's logits) returns outputs that do not: the backward would stop at each region.
+        raise Unavailable("regional compilation does not run on the meta device (a compiled region drops "
+                          "requires_grad of non-leaf meta inputs); estimate the whole-model setup instead")
     register_attention()
     model = models.meta_model(opts.model, dtype)
     if setup.adapter == "prepare":
