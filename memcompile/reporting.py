@@ -90,11 +90,11 @@ class GraphReport:
         before, after = self.bytes_before, self.bytes_after
         if before is not None:
             delta = 100.0 * (after - before) / before if before else 0.0
-            lines.append(f"  saved activations: {_fmt(before)} -> {_fmt(after)} ({delta:+.1f}%)"
+            lines.append(f"  saved activations: {fmt_bytes(before)} -> {fmt_bytes(after)} ({delta:+.1f}%)"
                          f"  [{len(self.saved_before)} -> {len(self.saved_after)} tensors];"
-                         f" predicted saving {_fmt(self.predicted_saving)}, measured {_fmt(before - after)}")
+                         f" predicted saving {fmt_bytes(self.predicted_saving)}, measured {fmt_bytes(before - after)}")
         else:
-            lines.append(f"  saved activations: {_fmt(after)} [{len(self.saved_after)} tensors]")
+            lines.append(f"  saved activations: {fmt_bytes(after)} [{len(self.saved_after)} tensors]")
         if self.overhead_seconds:
             lines.append(f"  forward ops rerun in the backward, host copies, fp8 conversions: ~"
                          f"{self.overhead_seconds * 1e3:.3f} ms a call at the cost model's rates (option plan)")
@@ -105,13 +105,13 @@ class GraphReport:
         costly = [t for t in self.saved_after if not t.is_input and t.alias_of is None and not t.on_host]
         host = sum(t.bytes for t in self.saved_after if t.on_host and t.alias_of is None)
         if host:
-            lines.append(f"  offloaded to host memory: {_fmt(host)} (not counted above)")
+            lines.append(f"  offloaded to host memory: {fmt_bytes(host)} (not counted above)")
         lines.append(f"  saved activations after, largest first ({len(costly)} storages; graph inputs not counted):")
         lines.extend("    " + _row(t) for t in sorted(costly, key=lambda t: -t.bytes)[:12])
         return "\n".join(lines)
 
 
-def _fmt(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -125,7 +125,7 @@ def _span(names: Sequence[str]) -> str:
 
 def _row(t: SavedTensor) -> str:
     kind = "input" if t.is_input else (f"view of {t.alias_of}" if t.alias_of else "activation")
-    return f"{t.name:<28} {str(t.shape):<22} {t.dtype:<9} {_fmt(t.bytes):>11}  {kind}"
+    return f"{t.name:<28} {str(t.shape):<22} {t.dtype:<9} {fmt_bytes(t.bytes):>11}  {kind}"
 
 
 def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int,
@@ -228,8 +228,8 @@ class StepReport:
         lines = [f"memtrain step: {len(self.graphs)} graphs"]
         before, after = self.bytes_before, self.bytes_after
         if before is not None:
-            lines.append(f"  saved activations per step: {_fmt(before)} -> {_fmt(after)}; predicted saving "
-                         f"{_fmt(self.predicted_saving)}, measured {_fmt(before - after)}")
+            lines.append(f"  saved activations per step: {fmt_bytes(before)} -> {fmt_bytes(after)}; predicted saving "
+                         f"{fmt_bytes(self.predicted_saving)}, measured {fmt_bytes(before - after)}")
         for g in self.graphs:
             lines.append("")
             lines.append(str(g))

@@ -42,6 +42,7 @@ import torch.fx as fx
 
 from memcompile._torch_compat import partitioner_tag, size_hint
 from memcompile.config import PlanConfig
+from memcompile.reporting import fmt_bytes, saved_tensors
 
 from ._graph import insert_traced, view_base
 from .base import GraphPass, PassResult
@@ -84,14 +85,14 @@ class MemoryPlan(PassResult):
 
     def describe(self, r: dict) -> str:
         if r["action"] == "keep":
-            return f"{r['tensor']} {r['shape']} {r['dtype']} {_fmt(r['bytes'])}: keep"
-        return (f"{r['tensor']} {r['shape']} {r['dtype']} {_fmt(r['bytes'])}: {r['action']} -> "
-                f"{_fmt(r['bytes_after'])}, ~{r['seconds'] * 1e6:.0f} us")
+            return f"{r['tensor']} {r['shape']} {r['dtype']} {fmt_bytes(r['bytes'])}: keep"
+        return (f"{r['tensor']} {r['shape']} {r['dtype']} {fmt_bytes(r['bytes'])}: {r['action']} -> "
+                f"{fmt_bytes(r['bytes_after'])}, ~{r['seconds'] * 1e6:.0f} us")
 
     def render(self) -> list[str]:
         c = self.counters
-        lines = [f"  pass {self.name}: target {_fmt(c['target'])}; saved {_fmt(c['before'])} -> "
-                 f"{_fmt(c['after'])}; estimated cost "
+        lines = [f"  pass {self.name}: target {fmt_bytes(c['target'])}; saved {fmt_bytes(c['before'])} -> "
+                 f"{fmt_bytes(c['after'])}; estimated cost "
                  f"{c['seconds'] * 1e3:.2f} ms a step; recompute {c['recompute']}, offload {c['offload']}, "
                  f"fp8 {c['fp8']}, kept {c['keep']}"]
         changed = [r for r in self.rewritten if r["action"] != "keep"]
@@ -99,14 +100,6 @@ class MemoryPlan(PassResult):
         if len(changed) > 40:
             lines.append(f"    ... ({len(changed)} changed in all)")
         return lines
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _shape(val: torch.Tensor) -> tuple[int, ...] | None:
@@ -336,8 +329,8 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig) -> MemoryPl
     k, planned = prefix(seq, 0, before, target)
     if planned > target:
         raise ValueError(
-            f"memtrain memory_target {_fmt(target)} cannot be met: this graph saves {_fmt(before)}, and the "
-            f"smallest the planner reaches is {_fmt(planned)} (recompute={cfg.recompute}, offload="
+            f"memtrain memory_target {fmt_bytes(target)} cannot be met: this graph saves {fmt_bytes(before)}, and the "
+            f"smallest the planner reaches is {fmt_bytes(planned)} (recompute={cfg.recompute}, offload="
             f"{offload}, fp8={cfg.fp8}). Raise the target"
             + ("" if cfg.fp8 else ", allow plan.fp8") + ("" if offload else ", allow plan.offload") + ".")
     apply(p, seq[:k])
@@ -401,8 +394,6 @@ class PlanMemory(GraphPass):
         return (self.config.memory_target, self.config.plan)
 
     def __call__(self, p: Partitioned, ctx) -> MemoryPlan:
-        from memcompile.reporting import saved_tensors
-
         # A block's graph runs once per layer it serves: each run gets its share of the step's target.
         target = self.config.memory_target // max(1, len(ctx.served))
         saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_from_frame)
