@@ -75,6 +75,9 @@ def main(argv=None) -> reporting.StepReport:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--memory-target", help="the planner's memory_target (e.g. 2MiB): the report shows its plan")
+    ap.add_argument("--offload", action="store_true", help="with --memory-target: allow offload on CPU too")
+    ap.add_argument("--fp8", action="store_true", help="with --memory-target: allow fp8 storage")
     ap.add_argument("--dump-dir", help="write graphs before/after each pass here")
     ap.add_argument("--json", action="store_true", help="print the per-token figures as JSON too")
     args = ap.parse_args(argv)
@@ -87,6 +90,9 @@ def main(argv=None) -> reporting.StepReport:
                                 for flag, name in method.cli}
     if args.training == "full" and args.activation != "none":
         options["targets"] = None
+    if args.memory_target:
+        options.update(memory_target=args.memory_target,
+                       plan={"offload": True if args.offload else None, "fp8": args.fp8})
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="memtrain", options=options)
