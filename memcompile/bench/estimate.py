@@ -18,6 +18,8 @@ What the meta device cannot know is modelled on CUDA and said here:
   decompositions and partitioner), so the saved tensors are Inductor's but temporaries are counted
   unfused, which overstates Inductor's temporaries (yet under an activation budget the estimate has
   come out below the anchors' measurement: it is not a bound);
+- a regional setup's loss is compiled only where memtrain fuses it: torch.compile of ``nll_loss`` on
+  meta inputs returns a loss without grad, so a plain loss runs eager there;
 - bitsandbytes setups cannot be built on meta and are skipped (their measured anchors are listed);
   ``memcompile.prepare``'s NF4 model: its first decoder layer is quantised on the CPU from constant
   weights and moved to meta, and every other layer gets copies of those adapted linears (same shapes,
@@ -112,11 +114,6 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
         raise Unavailable("bitsandbytes 4-bit weights cannot be built on the meta device")
     if setup.optimizer != "adamw" or setup.selection != "all":
         raise Unavailable("the estimate covers AdamW fine-tuning on the whole batch")
-    if setup.regional:
-        # torch.compile of a region called with a non-leaf meta tensor that requires grad (a block's
-        # input, the loss's logits) returns outputs that do not: the backward would stop at each region.
-        raise Unavailable("regional compilation does not run on the meta device (a compiled region drops "
-                          "requires_grad of non-leaf meta inputs); estimate the whole-model setup instead")
     register_attention()
     model = models.meta_model(opts.model, dtype)
     if setup.adapter == "prepare":
@@ -128,7 +125,11 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
             model.enable_input_require_grads()
     if setup.adapter == "peft":
         model = _peft_lora(model)
-    forward, compiler, context = compile_forward(setup, model, "aot_eager", opts.budget, opts.memtrain)
+    # A compiled nll_loss on meta inputs returns a loss that does not require grad (torch 2.13), so a
+    # regional setup's loss stays eager unless memtrain fuses it (its own op, which compiles fine).
+    fused = {**setup.memtrain, **(opts.memtrain or {})}.get("fused_cross_entropy", False)
+    forward, compiler, context = compile_forward(setup, model, "aot_eager", opts.budget, opts.memtrain,
+                                                 regional_loss=bool(fused))
     return model, forward, compiler, context
 
 

@@ -56,9 +56,9 @@ NEEDS_GPU = ("gpu-check needs a CUDA GPU and none is visible here (torch {torch}
 # The train setups of the check, and the estimate of the same setups (bitsandbytes ones are measured only).
 TRAIN = ("memtrain_velora_regional", "memtrain_all_regional", "memtrain_all_target_regional", "qlora_gc",
          "lora_compile_regional")
-# The regional setups are estimated by their whole-model twins: on the meta device a block-by-block
-# compile does not yet run (its loss comes back without grad, and the budgeted one fails in AOTAutograd).
-ESTIMATE = ("lora_compile", "memtrain_velora", "memtrain_all", "memtrain_all_target")
+# The estimate of the same setups, regional ones included (their loss runs eager on meta unless fused).
+ESTIMATE = ("memtrain_velora_regional", "memtrain_all_regional", "memtrain_all_target_regional",
+            "lora_compile_regional")
 
 
 @dataclass
