@@ -144,9 +144,12 @@ def size_hint(s) -> int | None:
         return s
     from torch.fx.experimental import symbolic_shapes
 
-    if not symbolic_shapes.has_guarding_hint(s):  # unbacked sizes have no hint
+    # torch 2.13 names them has_guarding_hint/guarding_hint_or_throw; 2.11 has_hint/hint_int.
+    has = getattr(symbolic_shapes, "has_guarding_hint", None) or symbolic_shapes.has_hint
+    hint = getattr(symbolic_shapes, "guarding_hint_or_throw", None) or symbolic_shapes.hint_int
+    if not has(s):  # unbacked sizes have no hint
         return None
-    return int(symbolic_shapes.guarding_hint_or_throw(s))
+    return int(hint(s))
 
 
 def option_error(message: str) -> ValueError:
