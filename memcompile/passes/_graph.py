@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import fake_mode_of, make_fx
+from memcompile._torch_compat import fake_mode_of, make_fx, size_hint
 
 aten = torch.ops.aten
 
@@ -19,6 +19,16 @@ VIEW_OPS = frozenset({
     aten.squeeze.dim, aten.unsqueeze.default, aten.detach.default,
 })
 TRANSPOSE_OPS = frozenset({aten.t.default, aten.permute.default, aten.transpose.int})
+
+
+def hinted_shape(val) -> tuple[int, ...] | None:
+    """A tensor's sizes at the example Dynamo traced with, without guarding on them (``int()`` of a
+    symbolic size would specialise the graph to this length and make every other length recompile);
+    ``None`` for a non-tensor or an unbacked size."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    sizes = tuple(size_hint(s) for s in val.shape)
+    return None if None in sizes else sizes
 
 
 def is_call(node: object, targets: Iterable) -> bool:

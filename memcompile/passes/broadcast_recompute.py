@@ -23,9 +23,9 @@ import math
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import must_recompute, partitioner_tag, size_hint
+from memcompile._torch_compat import must_recompute, partitioner_tag
 
-from ._graph import VIEW_OPS
+from ._graph import VIEW_OPS, hinted_shape
 from .base import GraphPass, PassResult
 
 NAME = "broadcast_recompute"
@@ -36,13 +36,8 @@ _MOVES = VIEW_OPS | {aten.clone.default, aten.expand.default}
 
 
 def _numel(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    # The example sizes, without guarding on them: ``int()`` of a symbolic size would specialise the
-    # graph to this length and make every other length recompile.
-    sizes = [size_hint(s) for s in val.shape]
-    return None if None in sizes else math.prod(sizes)
+    shape = hinted_shape(node.meta.get("val"))
+    return None if shape is None else math.prod(shape)
 
 
 def _forward(node: fx.Node) -> bool:

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import partitioner_tag, size_hint
+from memcompile._torch_compat import partitioner_tag
 from memcompile.config import PlanConfig
 from memcompile.reporting import fmt_bytes, saved_tensors
 
-from ._graph import insert_traced, view_base
+from ._graph import hinted_shape, insert_traced, view_base
 from .base import GraphPass, PassResult
 
 NAME = "memory_plan"
@@ -65,7 +65,7 @@ class Choice:
     bytes_after: int  # on the device after
     seconds: float  # estimated cost added to the step
     closure: tuple[fx.Node, ...] = ()  # recompute: the nodes rerun in the backward, ``node`` last
-    frontier: frozenset = frozenset()  # recompute: the saved tensors (and graph inputs) they read
+    frontier: frozenset = frozenset()  # recompute: the saved tensors they read
 
     @property
     def freed(self) -> int:
@@ -102,15 +102,8 @@ class MemoryPlan(PassResult):
         return lines
 
 
-def _shape(val: torch.Tensor) -> tuple[int, ...] | None:
-    sizes = tuple(size_hint(s) for s in val.shape)
-    return None if None in sizes else sizes
-
-
 def _nbytes(val) -> int:
-    if not isinstance(val, torch.Tensor):
-        return 0
-    shape = _shape(val)
+    shape = hinted_shape(val)
     return 0 if shape is None else math.prod(shape) * val.element_size()
 
 
@@ -120,7 +113,7 @@ def _flops(node: fx.Node) -> int:
     if kind is None:
         return 0
     a, b = (node.args[1], node.args[2]) if kind == "addmm" else node.args[:2]
-    sa, sb = _shape(a.meta["val"]), _shape(b.meta["val"])
+    sa, sb = hinted_shape(a.meta["val"]), hinted_shape(b.meta["val"])
     if sa is None or sb is None:
         return 0
     return 2 * math.prod(sa) * sb[-1]
@@ -136,12 +129,15 @@ def _op_seconds(node: fx.Node, cfg: PlanConfig) -> float:
     return _flops(node) / cfg.flops_per_s + moved / cfg.memory_bytes_per_s + cfg.op_seconds
 
 
-def recompute_closure(node: fx.Node, available: set[fx.Node], limit: int = RECOMPUTE_LIMIT):
+def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Node, int],
+                      limit: int = RECOMPUTE_LIMIT):
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
     mask is never redrawn: it is read saved), a multi-output op, an op of neither aten nor memtrain,
     compression's state ops (they must run once a step), an unsaved graph input, or more than ``limit``
-    nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs."""
+    nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs.
+    ``order``: each node's position in the graph."""
+    state_ops = _state_ops()
     closure, frontier, todo, seen = [], set(), [node], {node}
     while todo:
         n = todo.pop()
@@ -149,7 +145,7 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], limit: int = RECOM
             frontier.add(n)  # saved anyway: the backward has it
             continue
         if (n.op != "call_function" or n.target is operator.getitem or _is_random(n)
-                or getattr(n.target, "namespace", None) not in ("aten", "memtrain") or n.target in _state_ops()):
+                or getattr(n.target, "namespace", None) not in ("aten", "memtrain") or n.target in state_ops):
             return None  # includes a graph input the backward does not get
         closure.append(n)
         if len(closure) > limit:
@@ -158,23 +154,23 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], limit: int = RECOM
             if a not in seen:
                 seen.add(a)
                 todo.append(a)
-    order = {n: i for i, n in enumerate(node.graph.nodes)} if len(closure) > 1 else {node: 0}
     return tuple(sorted(closure, key=order.__getitem__)), frozenset(frontier)
 
 
-def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanConfig, offload: bool) -> list[Choice]:
+def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanConfig, offload: bool,
+                order: dict[fx.Node, int]) -> list[Choice]:
     """Every way ``node`` (a saved tensor of ``nbytes``) may leave the device, with its estimated cost."""
     val = node.meta["val"]
     out: list[Choice] = []
     if cfg.recompute:
-        found = recompute_closure(node, available)
+        found = recompute_closure(node, available, order)
         if found is not None:
             closure, frontier = found
             seconds = sum(_op_seconds(n, cfg) for n in closure)
             out.append(Choice(node, "recompute", nbytes, 0, seconds, closure, frontier))
     if offload:
         out.append(Choice(node, "offload", nbytes, 0, 2 * nbytes / cfg.host_bytes_per_s + 2 * cfg.op_seconds))
-    shape = _shape(val)
+    shape = hinted_shape(val)
     if (cfg.fp8 and val.dtype in _FLOAT and shape and shape[-1] >= _FP8_MIN_ROW
             and node.target is not operator.getitem):
         rows = math.prod(shape[:-1])
@@ -193,15 +189,15 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool) -> tuple[list[Choi
     aliased = {t.alias_of for t in saved if t.alias_of is not None}
     activations = {t.name: t for t in saved if not t.is_input and t.alias_of is None and t.bytes > 0
                    and not t.on_host}
+    order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
     best: list[Choice] = []
     for name, t in activations.items():
         node = nodes.get(name)
         if node is None or name in aliased or not isinstance(node.meta.get("val"), torch.Tensor):
             continue  # a storage several saved views share stays (one rewrite per view would copy it twice)
-        options = choices_for(node, t.bytes, available, cfg, offload)
+        options = choices_for(node, t.bytes, available, cfg, offload, order)
         if options:
             best.append(min(options, key=lambda c: (c.price, c.action)))
-    order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
     best.sort(key=lambda c: (c.price, order[c.node]))
     return best, activations, sum(t.bytes for t in activations.values())
 
@@ -220,10 +216,10 @@ def sequence(choices: list[Choice]) -> list[Choice]:
     return seq
 
 
-def prefix(seq: list[Choice], start: int, estimate: int, target: int) -> tuple[int, int]:
-    """The end of the shortest prefix of ``seq`` (at least ``start`` long, ``estimate`` bytes saved there)
-    that brings the estimate to ``target`` or below, and its estimate; the whole list if none does."""
-    k = start
+def prefix(seq: list[Choice], estimate: int, target: int) -> tuple[int, int]:
+    """The length of the shortest prefix of ``seq`` that brings ``estimate`` (the bytes saved before it)
+    to ``target`` or below, and the bytes saved after it; the whole list if none does."""
+    k = 0
     while k < len(seq) and estimate > target:
         estimate -= seq[k].freed
         k += 1
@@ -326,7 +322,7 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig) -> MemoryPl
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
     choices, activations, before = ordered_choices(p, saved, cfg, offload)
     seq = sequence(choices)
-    k, planned = prefix(seq, 0, before, target)
+    k, planned = prefix(seq, before, target)
     if planned > target:
         raise ValueError(
             f"memtrain memory_target {fmt_bytes(target)} cannot be met: this graph saves {fmt_bytes(before)}, and the "
