@@ -13,7 +13,9 @@ op                                 defined in
 ``linear_cross_entropy_forward``   ``memcompile/kernels/linear_cross_entropy.py``
 ``gaussian_sketch``                ``memcompile/kernels/random_projection.py``
 ``offload``                        ``memcompile/kernels/host_offload.py``
+``offload_wait``                   ``memcompile/kernels/host_offload.py``
 ``reload``                         ``memcompile/kernels/host_offload.py``
+``reload_wait``                    ``memcompile/kernels/host_offload.py``
 ``fp8_quantize``                   ``memcompile/kernels/fp8_quantize.py``
 ``fp8_dequantize``                 ``memcompile/kernels/fp8_dequantize.py``
 ``nf4_dequant``                    ``memcompile/quant/nf4/nf4_dequant.py``
@@ -30,7 +32,7 @@ import torch
 from memcompile.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from memcompile.kernels.fp8_dequantize import fp8_dequantize
 from memcompile.kernels.fp8_quantize import fp8_quantize
-from memcompile.kernels.host_offload import offload, reload
+from memcompile.kernels.host_offload import offload, offload_wait, reload, reload_wait
 from memcompile.kernels.linear_cross_entropy import linear_cross_entropy_forward
 from memcompile.kernels.random_projection import gaussian_sketch
 from memcompile.passes.compression.compact import compact_seed
@@ -52,6 +54,8 @@ __all__ = [
     "nf4_dequant",
     "nf4_linear",
     "offload",
+    "offload_wait",
     "reload",
+    "reload_wait",
     "velora_vector",
 ]

@@ -1,21 +1,25 @@
-"""``memtrain::offload`` and ``memtrain::reload``: a saved activation kept in host memory between the
-forward and the backward.
+"""``memtrain::offload``/``offload_wait`` and ``memtrain::reload``/``reload_wait``: a saved activation
+kept in host memory between the forward and the backward, its copies overlapped with compute.
 
-A memory planner inserts ``h = offload(x)`` right after ``x`` is produced and ``y = reload(h, device)``
-before the backward's uses of ``x``; the partitioner then saves ``h``, a CPU tensor, so ``x``'s device
-memory is freed after its last forward use.
+A memory planner inserts, in the forward, ``h = offload(x)`` right after ``x`` is made and
+``offload_wait(h, x)`` some ops later; in the backward, ``y = reload(h, device)`` some ops before the
+first use of ``x`` and ``reload_wait(y)`` right before it. The partitioner's graph then saves ``h``, a
+CPU tensor, so ``x``'s device memory is freed after the wait.
 
-On CUDA the device-to-host copy runs on a side stream per device, into pinned memory, so it overlaps
-the forward's compute (see below); ``reload`` makes the current stream wait for that copy before its own
-host-to-device copy. On CPU both ops are plain copies, so a rewritten graph runs, exactly, without a
-GPU. Both ops are functional (new tensors out, nothing mutated): dead-code elimination may drop an
-unused one, and CSE may merge two offloads of one ``x`` or two reloads of one ``h`` to one device,
-which only shares a copy. ``h`` and the reloaded tensor are contiguous, whatever ``x``'s strides.
+On CUDA each copy runs on a side stream per device (pinned host memory, PyTorch's caching host
+allocator pools the blocks), and the ops between a start and its wait run beside it. The wait makes
+the compute stream wait for the copy's event; until then:
 
-``x.record_stream`` keeps the CUDA caching allocator from handing ``x``'s memory to another tensor
-before the copy ends, but Inductor's own buffer reuse within a graph (a later buffer of the same size
-written into ``x``'s) bypasses the allocator; so the compute stream waits for the copy's event right
-away. The copy still runs beside the host's queueing of later kernels, but not beside their execution.
+* ``offload_wait`` takes ``x`` as an input so that ``x`` stays allocated up to it: Inductor reuses a
+  graph's buffers after their last use without the caching allocator, and ``record_stream`` does not
+  cover that, so nothing may write ``x``'s memory before the copy has read it;
+* ``reload``'s result is allocated on the compute stream and written on the side stream: its values
+  are there only after ``reload_wait``.
+
+The waits are declared to mutate the copy they complete (``h``, ``y``), which is what they do to a
+reader on the compute stream: dead-code elimination keeps them, and Inductor orders the copy's readers
+after them. On CPU every op is a plain copy or nothing, so a rewritten graph runs, exactly, without a
+GPU. ``offload`` and ``reload`` are functional (new contiguous tensors, never an alias of an input).
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ import torch
 
 _lock = threading.Lock()  # the backward runs on autograd's device threads, the forward on the caller's
 _side_streams: dict[int, torch.cuda.Stream] = {}
-# Storage address of each offloaded host tensor -> the event its device-to-host copy records.
-_pending: dict[int, torch.cuda.Event] = {}
+# Storage address of each copy's destination (host or device) -> the event its copy records.
+_pending: dict[tuple[str, int], torch.cuda.Event] = {}
 
 
 def _side_stream(index: int) -> torch.cuda.Stream:
@@ -37,48 +41,51 @@ def _side_stream(index: int) -> torch.cuda.Stream:
         return stream
 
 
-def _register(h: torch.Tensor, event: torch.cuda.Event) -> None:
-    with _lock:
-        # A finished copy needs no wait; dropping those bounds the registry when a backward never runs.
-        # A stale key cannot alias a live copy: the host allocator reuses a block only after the
-        # events of every copy that touched it have completed.
-        for key in [k for k, e in _pending.items() if e.query()]:
-            del _pending[key]
-        _pending[h.untyped_storage().data_ptr()] = event
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return t.device.type, t.untyped_storage().data_ptr()
 
 
-def _pop(h: torch.Tensor) -> torch.cuda.Event | None:
-    with _lock:
-        return _pending.pop(h.untyped_storage().data_ptr(), None)
-
-
-def _offload_cuda(x: torch.Tensor) -> torch.Tensor:
-    # pin_memory=True goes through PyTorch's caching host allocator, which pools pinned blocks: after
-    # the first steps a block of the same size is reused, with no cudaHostAlloc per tensor.
-    h = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
-    if x.numel() == 0:
-        return h
-    side = _side_stream(x.device.index)
-    side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before it is read
+def _copy_on_side_stream(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> None:
+    """``dst.copy_(src)`` on the side stream, after the work queued so far on the compute stream (which
+    made ``src``, or last used ``dst``'s memory); its event is kept for the wait."""
+    current = torch.cuda.current_stream(device)
+    side = _side_stream(device.index)
+    side.wait_stream(current)
     with torch.cuda.stream(side):
-        h.copy_(x, non_blocking=True)
+        dst.copy_(src, non_blocking=True)
         event = torch.cuda.Event()
         event.record(side)
-    x.record_stream(side)  # x's memory stays allocated until the side stream is past the copy
-    # Inductor reuses a graph's buffers without the allocator, so record_stream alone does not keep a
-    # later kernel from writing into x's memory mid-copy: the compute stream waits for the copy. The
-    # host is never blocked; the planner prices the copy in full for this reason.
-    torch.cuda.current_stream(x.device).wait_event(event)
-    _register(h, event)
-    return h
+    with _lock:
+        # A finished copy needs no wait: dropping those bounds the registry when a wait never runs. A
+        # stale key cannot alias a live copy: an allocator reuses a block only once the copies that
+        # touched it are done (the host allocator by their events, the device one by the waits).
+        for key in [k for k, e in _pending.items() if e.query()]:
+            del _pending[key]
+        _pending[_key(dst)] = event
+
+
+def _wait(t: torch.Tensor, device: torch.device) -> None:
+    """``device``'s compute stream waits for the copy into ``t``, if one is pending."""
+    with _lock:
+        event = _pending.pop(_key(t), None)
+    if event is not None:
+        torch.cuda.current_stream(device).wait_event(event)
+
+
+def _cuda_index(device: torch.device) -> torch.device:
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 @torch.library.custom_op("memtrain::offload", mutates_args=())
 def offload(x: torch.Tensor) -> torch.Tensor:
-    """``x``'s values in a new contiguous CPU tensor (pinned, filled asynchronously, on CUDA)."""
-    if x.device.type == "cuda":
-        return _offload_cuda(x)
-    return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
+    """``x``'s values in a new contiguous CPU tensor. On CUDA: pinned, filled asynchronously; read it,
+    or free ``x``, only after ``offload_wait(h, x)``."""
+    if x.device.type != "cuda":
+        return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
+    h = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+    if x.numel():
+        _copy_on_side_stream(h, x, _cuda_index(x.device))
+    return h
 
 
 @offload.register_fake
@@ -87,27 +94,47 @@ def _(x):
     return torch.empty(x.shape, dtype=x.dtype, device="cpu")
 
 
+@torch.library.custom_op("memtrain::offload_wait", mutates_args=("h",))
+def offload_wait(h: torch.Tensor, x: torch.Tensor) -> None:
+    """The compute stream waits for ``offload(x)``'s copy into ``h``; ``x`` may be freed after this."""
+    if x.device.type == "cuda":
+        _wait(h, x.device)
+
+
+@offload_wait.register_fake
+def _(h, x):
+    return None
+
+
 @torch.library.custom_op("memtrain::reload", mutates_args=())
 def reload(h: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A new contiguous copy of ``h`` on ``device``; on CUDA, ordered after ``h``'s offload copy."""
+    """A new contiguous copy of ``h`` on ``device``. On CUDA, filled asynchronously: read it only after
+    ``reload_wait``."""
     device = torch.device(device)
     if device.type == "meta":
         return torch.empty(h.shape, dtype=h.dtype, device=device)
     if device.type != "cuda":
         return h.to(device, memory_format=torch.contiguous_format, copy=True)  # never an alias of h
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    current = torch.cuda.current_stream(device)
-    event = _pop(h)
-    if event is not None:
-        current.wait_event(event)
-    elif device.index in _side_streams:
-        # No entry: the copy finished and was pruned, or another reload of h took it (CSE left two,
-        # perhaps on another stream). Waiting on the side stream's queue is correct in every case.
-        current.wait_stream(_side_streams[device.index])
-    return h.to(device, non_blocking=True, memory_format=torch.contiguous_format, copy=True)
+    device = _cuda_index(device)
+    y = torch.empty(h.shape, dtype=h.dtype, device=device)
+    if h.numel():
+        _wait(h, device)  # an offload whose wait did not run (its copy is on the same side stream anyway)
+        _copy_on_side_stream(y, h, device)
+    return y
 
 
 @reload.register_fake
 def _(h, device):
     return torch.empty(h.shape, dtype=h.dtype, device=device)
+
+
+@torch.library.custom_op("memtrain::reload_wait", mutates_args=("y",))
+def reload_wait(y: torch.Tensor) -> None:
+    """The compute stream waits for ``reload``'s copy into ``y``."""
+    if y.device.type == "cuda":
+        _wait(y, y.device)
+
+
+@reload_wait.register_fake
+def _(y):
+    return None

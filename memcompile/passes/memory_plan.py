@@ -12,9 +12,11 @@ cost per inserted op):
   graph inputs): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
   exact. Never through a random op (dropout's mask is read saved, never redrawn), a multi-output op or
   more than ``RECOMPUTE_LIMIT`` ops. The tensors it reads are then pinned (kept as they are).
-* **offload**: ``memtrain::offload`` copies it to pinned host memory right after it is made,
-  ``memtrain::reload`` brings it back for the backward. Exact; costs both copies over the host link,
-  counted in full (the compute stream waits for each copy: ``memcompile/kernels/host_offload.py``).
+* **offload**: ``memtrain::offload`` starts a copy to pinned host memory right after it is made, and
+  ``memtrain::reload`` one back in the backward; each copy's wait comes after (before) the ops the cost
+  model expects to take as long as the copy, so the copies run beside compute
+  (``memcompile/kernels/host_offload.py``). Exact. Priced at both copies over the host link in full:
+  the link's time is what the step may lose where compute does not cover it.
 * **fp8**: ``memtrain::fp8_quantize`` stores it as e4m3 with a scale per row, ``fp8_dequantize``
   restores it for the backward. Lossy (relative error at most 2^-4 per element), so only with
   ``plan.fp8``; only for the output of a single-output op with rows of at least 16 elements, so
@@ -52,6 +54,7 @@ aten = torch.ops.aten
 _MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm"}
 _FP8_MIN_ROW = 16  # a row's fp32 scale costs 4 bytes: at 16 elements that is already a fifth of the row
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_COPY_OPS = ("offload", "offload_wait", "reload", "reload_wait")
 RECOMPUTE_LIMIT = 48  # nodes rerun for one saved tensor: a decoder block's forward is about 60 aten ops
 
 
@@ -261,7 +264,35 @@ def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node, name: str) ->
     return ph
 
 
-def apply(p: Partitioned, chosen: list[Choice]) -> None:
+def _compute_seconds(node: fx.Node, cfg: PlanConfig) -> float:
+    """What ``node`` gives a copy to run beside: its estimated time, nothing for another copy's ops."""
+    if node.op != "call_function" or getattr(node.target, "namespace", None) == "memtrain" and \
+            node.target.__name__.split(".")[0] in _COPY_OPS:
+        return 0.0
+    return _op_seconds(node, cfg)
+
+
+def _after_compute(start: fx.Node, seconds: float, cfg: PlanConfig) -> fx.Node:
+    """Where a copy started after ``start`` has had ``seconds`` of the graph's estimated compute to run
+    beside: the node to insert its wait before (the output at the latest)."""
+    n, run = start.next, 0.0
+    while n.op != "output" and run < seconds:
+        run += _compute_seconds(n, cfg)
+        n = n.next
+    return n
+
+
+def _before_compute(use: fx.Node, seconds: float, cfg: PlanConfig) -> fx.Node:
+    """Where to start a copy that ``use`` waits for, so that it has ``seconds`` of estimated compute to
+    run beside (after the graph's inputs at the earliest)."""
+    n, run = use, 0.0
+    while n.prev.op not in ("placeholder", "root") and run < seconds:
+        n = n.prev
+        run += _compute_seconds(n, cfg)
+    return n
+
+
+def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
     """Rewrite the forward's saved outputs and the backward's placeholders, one choice at a time."""
     memtrain = torch.ops.memtrain
     for c in chosen:
@@ -279,11 +310,16 @@ def apply(p: Partitioned, chosen: list[Choice]) -> None:
         # Right after the tensor is made, so the device copy is freed after its last forward use.
         if c.action == "offload":
             device = node.meta["val"].device
+            copy = c.bytes / cfg.host_bytes_per_s
             host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x), [node], before=node.next,
                                  tag=None, name=NAME)
+            insert_traced(p.fw.graph, lambda h, x: memtrain.offload_wait(h, x), [host, node],
+                          before=_after_compute(host, copy, cfg), tag=None, name=NAME)
             new_ph = _add_placeholder(p.bw.graph, ph, host, f"{node.name}_on_host")
+            use = _first_user(ph)
             back = insert_traced(p.bw.graph, lambda h: memtrain.reload(h, device), [new_ph],
-                                 before=_first_user(ph), tag=None, name=NAME)
+                                 before=_before_compute(use, copy, cfg), tag=None, name=NAME)
+            insert_traced(p.bw.graph, lambda y: memtrain.reload_wait(y), [back], before=use, tag=None, name=NAME)
             p.set_outputs(outs[:slot] + [host] + outs[slot + 1:])
         else:
             dtype = node.meta["val"].dtype
@@ -329,7 +365,7 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig) -> MemoryPl
             f"smallest the planner reaches is {fmt_bytes(planned)} (recompute={cfg.recompute}, offload="
             f"{offload}, fp8={cfg.fp8}). Raise the target"
             + ("" if cfg.fp8 else ", allow plan.fp8") + ("" if offload else ", allow plan.offload") + ".")
-    apply(p, seq[:k])
+    apply(p, seq[:k], cfg)
     return _result(activations, seq[:k], target, before, planned)
 
 

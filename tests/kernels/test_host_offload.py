@@ -1,9 +1,18 @@
 import pytest
 import torch
 
-from memcompile.ops import memtrain, offload, reload
+from memcompile.ops import memtrain, offload, offload_wait, reload, reload_wait
 
 CPU = torch.device("cpu")
+
+
+def _round_trip(x: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host copy and device copy of ``x``, each waited for as the planner's graphs do."""
+    h = offload(x)
+    offload_wait(h, x)
+    y = reload(h, device or x.device)
+    reload_wait(y)
+    return h, y
 
 
 def _values(dtype: torch.dtype, shape=(5, 7)) -> torch.Tensor:
@@ -15,9 +24,8 @@ def _values(dtype: torch.dtype, shape=(5, 7)) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_round_trip_is_exact_and_copies(dtype):
     x = _values(dtype)
-    h = offload(x)
+    h, y = _round_trip(x)
     assert h.device == CPU and h.dtype == dtype and h.shape == x.shape and h.is_contiguous()
-    y = reload(h, CPU)
     assert torch.equal(h, x) and torch.equal(y, x)
     assert h.data_ptr() != x.data_ptr() and y.data_ptr() != h.data_ptr()  # custom ops return no aliases
 
@@ -28,8 +36,7 @@ def test_round_trip_is_exact_and_copies(dtype):
                          ids=["transposed", "strided", "expanded", "0-d", "empty", "empty-1d"])
 def test_round_trip_of_odd_layouts_is_contiguous_and_exact(make):
     x = make()
-    h = offload(x)
-    y = reload(h, CPU)
+    h, y = _round_trip(x)
     assert h.shape == y.shape == x.shape and h.is_contiguous() and y.is_contiguous()
     assert torch.equal(h, x) and torch.equal(y, x)
 
@@ -46,6 +53,25 @@ def test_opcheck():
         torch.library.opcheck(memtrain.offload.default, (x,), test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(memtrain.reload.default, (offload(x), CPU),
                               test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(memtrain.offload_wait.default, (offload(x), x),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(memtrain.reload_wait.default, (reload(offload(x), CPU),),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_waits_are_kept_as_mutations():
+    """Nothing reads a wait's result (it has none): it survives dead-code elimination because its schema
+    mutates the copy it completes, which also orders the copy's readers after it."""
+    for op in (memtrain.offload_wait.default, memtrain.reload_wait.default):
+        assert op._schema.is_mutable and op._schema.arguments[0].alias_info.is_write
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    h = graph.call_function(memtrain.offload.default, (x,))
+    graph.call_function(memtrain.offload_wait.default, (h, x))
+    graph.output(None)
+    graph.eliminate_dead_code()
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [memtrain.offload.default,
+                                                                         memtrain.offload_wait.default]
 
 
 def test_fake_results_are_on_the_host_then_on_the_target_device():
@@ -61,8 +87,12 @@ def test_fake_results_are_on_the_host_then_on_the_target_device():
 def _fn(x, w):
     a = torch.relu(x @ w)
     h = memtrain.offload(a)
-    b = (a * 2).sum(-1)
-    return memtrain.reload(h, x.device), a, b
+    b = (a * 2).sum(-1)  # runs beside the copy
+    memtrain.offload_wait(h, a)
+    y = memtrain.reload(h, x.device)
+    c = b + 1
+    memtrain.reload_wait(y)
+    return y, a, c
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -70,7 +100,7 @@ def test_compiled_function_is_exact(backend):
     x, w = torch.randn(8, 16), torch.randn(16, 32)
     y, a, b = torch.compile(_fn, backend=backend, fullgraph=True)(x, w)
     assert torch.equal(y, a)  # the copies are exact; the surrounding compute may round differently
-    for got, expected in zip((a, b), _fn(x, w)[1:]):
+    for got, expected in zip((a, b), _fn(x, w)[1:]):  # b is c here
         torch.testing.assert_close(got, expected)
 
 
@@ -99,14 +129,34 @@ def test_unused_offload_is_dropped_and_duplicates_are_harmless():
 @pytest.mark.gpu
 def test_cuda_result_is_pinned_and_round_trip_is_exact():
     x = torch.randn(16 * 2**20, device="cuda")  # 64 MiB
-    h = offload(x)
+    h, y = _round_trip(x)
     assert h.device == CPU and h.is_pinned() and h.shape == x.shape
-    y = reload(h, x.device)
-    assert y.device == x.device and torch.equal(y, x)
+    assert y.device == x.device and torch.equal(y, x) and torch.equal(h, x.cpu())
     for dtype in (torch.bfloat16, torch.int64):
         x = _values(dtype, (1000, 33)).cuda().t()
-        assert torch.equal(reload(offload(x), torch.device("cuda")), x)
-    assert reload(offload(torch.empty(0, 4, device="cuda")), torch.device("cuda")).shape == (0, 4)
+        assert torch.equal(_round_trip(x)[1], x)
+    assert _round_trip(torch.empty(0, 4, device="cuda"))[1].shape == (0, 4)
+
+
+@pytest.mark.gpu
+def test_cuda_copies_are_asynchronous_until_their_waits():
+    """The host returns from each start before its copy ends (so the ops after it run beside the copy)
+    and the copy is complete once the wait has been passed on the compute stream."""
+    from memcompile.kernels import host_offload
+
+    x = torch.randn(64 * 2**20, device="cuda")  # 256 MiB: milliseconds over the host link
+    torch.cuda.synchronize()
+    h = offload(x)
+    event = host_offload._pending[host_offload._key(h)]
+    assert not event.query()  # still copying: the host was not blocked
+    m = x[: 2**24].view(4096, 4096)
+    busy = m @ m  # on the compute stream, beside the copy
+    offload_wait(h, x)
+    torch.cuda.current_stream().synchronize()
+    assert event.query() and torch.equal(h, x.cpu())
+    y = reload(h, x.device)
+    reload_wait(y)
+    assert torch.equal(y, x) and torch.equal(busy, m @ m)
 
 
 @pytest.mark.gpu
@@ -114,9 +164,11 @@ def test_cuda_freed_input_memory_is_not_reused_before_the_copy_ends():
     x = torch.randn(16 * 2**20, device="cuda")
     expected = x.cpu()
     h = offload(x)
-    del x  # record_stream keeps its block from the tensors below until the side stream is done
+    offload_wait(h, x)
+    del x  # freed after the wait: the blocks below are written after the copy on the compute stream
     junk = [torch.empty(16 * 2**20, device="cuda").fill_(float(i)) for i in range(8)]
     y = reload(h, torch.device("cuda"))
+    reload_wait(y)
     assert torch.equal(y.cpu(), expected)
     del junk
 
@@ -129,7 +181,7 @@ def test_cuda_round_trips_reuse_pinned_blocks():
     x = torch.randn(4 * 2**20, device="cuda")
 
     def round_trip():
-        y = reload(offload(x), x.device)
+        y = _round_trip(x)[1]
         torch.cuda.current_stream().synchronize()  # both copies done: the pinned block is free again
         return y
 
@@ -147,13 +199,19 @@ def test_cuda_round_trips_reuse_pinned_blocks():
 
 @pytest.mark.gpu
 def test_cuda_inductor_buffer_reuse_after_offload():
-    """Inductor may put a later buffer into the offloaded one's memory: the compute stream waits for the
-    copy first (host_offload's docstring), so the copy still holds the old values."""
+    """Inductor reuses a buffer after its last use without the caching allocator: the wait takes the
+    offloaded tensor as an input, so the buffers made beside the copy cannot be put in its memory, and
+    the ones after the wait are written after the copy (host_offload's docstring)."""
     def fn(x, z):
         a = x * 2
         h = memtrain.offload(a)
-        return h, z @ z  # same size as a: Inductor may put it in a's buffer
+        b = z @ z  # beside the copy, same size as a
+        memtrain.offload_wait(h, a)
+        c = b @ z  # after the wait: Inductor may put it in a's buffer
+        return h, c
 
     x, z = torch.randn(4096, 4096, device="cuda"), torch.randn(4096, 4096, device="cuda")
     h, _ = torch.compile(fn, backend="inductor", fullgraph=True)(x, z)
-    assert torch.equal(reload(h, x.device), x * 2)
+    y = reload(h, x.device)
+    reload_wait(y)
+    assert torch.equal(y, x * 2)

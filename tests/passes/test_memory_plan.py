@@ -93,6 +93,63 @@ def test_offload_ops_are_in_the_forward_and_backward(tmp_path):
     assert "memtrain.reload" not in forward and "memtrain.offload" not in backward
 
 
+def _offload_graphs(host_bytes_per_s):
+    """The planned forward and backward graphs (every saved activation offloaded) at a host-link rate."""
+    from memcompile.passes import memory_plan
+
+    graphs = []
+    apply = memory_plan.apply
+
+    def keep(p, chosen, cfg):
+        apply(p, chosen, cfg)
+        graphs.append((p.fw.graph, p.bw.graph))
+
+    model = models.tiny_lora_llama()
+    before = _step(model, BASE)[2].bytes_after
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory_plan, "apply", keep)
+        run = _step(model, {**BASE, "memory_target": before // 10,
+                            "plan": {"offload": True, "recompute": False, "host_bytes_per_s": host_bytes_per_s}})
+    return run, graphs[0]
+
+
+def _calls(graph, op):
+    return [n for n in graph.nodes if n.target is op]
+
+
+def test_offload_waits_come_after_compute_that_covers_the_copy():
+    """Each copy's wait is placed after (the reload's start before) the ops the cost model expects to
+    take as long as the copy: the copies run beside compute, not in its way."""
+    free = _step(models.tiny_lora_llama(), BASE)
+    for rate, far in ((1e18, False), (1.0, True)):  # copies that take no time, and ones that take forever
+        run, (fw, bw) = _offload_graphs(rate)
+        _assert_exact(run, free)
+        starts, waits = _calls(fw, memtrain.offload.default), _calls(fw, memtrain.offload_wait.default)
+        assert len(starts) == len(waits) == run[2].passes["memory_plan"].counters["offload"] > 0
+        order = {n: i for i, n in enumerate(fw.nodes)}
+        output = next(n for n in fw.nodes if n.op == "output")
+        for wait in waits:
+            host, x = wait.args
+            assert host.target is memtrain.offload.default and host.args[0] is x
+            between = [n for n in fw.nodes if order[host] < order[n] < order[wait] and n.op == "call_function"
+                       and n.target not in (memtrain.offload.default, memtrain.offload_wait.default)]
+            if far:  # the wait goes as late as the graph allows
+                assert all(n.target is memtrain.offload_wait.default for n in fw.nodes
+                           if order[wait] < order[n] < order[output])
+            else:  # the first op after the copy's start covers it
+                assert len(between) == 1 or wait.next is output
+        reloads, reload_waits = _calls(bw, memtrain.reload.default), _calls(bw, memtrain.reload_wait.default)
+        assert len(reloads) == len(reload_waits) == len(starts)
+        for wait in reload_waits:
+            (y,) = wait.args
+            assert y.target is memtrain.reload.default
+            use = wait.next
+            assert y in use.all_input_nodes or use.target is memtrain.reload_wait.default
+            if far:  # started right after the backward's inputs
+                assert all(n.op == "placeholder" or n.target is memtrain.reload.default for n in bw.nodes
+                           if bw.nodes and list(bw.nodes).index(n) < list(bw.nodes).index(y))
+
+
 def test_dropout_with_recompute_gives_the_eager_gradients():
     """Dropout's mask is read saved, never redrawn in the backward: with the same seed the planned run
     equals eager bit for bit (a redrawn mask would differ), and so does the unplanned compile."""
@@ -134,13 +191,18 @@ def test_state_is_advanced_once_per_step_under_a_target():
 
 
 @pytest.mark.slow
-def test_inductor_bf16_under_the_target_matches_the_unplanned_run():
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "offload_only"])
+def test_inductor_bf16_under_the_target_matches_the_unplanned_run(recompute):
+    """Inductor lowers the planned graphs: recomputed chains, and the copies with their waits."""
     model = models.tiny_lora_llama()
     opts = {"activation": "velora", "compiler": "inductor"}
     free = _step(model, opts, dtype=torch.bfloat16)
     target = int(free[2].bytes_after * 0.5)
-    run = _step(model, {**opts, "memory_target": target, "plan": {"offload": True}}, dtype=torch.bfloat16)
+    run = _step(model, {**opts, "memory_target": target, "plan": {"offload": True, "recompute": recompute}},
+                dtype=torch.bfloat16)
     assert run[2].bytes_after <= target
+    counters = run[2].passes["memory_plan"].counters
+    assert counters["offload"] > 0 and (recompute or counters["recompute"] == 0)
     torch.testing.assert_close(run[0], free[0])
     for name in free[1]:
         torch.testing.assert_close(run[1][name], free[1][name], msg=name)
