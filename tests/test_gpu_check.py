@@ -103,6 +103,7 @@ def test_render_fills_the_readme_section_from_a_run(dry_run, tmp_path):
     for step in gpu_check.steps(dry=True):
         assert f"| {step.name}" in body
     assert "pytest -m gpu" in body and "| cross_entropy |" in body
+    assert "Where a step's time goes" in body and "| memtrain_all_regional | `" in body  # train --profile
     assert (docs / "steps.jsonl").exists() and (docs / "README.md").exists()
     # Rendering again from docs/gpu/ alone gives the same section.
     with contextlib.redirect_stdout(io.StringIO()):

@@ -78,15 +78,17 @@ def _bench(*args: str) -> list[str]:
     return ["{py}", "-m", "memcompile.bench", *args]
 
 
-def train_step(setup: str, limit: float, what: str, dry: bool) -> Step:
+def train_step(setup: str, limit: float, what: str, dry: bool, profile: bool = False) -> Step:
     """``train`` mode for one setup; its own ``--timeout`` stops the setup's process a little before the
-    step's limit, so the JSON line (a "timed out" row) is still written."""
+    step's limit, so the JSON line (a "timed out" row) is still written. ``profile``: one more step under
+    the profiler, its top ops in ``profile-<setup>.txt`` (where the step's time goes)."""
     shape = ["--model", "tiny", "--seq", "64", "--batch", "2", "--warmup", "1", "--steps", "1",
              "--compiler", "aot_eager"] if dry else []
     return Step(f"train-{setup}", _bench("train", "--setups", setup, "--baseline", "lora_compile", *shape,
                                          "--timeout", f"{max(limit - 15, 5):.0f}",
+                                         *(["--profile", "{out}"] if profile else []),
                                          "--json", f"{{out}}/train-{setup}.jsonl"),
-                limit, what, results=(f"train-{setup}.jsonl",))
+                limit, what, results=(f"train-{setup}.jsonl", *((f"profile-{setup}.txt",) if profile else ())))
 
 
 def steps(dry: bool = False) -> list[Step]:
@@ -112,10 +114,12 @@ def _steps(dry: bool) -> list[Step]:
         Step("kernels", _bench("kernels", *(["--allow-cpu"] if dry else []), "--json", "{out}/kernels.jsonl"), 50,
              "python -m memcompile.bench kernels", results=("kernels.jsonl",)),
         # memtrain's setups first: one compiled block for every layer (memcompile.compile_blocks).
-        train_step("memtrain_velora_regional", 70, "VeLoRA, one compiled block for every layer", dry),
-        train_step("memtrain_all_regional", 70, "everything on, one compiled block for every layer", dry),
+        # Profiled: "everything on" ran at 36.9k tok/s against VeLoRA's 55.9k on the first run.
+        train_step("memtrain_velora_regional", 70, "VeLoRA, one compiled block for every layer", dry, profile=True),
+        train_step("memtrain_all_regional", 70, "everything on, one compiled block for every layer", dry,
+                   profile=True),
         train_step("memtrain_all_target_regional", 70, "everything on under memory_target 2GiB (the planner), "
-                   "one compiled block for every layer", dry),
+                   "one compiled block for every layer", dry, profile=True),
         train_step("qlora_gc", 45, "the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)", dry),
         Step("pytest-gpu", ["{py}", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
                             "--junitxml={out}/pytest-gpu.xml", "tests"], 95,

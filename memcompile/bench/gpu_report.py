@@ -123,6 +123,18 @@ def train_table(run: dict, key: str = "train") -> list[str]:
     return rows
 
 
+def profile_table(run: dict, ops: int = 6) -> list[str]:
+    """The ops taking the most device time in each profiled setup's step (``train --profile``)."""
+    profiled = [r for r in run["train"] + run["rerun_train"] if r.get("profile_top")]
+    if not profiled:
+        return []
+    rows = ["| setup | op | self ms | calls |", "| --- | --- | ---: | ---: |"]
+    for r in profiled:
+        for i, e in enumerate(r["profile_top"][:ops]):
+            rows.append(f"| {r['setup'] if i == 0 else ''} | `{e['op'][:70]}` | {e['self_ms']:.2f} | {e['calls']} |")
+    return rows
+
+
 def kernel_table(run: dict) -> list[str]:
     rows = ["| op | size | implementation | status | ms | speed vs torch | max abs diff vs torch |",
             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
@@ -181,6 +193,9 @@ def section(run: dict | None) -> str:
             lines.append("")
     if run["rerun_train"]:
         lines += [RERUN_NOTE, "", *train_table(run, "rerun_train"), ""]
+    if profile_table(run):
+        lines += ["Where a step's time goes (one more step under `torch.profiler`, the ops with the most device "
+                  "time; the whole table per setup in `docs/gpu/profile-<setup>.txt`):", "", *profile_table(run), ""]
     if run["kernels"]:
         lines += ["Kernels (`python -m memcompile.bench kernels`):", "", *kernel_table(run), ""]
     total = run["plan"].get("total_s")

@@ -201,3 +201,24 @@ class LiveBytes(TorchDispatchMode):
             fin.detach()
         self._live.clear()
         return super().__exit__(*exc)
+
+
+def profile(run: Callable[[], object], device: torch.device, path: str, rows: int = 30) -> list[dict]:
+    """Run ``run`` once under ``torch.profiler``; write the ops taking the most device time (CPU time
+    without a GPU) as a table to ``path``, and return the top ``rows`` as ``{op, self_ms, calls}``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with torch_profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(events.table(sort_by=key, row_limit=rows) + "\n")
+    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in ranked]
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable
 
 import torch
@@ -78,6 +79,11 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
             if i == 0:
                 compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
         peak = measure.peak_gib(device)  # read before the counting forward below can add to it
+        top = None
+        if job.get("profile"):  # one more step, after the measured ones, so the profiler changes none of them
+            progress("profiling a step")
+            path = os.path.join(job["profile"], f"profile-{setup.name}.txt")
+            top = measure.profile(lambda: built.step(ids), device, path)[:10]
         if job.get("count_saved", True):
             progress("counting saved activations")
             saved = _saved_activations(built, ids, first_report, compiled_reports)
@@ -94,7 +100,7 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         model_state_gib=None if state_gib is None else round(state_gib, 3),
         min_seq=opts.min_seq, graphs=graphs,
         step_s=round(step_s, 4), tok_per_s=round(tok_per_s, 1), compile_s=round(times[0], 2),
-        loss_first=losses[0], loss_last=losses[-1], **saved,
+        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top,
         trainable=sum(p.numel() for p in built.params), params=sum(p.numel() for p in built.model.parameters()))
 
 
@@ -145,6 +151,8 @@ def main(args) -> list[dict]:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     compiler = args.compiler if args.compiler != "auto" else ("inductor" if cuda else "aot_eager")
     setups = select(args.setups, "train", TRAIN_DEFAULT)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     if args.min_seq is not None and not 1 < args.min_seq <= args.seq:
         raise SystemExit(f"--min-seq must be in [2, --seq={args.seq}], got {args.min_seq}")
     opts = Options(model=args.model, seq=args.seq, batch=args.batch, compiler=compiler, budget=args.budget,
@@ -155,7 +163,7 @@ def main(args) -> list[dict]:
           f"compiled setups: {compiler}", flush=True)
     rows = run_setups(setups, lambda setup: {"mode": "train", "setup": setup.name,
                                              "options": dataclasses.asdict(opts), "warmup": args.warmup,
-                                             "steps": args.steps}, timeout=args.timeout)
+                                             "steps": args.steps, "profile": args.profile}, timeout=args.timeout)
     add_ratios(rows, args.baseline, "peak_gib" if cuda else "saved_bytes")
     status, notes = status_notes(rows)
     print()
