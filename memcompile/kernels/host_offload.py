@@ -20,6 +20,10 @@ The waits are declared to mutate the copy they complete (``h``, ``y``), which is
 reader on the compute stream: dead-code elimination keeps them, and Inductor orders the copy's readers
 after them. On CPU every op is a plain copy or nothing, so a rewritten graph runs, exactly, without a
 GPU. ``offload`` and ``reload`` are functional (new contiguous tensors, never an alias of an input).
+
+torch 2.13 has ops of the same shape (``torch._functorch._activation_offloading.offload_ops``: a start
+and a ``wait_tensor`` keyed by the result, one transfer stream); torch 2.11, the oldest supported
+version, has none, so these are memtrain's own on every version.
 """
 from __future__ import annotations
 
