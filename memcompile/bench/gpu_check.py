@@ -121,7 +121,8 @@ def _steps(dry: bool) -> list[Step]:
         train_step("memtrain_all_target_regional", 70, "everything on under memory_target 2GiB (the planner), "
                    "one compiled block for every layer", dry, profile=True),
         train_step("qlora_gc", 45, "the anchor: QLoRA + checkpointing (5.10 GiB, 14.7k tok/s)", dry),
-        Step("pytest-gpu", ["{py}", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
+        # -v: each test's result is in the log as it ends, should the step be stopped before the XML is written.
+        Step("pytest-gpu", ["{py}", "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfEs",
                             "--junitxml={out}/pytest-gpu.xml", "tests"], 95,
              "pytest -m gpu: every Triton kernel, the backend end to end", results=("pytest-gpu.xml",)),
         train_step("lora_compile_regional", 100, "plain Inductor, one compiled block for every layer", dry),
