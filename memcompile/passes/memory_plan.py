@@ -266,10 +266,10 @@ def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node, name: str) ->
 
 def _compute_seconds(node: fx.Node, cfg: PlanConfig) -> float:
     """What ``node`` gives a copy to run beside: its estimated time, nothing for another copy's ops."""
-    if node.op != "call_function" or getattr(node.target, "namespace", None) == "memtrain" and \
-            node.target.__name__.split(".")[0] in _COPY_OPS:
+    if node.op != "call_function":
         return 0.0
-    return _op_seconds(node, cfg)
+    is_copy = getattr(node.target, "namespace", None) == "memtrain" and node.target.__name__.split(".")[0] in _COPY_OPS
+    return 0.0 if is_copy else _op_seconds(node, cfg)
 
 
 def _after_compute(start: fx.Node, seconds: float, cfg: PlanConfig) -> fx.Node:
