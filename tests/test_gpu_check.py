@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,7 +104,8 @@ def test_render_fills_the_readme_section_from_a_run(dry_run, tmp_path):
     for step in gpu_check.steps(dry=True):
         assert f"| {step.name}" in body
     assert "pytest -m gpu" in body and "| cross_entropy |" in body
-    assert "Where a step's time goes" in body and "| memtrain_all_regional | `" in body  # train --profile
+    assert "Where a step's time goes" in body  # train --profile: device busy time against the step, top ops
+    assert re.search(r"\| memtrain_all_regional \| \d+ / \d+ ms \| `[^`]+` \| [\d.]+ \| \d+ \|", body)
     assert (docs / "steps.jsonl").exists() and (docs / "README.md").exists()
     # Rendering again from docs/gpu/ alone gives the same section.
     with contextlib.redirect_stdout(io.StringIO()):

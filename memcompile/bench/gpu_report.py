@@ -128,10 +128,14 @@ def profile_table(run: dict, ops: int = 6) -> list[str]:
     profiled = [r for r in run["train"] + run["rerun_train"] if r.get("profile_top")]
     if not profiled:
         return []
-    rows = ["| setup | op | self ms | calls |", "| --- | --- | ---: | ---: |"]
+    rows = ["| setup | device busy / step | op | self ms | calls |", "| --- | ---: | --- | ---: | ---: |"]
     for r in profiled:
+        busy, step = r.get("profile_busy_ms"), r.get("step_s")
+        share = f"{busy:.0f} / {step * 1e3:.0f} ms" if busy is not None and step else ""
         for i, e in enumerate(r["profile_top"][:ops]):
-            rows.append(f"| {r['setup'] if i == 0 else ''} | `{e['op'][:70]}` | {e['self_ms']:.2f} | {e['calls']} |")
+            first = i == 0
+            rows.append(f"| {r['setup'] if first else ''} | {share if first else ''} | `{e['op'][:70]}` | "
+                        f"{e['self_ms']:.2f} | {e['calls']} |")
     return rows
 
 
@@ -194,8 +198,10 @@ def section(run: dict | None) -> str:
     if run["rerun_train"]:
         lines += [RERUN_NOTE, "", *train_table(run, "rerun_train"), ""]
     if profile_table(run):
-        lines += ["Where a step's time goes (one more step under `torch.profiler`, the ops with the most device "
-                  "time; the whole table per setup in `docs/gpu/profile-<setup>.txt`):", "", *profile_table(run), ""]
+        lines += ["Where a step's time goes (one more step under `torch.profiler`: the device's busy time, every "
+                  "op's own, against the timed steps' median, then the ops with the most device time; the whole "
+                  "table per setup in `docs/gpu/profile-<setup>.txt`). Busy time well under the step means the "
+                  "step waits on the host:", "", *profile_table(run), ""]
     if run["kernels"]:
         lines += ["Kernels (`python -m memcompile.bench kernels`):", "", *kernel_table(run), ""]
     total = run["plan"].get("total_s")

@@ -203,9 +203,11 @@ class LiveBytes(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def profile(run: Callable[[], object], device: torch.device, path: str, rows: int = 30) -> list[dict]:
+def profile(run: Callable[[], object], device: torch.device, path: str, rows: int = 30) -> tuple[list[dict], float]:
     """Run ``run`` once under ``torch.profiler``; write the ops taking the most device time (CPU time
-    without a GPU) as a table to ``path``, and return the top ``rows`` as ``{op, self_ms, calls}``."""
+    without a GPU) as a table to ``path``. Returns the top ``rows`` as ``{op, self_ms, calls}``, and the
+    milliseconds the device was busy (every op's own device time; without a GPU, CPU time): against the
+    step's wall time it says whether the step waits on the device or on the host."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -219,6 +221,7 @@ def profile(run: Callable[[], object], device: torch.device, path: str, rows: in
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(path, "w") as f:
         f.write(events.table(sort_by=key, row_limit=rows) + "\n")
-    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
-    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in ranked]
-
+    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)
+    busy_ms = sum(getattr(e, key) for e in ranked) / 1e3
+    top = [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in ranked[:rows]]
+    return top, round(busy_ms, 3)

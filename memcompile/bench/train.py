@@ -79,11 +79,12 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
             if i == 0:
                 compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
         peak = measure.peak_gib(device)  # read before the counting forward below can add to it
-        top = None
+        top = busy_ms = None
         if job.get("profile"):  # one more step, after the measured ones, so the profiler changes none of them
             progress("profiling a step")
             path = os.path.join(job["profile"], f"profile-{setup.name}.txt")
-            top = measure.profile(lambda: built.step(ids), device, path)[:10]
+            top, busy_ms = measure.profile(lambda: built.step(ids), device, path)
+            top = top[:10]
         if job.get("count_saved", True):
             progress("counting saved activations")
             saved = _saved_activations(built, ids, first_report, compiled_reports)
@@ -100,7 +101,7 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         model_state_gib=None if state_gib is None else round(state_gib, 3),
         min_seq=opts.min_seq, graphs=graphs,
         step_s=round(step_s, 4), tok_per_s=round(tok_per_s, 1), compile_s=round(times[0], 2),
-        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top,
+        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top, profile_busy_ms=busy_ms,
         trainable=sum(p.numel() for p in built.params), params=sum(p.numel() for p in built.model.parameters()))
 
 
