@@ -20,6 +20,16 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_attention():
+    """SDPA's math kernel: the memory-efficient one (what fp32 gets on CUDA) has a nondeterministic
+    backward, which would make two runs of one graph differ in their last bits."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -149,9 +159,12 @@ def test_memory_target_offload_and_recompute_are_exact_on_cuda(compiler):
     loss_p, grads_p, xg_p = _compiled(model, ids, {**opts, "memory_target": target})
     rep = memcompile.report()
     assert rep.bytes_after <= target and rep.passes["memory_plan"]["counters"]["offload"] > 0
-    assert torch.equal(loss_p, loss_f) and torch.equal(xg_p, xg_f)
+    # aot_eager runs the same kernels: bit for bit. Inductor fuses the planned graphs differently (the
+    # copies' waits are barriers): fp32 round-off.
+    same = torch.equal if compiler == "aot_eager" else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert same(loss_p, loss_f) and same(xg_p, xg_f)
     for name in grads_f:
-        assert torch.equal(grads_p[name], grads_f[name]), name
+        assert same(grads_p[name], grads_f[name]), name
 
 
 def test_memory_target_fp8_is_within_its_bound_on_cuda():
