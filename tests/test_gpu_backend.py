@@ -180,3 +180,37 @@ def test_memory_target_fp8_is_within_its_bound_on_cuda():
     torch.testing.assert_close(loss_p, loss_f)
     for name, g in grads_f.items():
         assert ((grads_p[name] - g).norm() / g.norm().clamp_min(1e-30)).item() <= 2 ** -4, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_memory_target_reruns_fused_attention_only_without_dropout_on_cuda(dropout):
+    """On CUDA attention lowers to a fused kernel that is tagged random for its dropout: the planner may
+    offer to rerun it for its output only when its dropout probability is 0."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from memcompile.passes import memory_plan
+    from tests.passes.test_memory_plan import _reruns_attention
+
+    model = models.tiny_lora_llama().to(device=CUDA, dtype=torch.bfloat16)
+    for layer in model.base_model.model.model.layers:
+        layer.self_attn.attention_dropout = dropout
+    opts = {"activation": "none", "compiler": "aot_eager"}
+    offered = []
+    sequence = memory_plan.sequence
+
+    def record(choices):
+        offered.extend(choices)  # each saved tensor's cheapest way out, whatever the target
+        return sequence(choices)
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), \
+            pytest.MonkeyPatch.context() as mp:
+        ids = models.batch().to(CUDA)
+        _compiled(model, ids, opts)
+        free = memcompile.report().bytes_after
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        mp.setattr(memory_plan, "sequence", record)
+        # a slow host link: whatever can be rerun is offered as a rerun
+        _compiled(model, ids, {**opts, "memory_target": int(free * 0.9),
+                               "plan": {"offload": True, "host_bytes_per_s": 1e3}})
+    assert offered and _reruns_attention(offered) == (dropout == 0.0)

@@ -10,8 +10,9 @@ cost per inserted op):
 
 * **recompute**: the ops that made it rerun in the backward, from tensors that are saved anyway (and
   graph inputs): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
-  exact. Never through a random op (dropout's mask is read saved, never redrawn), a multi-output op or
-  more than ``RECOMPUTE_LIMIT`` ops. The tensors it reads are then pinned (kept as they are).
+  exact. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
+  dropout) or more than ``RECOMPUTE_LIMIT`` ops; through attention, priced at its matmuls' FLOPs. The
+  tensors it reads are then pinned (kept as they are).
 * **offload**: ``memtrain::offload`` starts a copy to pinned host memory right after it is made, and
   ``memtrain::reload`` one back in the backward; each copy's wait comes after (before) the ops the cost
   model expects to take as long as the copy, so the copies run beside compute
@@ -52,6 +53,11 @@ from .base import GraphPass, PassResult
 NAME = "memory_plan"
 aten = torch.ops.aten
 _MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm"}
+# Fused attention ops (multi-output: output, log-sum-exp, ...) -> the positions of dropout_p and is_causal.
+_ATTENTION = {aten._scaled_dot_product_flash_attention.default: (3, 4),
+              aten._scaled_dot_product_flash_attention_for_cpu.default: (3, 4),
+              aten._scaled_dot_product_efficient_attention.default: (5, 6),
+              aten._scaled_dot_product_cudnn_attention.default: (5, 6)}
 _FP8_MIN_ROW = 16  # a row's fp32 scale costs 4 bytes: at 16 elements that is already a fifth of the row
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _COPY_OPS = ("offload", "offload_wait", "reload", "reload_wait")
@@ -110,8 +116,24 @@ def _nbytes(val) -> int:
     return 0 if shape is None else math.prod(shape) * val.element_size()
 
 
+def _arg(node: fx.Node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _attention_flops(node: fx.Node) -> int:
+    """An attention op's two matmuls (scores and their weighted sum), halved when causal."""
+    _, causal_index = _ATTENTION[node.target]
+    q, k = (hinted_shape(a.meta["val"]) for a in node.args[:2])
+    if q is None or k is None:
+        return 0
+    flops = 4 * math.prod(q) * k[-2]
+    return flops // 2 if _arg(node, causal_index, "is_causal", False) else flops
+
+
 def _flops(node: fx.Node) -> int:
-    """Multiply-adds times two of a matmul; other ops are priced by the bytes they move."""
+    """Multiply-adds times two of a matmul or attention; other ops are priced by the bytes they move."""
+    if node.target in _ATTENTION:
+        return _attention_flops(node)
     kind = _MATMULS.get(node.target)
     if kind is None:
         return 0
@@ -123,6 +145,11 @@ def _flops(node: fx.Node) -> int:
 
 
 def _is_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers. Attention's fused ops are tagged so for their dropout: they
+    draw only with a dropout probability that is not 0."""
+    if node.target in _ATTENTION:
+        dropout_index, _ = _ATTENTION[node.target]
+        return _arg(node, dropout_index, "dropout_p", 0.0) != 0
     tags = getattr(node.target, "tags", ())
     return torch.Tag.nondeterministic_seeded in tags
 
@@ -136,7 +163,7 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
                       limit: int = RECOMPUTE_LIMIT):
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
-    mask is never redrawn: it is read saved), a multi-output op, an op of neither aten nor memtrain,
+    mask is never redrawn: it is read saved; attention with dropout is one), an op of neither aten nor memtrain,
     compression's state ops (they must run once a step), an unsaved graph input, or more than ``limit``
     nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs.
     ``order``: each node's position in the graph."""
@@ -147,7 +174,9 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
         if n is not node and n in available:
             frontier.add(n)  # saved anyway: the backward has it
             continue
-        if (n.op != "call_function" or n.target is operator.getitem or _is_random(n)
+        if n.op == "call_function" and n.target is operator.getitem:
+            pass  # one output of a multi-output op: the op is rerun with it (its other outputs unused)
+        elif (n.op != "call_function" or _is_random(n)
                 or getattr(n.target, "namespace", None) not in ("aten", "memtrain") or n.target in state_ops):
             return None  # includes a graph input the backward does not get
         closure.append(n)

@@ -1,7 +1,10 @@
 """memory_target: the planner keeps what the step saves at or under the target, monotonic in it, exact
 where the plan is exact, and refuses what it cannot reach."""
+import operator
+
 import pytest
 import torch
+import torch.fx as fx
 
 import memcompile
 from memcompile import activation_state
@@ -14,7 +17,7 @@ def _step(model, opts, seed=1, dtype=None):
     memcompile.clear_reports()
     activation_state.reset()
     compiled = torch.compile(model, backend="memtrain", options=opts)
-    ids = models.batch(seed=seed)
+    ids = models.batch(seed=seed).to(next(model.parameters()).device)  # also the GPU tests' steps
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
         loss = compiled(input_ids=ids, labels=ids).loss
@@ -261,3 +264,80 @@ def test_regional_blocks_share_the_target_exactly():
     assert 0 < blocks(planned[2]) <= target
     assert "memory_plan" not in next(g for g in planned[2].graphs if not g.served).passes  # the loss graph
     _assert_exact(planned, free)
+
+
+def _plan_of(model, opts):
+    """The step under ``opts`` and the plan's choices."""
+    from memcompile.passes import memory_plan
+
+    chosen = []
+    apply = memory_plan.apply
+
+    def keep(p, choices, cfg):
+        chosen.extend(choices)
+        apply(p, choices, cfg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory_plan, "apply", keep)
+        run = _step(model, opts)
+    return run, chosen
+
+
+def _reruns_attention(choices) -> bool:
+    from memcompile.passes.memory_plan import _ATTENTION
+
+    return any(c.action == "recompute" and any(n.target in _ATTENTION for n in c.closure) for c in choices)
+
+
+def test_attention_output_is_recomputed_exactly():
+    """Attention's output is rebuilt from the saved queries, keys and values (its FLOPs cost less per
+    byte than what else is left), and the step is unchanged."""
+    model = models.tiny_lora_llama()
+    free = _step(model, BASE)
+    # recompute alone reaches about half here: the whole list
+    run, chosen = _plan_of(model, {**BASE, "memory_target": int(free[2].bytes_after * 0.5), "plan": {"offload": False}})
+    assert _reruns_attention(chosen)
+    _assert_exact(run, free)
+
+
+def test_attention_with_dropout_is_never_rerun():
+    """With attention dropout the planned step equals eager with the same seed (a rerun would draw a new
+    mask), whichever kernel the attention lowers to."""
+    def build():
+        model = models.tiny_lora_llama()
+        for layer in model.base_model.model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        return model
+
+    ids = models.batch()
+    model = build()
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    eager = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    opts = {"activation": "none", "compiler": "aot_eager"}
+    free = _step(build(), opts)
+    run, chosen = _plan_of(build(), {**opts, "memory_target": int(free[2].bytes_after * 0.3),
+                                     "plan": {"offload": True}})
+    assert chosen and not _reruns_attention(chosen)
+    _assert_exact(run, eager)
+
+
+def test_fused_attention_is_random_only_with_dropout():
+    from memcompile.passes.memory_plan import _attention_flops, _is_random, recompute_closure
+
+    graph = fx.Graph()
+    q, k, v = (graph.placeholder(n) for n in "qkv")
+    for n in (q, k, v):
+        n.meta["val"] = torch.empty(2, 4, 8, 16, device="meta")
+    op = torch.ops.aten._scaled_dot_product_efficient_attention.default
+    plain = graph.call_function(op, (q, k, v, None, True, 0.0, True))
+    dropped = graph.call_function(op, (q, k, v, None, True), {"dropout_p": 0.1})
+    outs = [graph.call_function(operator.getitem, (a, 0)) for a in (plain, dropped)]
+    graph.output(tuple(outs))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    assert not _is_random(plain) and _is_random(dropped)
+    assert _attention_flops(plain) == 4 * 2 * 4 * 8 * 16 * 8 // 2  # causal: half the scores
+    closure, frontier = recompute_closure(outs[0], {q, k, v}, order)
+    assert closure == (plain, outs[0]) and frontier == {q, k, v}
+    assert recompute_closure(outs[1], {q, k, v}, order) is None
