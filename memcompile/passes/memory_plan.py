@@ -12,7 +12,7 @@ cost per inserted op):
   graph inputs): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
   exact. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
   dropout) or more than ``RECOMPUTE_LIMIT`` ops; through attention, priced at its matmuls' FLOPs. The
-  tensors it reads are then pinned (kept as they are).
+  tensors it reads may still be offloaded or recomputed in their turn, but not rounded to fp8.
 * **offload**: ``memtrain::offload`` starts a copy to pinned host memory right after it is made, and
   ``memtrain::reload`` one back in the backward; each copy's wait comes after (before) the ops the cost
   model expects to take as long as the copy, so the copies run beside compute
@@ -236,10 +236,13 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool) -> tuple[list[Choi
 
 def sequence(choices: list[Choice]) -> list[Choice]:
     """``choices`` in order, less the conflicts: a recompute whose inputs an earlier choice moves away,
-    and a move of what an earlier recompute reads (pinned). Independent of the target."""
+    and fp8 for what an earlier recompute reads (pinned), which would make that recompute lossy. An exact
+    move of a pinned tensor stays: the recompute then reads it reloaded or recomputed in its turn (the
+    rewrite replaces every backward use of the tensor). Independent of the target."""
     seq, pinned, moved = [], set(), set()
     for c in choices:
-        if (c.action == "recompute" and {view_base(f) for f in c.frontier} & moved) or c.node in pinned:
+        if (c.action == "recompute" and {view_base(f) for f in c.frontier} & moved) or \
+                (c.action == "fp8" and c.node in pinned):
             continue
         seq.append(c)
         if c.action == "recompute":
