@@ -28,6 +28,15 @@ def _step(model, opts, seed=1, dtype=None):
     return loss.detach(), grads, graph
 
 
+def _eager_step(model, seed=1):
+    """Loss and gradients of the uncompiled model, with the random state ``_step`` uses."""
+    ids = models.batch(seed=seed)
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _assert_exact(a, b):
     assert torch.equal(a[0], b[0])
     assert a[1].keys() == b[1].keys()
@@ -162,12 +171,7 @@ def test_dropout_with_recompute_gives_the_eager_gradients():
         return get_peft_model(models.tiny_llama(), LoraConfig(r=4, lora_dropout=0.3,
                                                               target_modules=["q_proj", "v_proj", "down_proj"]))
 
-    ids = models.batch()
-    model = build()
-    torch.manual_seed(0)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    eager = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    eager = _eager_step(build())
     opts = {"activation": "none", "compiler": "aot_eager"}
     free = _step(build(), opts, seed=1)
     run = _step(build(), {**opts, "memory_target": int(free[2].bytes_after * 0.7), "plan": {"offload": False}}, seed=1)
@@ -309,12 +313,7 @@ def test_attention_with_dropout_is_never_rerun():
             layer.self_attn.attention_dropout = 0.3
         return model
 
-    ids = models.batch()
-    model = build()
-    torch.manual_seed(0)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    eager = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    eager = _eager_step(build())
     opts = {"activation": "none", "compiler": "aot_eager"}
     free = _step(build(), opts)
     run, chosen = _plan_of(build(), {**opts, "memory_target": int(free[2].bytes_after * 0.3),
