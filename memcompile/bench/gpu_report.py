@@ -197,11 +197,12 @@ def section(run: dict | None) -> str:
             lines.append("")
     if run["rerun_train"]:
         lines += [RERUN_NOTE, "", *train_table(run, "rerun_train"), ""]
-    if profile_table(run):
+    profiles = profile_table(run)
+    if profiles:
         lines += ["Where a step's time goes (one more step under `torch.profiler`: the device's busy time, every "
                   "op's own, against the timed steps' median, then the ops with the most device time; the whole "
                   "table per setup in `docs/gpu/profile-<setup>.txt`). Busy time well under the step means the "
-                  "step waits on the host:", "", *profile_table(run), ""]
+                  "step waits on the host:", "", *profiles, ""]
     if run["kernels"]:
         lines += ["Kernels (`python -m memcompile.bench kernels`):", "", *kernel_table(run), ""]
     total = run["plan"].get("total_s")

@@ -36,6 +36,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -60,7 +61,6 @@ _ATTENTION = {aten._scaled_dot_product_flash_attention.default: (3, 4),
               aten._scaled_dot_product_cudnn_attention.default: (5, 6)}
 _FP8_MIN_ROW = 16  # a row's fp32 scale costs 4 bytes: at 16 elements that is already a fifth of the row
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
-_COPY_OPS = ("offload", "offload_wait", "reload", "reload_wait")
 RECOMPUTE_LIMIT = 48  # nodes rerun for one saved tensor: a decoder block's forward is about 60 aten ops
 
 
@@ -298,10 +298,9 @@ def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node, name: str) ->
 
 def _compute_seconds(node: fx.Node, cfg: PlanConfig) -> float:
     """What ``node`` gives a copy to run beside: its estimated time, nothing for another copy's ops."""
-    if node.op != "call_function":
+    if node.op != "call_function" or node.target in _copy_ops():
         return 0.0
-    is_copy = getattr(node.target, "namespace", None) == "memtrain" and node.target.__name__.split(".")[0] in _COPY_OPS
-    return 0.0 if is_copy else _op_seconds(node, cfg)
+    return _op_seconds(node, cfg)
 
 
 def _after_compute(start: fx.Node, seconds: float, cfg: PlanConfig) -> fx.Node:
@@ -414,6 +413,14 @@ def _result(activations: dict, chosen: list[Choice], target: int, before: int, p
     counters = {"target": target, "before": before, "after": planned,
                 "seconds": sum(c.seconds for c in chosen), **counts}
     return MemoryPlan(NAME, records, [], counters)
+
+
+@functools.cache
+def _copy_ops() -> frozenset:
+    """The host copies' start and wait ops (registered by ``memcompile.ops``, imported by the plan)."""
+    memtrain = torch.ops.memtrain
+    return frozenset({memtrain.offload.default, memtrain.offload_wait.default, memtrain.reload.default,
+                      memtrain.reload_wait.default})
 
 
 def _state_ops() -> set:
