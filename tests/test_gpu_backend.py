@@ -94,7 +94,8 @@ def test_compressed_weight_gradients_are_the_formula_on_cuda(method):
             else:
                 # CUDA draws P with the Triton kernel's Philox stream: regenerate it the same way.
                 r = g["saved_shape"][1]
-                seed = torch.tensor(compact.layer_seed(g["layers"][0], 3))
+                name, block = compact.split_layer(g["layers"][0])
+                seed = torch.tensor(compact.layer_seed(name, 3, block))
                 p = torch.ops.memtrain.gaussian_sketch(seed, x.shape[1], r, x.dtype, CUDA, 0).cpu().double()
                 assert abs(p.var().item() * r - 1) < 6 * math.sqrt(2 / p.numel())
                 x_hat = (x.double() @ p) @ p.t()
