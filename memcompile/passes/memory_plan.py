@@ -61,6 +61,8 @@ _ATTENTION = {aten._scaled_dot_product_flash_attention.default: (3, 4),
               aten._scaled_dot_product_cudnn_attention.default: (5, 6)}
 _FP8_MIN_ROW = 16  # a row's fp32 scale costs 4 bytes: at 16 elements that is already a fifth of the row
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+# Ops a recompute may rerun, random ones aside: Inductor's decompositions turn dtype casts into prims.
+_PURE_NAMESPACES = ("aten", "prims", "memtrain")
 RECOMPUTE_LIMIT = 48  # nodes rerun for one saved tensor: a decoder block's forward is about 60 aten ops
 
 
@@ -163,9 +165,9 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
                       limit: int = RECOMPUTE_LIMIT):
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
-    mask is never redrawn: it is read saved; attention with dropout is one), an op of neither aten nor memtrain,
-    compression's state ops (they must run once a step), an unsaved graph input, or more than ``limit``
-    nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs.
+    mask is never redrawn: it is read saved; attention with dropout is one), an op outside aten, prims
+    and memtrain, compression's state ops (they must run once a step), an unsaved graph input, or more
+    than ``limit`` nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs.
     ``order``: each node's position in the graph."""
     state_ops = _state_ops()
     closure, frontier, todo, seen = [], set(), [node], {node}
@@ -177,7 +179,7 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
         if n.op == "call_function" and n.target is operator.getitem:
             pass  # one output of a multi-output op: the op is rerun with it (its other outputs unused)
         elif (n.op != "call_function" or _is_random(n)
-                or getattr(n.target, "namespace", None) not in ("aten", "memtrain") or n.target in state_ops):
+                or getattr(n.target, "namespace", None) not in _PURE_NAMESPACES or n.target in state_ops):
             return None  # includes a graph input the backward does not get
         closure.append(n)
         if len(closure) > limit:

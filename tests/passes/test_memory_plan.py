@@ -340,3 +340,25 @@ def test_fused_attention_is_random_only_with_dropout():
     closure, frontier = recompute_closure(outs[0], {q, k, v}, order)
     assert closure == (plain, outs[0]) and frontier == {q, k, v}
     assert recompute_closure(outs[1], {q, k, v}, order) is None
+
+
+def test_casts_of_inductors_decompositions_are_recomputed():
+    """Inductor's decompositions cast with ``prims.convert_element_type``: a recompute reruns it like
+    ``aten._to_copy``. Refusing it had the GPU offload the MLP's outputs that the estimate recomputed."""
+    from memcompile.passes.memory_plan import recompute_closure
+
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.empty(8, 16, device="meta"), torch.empty(16, 4, device="meta")
+    cast = graph.call_function(torch.ops.prims.convert_element_type.default, (x, torch.bfloat16))
+    wcast = graph.call_function(torch.ops.prims.convert_element_type.default, (w, torch.bfloat16))
+    mm = graph.call_function(torch.ops.aten.mm.default, (cast, wcast))
+    noise = graph.call_function(torch.ops.prims.normal.default, ([8, 4],),
+                                {"mean": 0.0, "std": 1.0, "dtype": torch.bfloat16, "device": torch.device("meta"),
+                                 "requires_grad": False})
+    noisy = graph.call_function(torch.ops.aten.add.Tensor, (mm, noise))
+    graph.output((mm, noisy))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    closure, frontier = recompute_closure(mm, {x, w}, order)
+    assert closure == (cast, wcast, mm) and frontier == {x, w}
+    assert recompute_closure(noisy, {x, w}, order) is None  # prims' random ops stay refused
