@@ -306,3 +306,12 @@ def test_converge_table_and_files_show_sources_and_memory(coreset_runs, tmp_path
     assert len(head) == 5 + len(by["coreset"]["source_shares"])
     converge.plot(rows, str(tmp_path / "losses.png"), "test")
     assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+def test_busy_time_counts_overlapping_spans_once():
+    """A copy stream beside the compute stream: the device is busy for the union of their spans."""
+    from memcompile.bench.measure import busy_union
+
+    assert busy_union([]) == 0
+    assert busy_union([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert busy_union([(20, 25), (0, 10), (2, 3)]) == 15

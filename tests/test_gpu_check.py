@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,12 +93,14 @@ def test_render_fills_the_readme_section_from_a_run(dry_run, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{gpu_report.BEGIN}\nold\n{gpu_report.END}\n\nafter\n")
     docs = tmp_path / "docs" / "gpu"
+    (Path(out) / "notes.md").write_text("Run by hand after the check: nothing.\n")
     from memcompile.bench.__main__ import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         body = main(["render-gpu", str(out), "--docs", str(docs), "--readme", str(readme)])
     text = readme.read_text()
     assert "old" not in text and text.endswith("after\n") and body in text
+    assert "Run by hand after the check: nothing." in body  # the run's notes.md, verbatim
     assert "**Dry run**" in body
     for name in gpu_check.TRAIN:
         assert f"| {name} |" in body
@@ -218,3 +221,16 @@ def test_max_context_confirms_with_one_step_at_the_length_found_and_one_above(mo
     assert all(j["mode"] == "train" and j["count_saved"] is False and j["options"]["batch"] == 1 for j in jobs)
     assert rows[0]["gpu_at_fits"] == {"seq": 4096, "status": "ok", "peak_gib": 1.5}
     assert rows[0]["gpu_above"]["status"] == "OOM" and "gpu_at_fits" not in rows[1]
+
+
+def test_a_pytest_step_stopped_before_its_xml_is_counted_from_its_log(tmp_path):
+    (tmp_path / "pytest-gpu.log").write_text(
+        "collecting ... collected 9 items\n"
+        "tests/kernels/test_a.py::test_x[cuda] PASSED [ 10%]\n"
+        "    | tests/test_b.py::test_y[compact] FAILED [ 20%]\n"
+        "tests/test_b.py::test_z SKIPPED (no bnb) [ 30%]\n"
+        "tests/test_b.py::test_slow\n")
+    summary = gpu_report.pytest_summary(str(tmp_path))
+    assert summary == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "passed": 1,
+                       "failed": ["tests.test_b::test_y[compact]"], "stopped": True}
+    assert gpu_report.pytest_summary(str(tmp_path), "rerun-pytest-gpu.xml") is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -53,6 +54,9 @@ def load(folder: str) -> dict | None:
     run["rerun_train"] = _jsonl(os.path.join(folder, "rerun-train.jsonl"))
     run["rerun_pytest"] = pytest_summary(folder, "rerun-pytest-gpu.xml")
     run["gpu_seen"] = _gpu_from_kernels_log(folder)
+    # What was run by hand on the same machine after the check, in the words of whoever ran it.
+    notes = os.path.join(folder, "notes.md")
+    run["notes"] = open(notes).read().strip() if os.path.exists(notes) else ""
     return run
 
 
@@ -73,7 +77,7 @@ def pytest_summary(folder: str, name: str = "pytest-gpu.xml") -> dict | None:
     """Counts and the failed tests of pytest's JUnit XML."""
     path = os.path.join(folder, name)
     if not os.path.exists(path):
-        return None
+        return _pytest_log_summary(os.path.join(folder, name.removesuffix(".xml") + ".log"))
     root = ET.parse(path).getroot()
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
@@ -85,6 +89,31 @@ def pytest_summary(folder: str, name: str = "pytest-gpu.xml") -> dict | None:
                 failed.append(f"{case.get('classname')}::{case.get('name')}")
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return {**counts, "failed": failed}
+
+
+_VERBOSE_RESULT = re.compile(r"^(?:\s*\|\s*)?(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def _pytest_log_summary(path: str) -> dict | None:
+    """Counts from ``pytest -v``'s log when the step was stopped before pytest wrote its XML: every test
+    that ended before the stop, and ``stopped`` set."""
+    if not os.path.exists(path):
+        return None
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "passed": 0}
+    failed: list[str] = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = _VERBOSE_RESULT.match(line)
+            if not m:
+                continue
+            test, outcome = m.groups()
+            counts["tests"] += 1
+            key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failures", "ERROR": "errors"}.get(outcome,
+                                                                                                     "skipped")
+            counts[key] += 1
+            if key in ("failures", "errors"):
+                failed.append(test.replace("/", ".").replace(".py::", "::"))  # as the XML names it
+    return {**counts, "failed": failed, "stopped": True} if counts["tests"] else None
 
 
 def _num(x, digits: int = 2) -> str:
@@ -180,6 +209,8 @@ def section(run: dict | None) -> str:
         lines += [f"Measured on {run.get('gpu_seen') or 'an unrecorded GPU'} (as the kernels step printed it); "
                   "the header step did not finish, so the date, driver and versions were not recorded. Files: "
                   "`docs/gpu/`.", ""]
+    if run.get("notes"):
+        lines += [run["notes"], ""]
     if run["train"]:
         first = next((r for r in run["train"] if r.get("status") == "ok"), run["train"][0])
         shape = (f"{first.get('model')}, {first.get('batch')} x {first.get('seq')} tokens, {first.get('dtype')}"
@@ -191,6 +222,8 @@ def section(run: dict | None) -> str:
                   "10 % from the anchors' H100 figures is marked **.", "", *train_table(run), ""]
     for p, when in ((run["pytest"], ""), (run["rerun_pytest"], " (after the check, on the same machine)")):
         if p is not None:
+            if p.get("stopped"):
+                when += " (stopped at its limit: the tests that ended before, from its log)"
             lines.append(f"Correctness, `pytest -m gpu`{when}: {p['passed']} passed, {p['failures']} failed, "
                          f"{p['errors']} errors, {p['skipped']} skipped."
                          + (" Failed: " + ", ".join(f"`{t}`" for t in p["failed"]) if p["failed"] else ""))

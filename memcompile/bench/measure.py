@@ -206,8 +206,10 @@ class LiveBytes(TorchDispatchMode):
 def profile(run: Callable[[], object], device: torch.device, path: str, rows: int = 30) -> tuple[list[dict], float]:
     """Run ``run`` once under ``torch.profiler``; write the ops taking the most device time (CPU time
     without a GPU) as a table to ``path``. Returns the top ``rows`` as ``{op, self_ms, calls}``, and the
-    milliseconds the device was busy (every op's own device time; without a GPU, CPU time): against the
-    step's wall time it says whether the step waits on the device or on the host."""
+    milliseconds the device was busy (the union of its kernels' and copies' spans, so streams that run
+    side by side count once; without a GPU, every op's own CPU time): against the step's wall time it
+    says whether the step waits on the device or on the host."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -221,7 +223,23 @@ def profile(run: Callable[[], object], device: torch.device, path: str, rows: in
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(path, "w") as f:
         f.write(events.table(sort_by=key, row_limit=rows) + "\n")
+    # An op's own device time includes the kernels it launched, which are rows of their own too: the
+    # ranking shows both, the busy time counts the device's events alone.
     ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)
-    busy_ms = sum(getattr(e, key) for e in ranked) / 1e3
+    if cuda:
+        busy_ms = busy_union([(e.time_range.start, e.time_range.end) for e in prof.events()
+                              if e.device_type == DeviceType.CUDA and not e.is_user_annotation]) / 1e3
+    else:
+        busy_ms = sum(e.self_cpu_time_total for e in events) / 1e3
     top = [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in ranked[:rows]]
     return top, round(busy_ms, 3)
+
+
+def busy_union(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` spans: time with at least one of them running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
