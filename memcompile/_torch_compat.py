@@ -32,10 +32,12 @@ __all__ = [
     "inductor_decompositions",
     "make_boxed_func",
     "make_fx",
+    "memory_trace",
     "min_cut_rematerialization_partition",
     "must_recompute",
     "must_save",
     "partitioner_tag",
+    "record_memory_history",
     "tree_leaves",
 ]
 
@@ -180,3 +182,19 @@ def current_frame_id() -> int | None:
 
     compile_id = CompileContext.current_compile_id()
     return getattr(compile_id, "frame_id", None)
+
+
+def record_memory_history(enabled: bool, max_entries: int = 500_000) -> None:
+    """Start (with each allocation's Python stack) or stop the CUDA caching allocator's event history;
+    starting clears what an earlier recording left."""
+    if enabled:
+        torch.cuda.memory._record_memory_history("all", context="alloc", stacks="python", max_entries=max_entries,
+                                                 clear_history=True)
+    else:
+        torch.cuda.memory._record_memory_history(None)
+
+
+def memory_trace(device: torch.device) -> list[dict]:
+    """The allocator's recorded events on ``device`` (``alloc``, ``free_requested``, ...; each with
+    ``addr``, ``size`` and ``frames``, innermost first)."""
+    return torch.cuda.memory._snapshot()["device_traces"][device.index or 0]

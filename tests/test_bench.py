@@ -315,3 +315,36 @@ def test_busy_time_counts_overlapping_spans_once():
     assert busy_union([]) == 0
     assert busy_union([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert busy_union([(20, 25), (0, 10), (2, 3)]) == 15
+
+
+def test_allocator_replay_finds_the_peak_and_what_is_live_there(tmp_path):
+    """The CUDA allocator's history, replayed: the peak is relative to the step's start (a block from
+    before it, freed in it, counts down), and the live set is taken at that peak, grouped by the first
+    frame outside torch."""
+    import os
+
+    from memcompile.bench.measure import live_sites, replay_peak
+
+    torch_file = os.path.join(os.path.dirname(torch.__file__), "nn", "functional.py")
+    code = tmp_path / "generated.py"
+    code.write_text("def call():\n    buf0 = empty_strided_cuda((4, 8), (8, 1), torch.bfloat16)\n")
+
+    def alloc(addr, size, line=2):
+        frames = [{"filename": torch_file, "line": 1, "name": "linear"},
+                  {"filename": str(code), "line": line, "name": "call"}]
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+    def free(addr, size):
+        return {"action": "free_requested", "addr": addr, "size": size}
+
+    events = [alloc(1, 100), alloc(2, 50), free(99, 30),  # 99: allocated before the trace
+              free(1, 100), alloc(3, 200), alloc(4, 200, line=1),  # peak: 50 - 30 + 400 = 420
+              {"action": "free_completed", "addr": 1, "size": 100}, free(3, 200), alloc(5, 10)]
+    peak, live = replay_peak(events)
+    assert peak == 420
+    assert sorted(b["addr"] for b in live) == [2, 3, 4]
+    sites = live_sites(live)
+    assert [(s["bytes"], s["count"]) for s in sites] == [(200, 1), (200, 1), (50, 1)]
+    assert sites[0]["site"].startswith("generated.py:2 call: buf0 = empty_strided_cuda(")
+    assert sites[1]["site"] == "generated.py:1 call: def call():"
+    assert replay_peak([]) == (0, [])

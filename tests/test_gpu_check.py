@@ -234,3 +234,13 @@ def test_a_pytest_step_stopped_before_its_xml_is_counted_from_its_log(tmp_path):
     assert summary == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "passed": 1,
                        "failed": ["tests.test_b::test_y[compact]"], "stopped": True}
     assert gpu_report.pytest_summary(str(tmp_path), "rerun-pytest-gpu.xml") is None
+
+
+def test_the_peak_table_shows_each_traced_setups_largest_sites():
+    row = {"setup": "memtrain_all_regional", "peak_gib": 9.41, "peak_traced_gib": 9.38, "peak_base_gib": 0.87,
+           "peak_sites": [{"site": "c.py:120 call: buf7 = empty_strided_cuda((8192, 32000), ...)", "size": 524288000,
+                           "count": 1, "bytes": 524288000}]}
+    rows = gpu_report.peak_table({"train": [row, {"setup": "qlora_gc"}], "rerun_train": []})
+    assert rows[2] == ("| memtrain_all_regional | 9.41 / 9.38 / 0.87 | `c.py:120 call: buf7 = "
+                       "empty_strided_cuda((8192, 32000), ...)` | 0.488 | 1 x 524,288,000 |")
+    assert len(rows) == 3 and gpu_report.peak_table({"train": [], "rerun_train": []}) == []

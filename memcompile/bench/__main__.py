@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--budget", type=float, default=0.3, help="activation_memory_budget of lora_budget")
     t.add_argument("--json", help="write one JSON line per setup here")
     t.add_argument("--profile", metavar="DIR", help="profile one more step of each setup after the timed ones: "
-                   "DIR/profile-<setup>.txt lists the ops taking the most device time (CPU time without a GPU)")
+                   "DIR/profile-<setup>.txt lists the ops taking the most device time (CPU time without a GPU); on a "
+                   "GPU, DIR/peak-<setup>.txt what is allocated at one more step's peak, by allocation site")
     t.add_argument("--min-seq", type=int, help="draw each step's length from [min-seq, seq] (variable lengths; "
                    "the 'graphs' column counts Dynamo's compiles, recompiles included)")
     _plan(t)

@@ -168,6 +168,22 @@ def profile_table(run: dict, ops: int = 6) -> list[str]:
     return rows
 
 
+def peak_table(run: dict, sites: int = 5) -> list[str]:
+    """What is allocated at a profiled setup's peak, by allocation site (``train --profile`` on a GPU)."""
+    traced = [r for r in run["train"] + run["rerun_train"] if r.get("peak_sites")]
+    if not traced:
+        return []
+    rows = ["| setup | peak GiB: timed steps / traced step / before it | site | GiB | count x size |",
+            "| --- | ---: | --- | ---: | ---: |"]
+    for r in traced:
+        head = f"{_num(r.get('peak_gib'))} / {_num(r.get('peak_traced_gib'))} / {_num(r.get('peak_base_gib'))}"
+        for i, e in enumerate(r["peak_sites"][:sites]):
+            site = e["site"] if len(e["site"]) <= 90 else e["site"][:87] + "..."
+            rows.append(f"| {r['setup'] if i == 0 else ''} | {head if i == 0 else ''} | `{site}` | "
+                        f"{e['bytes'] / 2**30:.3f} | {e['count']} x {e['size']:,} |")
+    return rows
+
+
 def kernel_table(run: dict) -> list[str]:
     rows = ["| op | size | implementation | status | ms | speed vs torch | max abs diff vs torch |",
             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
@@ -236,6 +252,11 @@ def section(run: dict | None) -> str:
                   "op's own, against the timed steps' median, then the ops with the most device time; the whole "
                   "table per setup in `docs/gpu/profile-<setup>.txt`). Busy time well under the step means the "
                   "step waits on the host:", "", *profiles, ""]
+    peaks = peak_table(run)
+    if peaks:
+        lines += ["What is allocated at the peak (one more step with the CUDA allocator's history on; each site is "
+                  "the first frame outside torch, its largest holdings first; the whole list per setup in "
+                  "`docs/gpu/peak-<setup>.txt`):", "", *peaks, ""]
     if run["kernels"]:
         lines += ["Kernels (`python -m memcompile.bench kernels`):", "", *kernel_table(run), ""]
     total = run["plan"].get("total_s")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import linecache
+import os
 import statistics
 import time
 import weakref
@@ -9,7 +11,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from memcompile._torch_compat import TorchDispatchMode, tree_leaves
+from memcompile._torch_compat import TorchDispatchMode, memory_trace, record_memory_history, tree_leaves
+
+GIB = 2**30
 
 
 def synchronize(device: torch.device) -> None:
@@ -243,3 +247,73 @@ def busy_union(spans: list[tuple[float, float]]) -> float:
             total += b - max(a, end)
             end = b
     return total
+
+
+def peak_breakdown(run: Callable[[], object], device: torch.device, path: str, rows: int = 12) -> dict | None:
+    """Run ``run`` once with the CUDA allocator's history on, and write what is allocated at the step's
+    peak to ``path``: each allocation site (the first frame outside torch: a line of Inductor's generated
+    code, of the model, of memcompile) with the sizes it holds there. Returns the traced peak, the bytes
+    held before the step, and the top ``rows`` sites; ``None`` without a GPU (the allocator records
+    nothing there)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    record_memory_history(True)
+    try:
+        run()
+        synchronize(device)
+        events = memory_trace(device)
+    finally:
+        record_memory_history(False)
+    peak, live = replay_peak(events)
+    sites = live_sites(live)
+    with open(path, "w") as f:
+        f.write(f"allocated before the step: {before / GIB:.3f} GiB; traced peak: {(before + peak) / GIB:.3f} GiB "
+                f"({peak / GIB:.3f} GiB above it, {len(live)} blocks allocated in the step and live there)\n\n")
+        f.write(f"{'GiB':>8}  {'count':>5}  {'each':>12}  site\n")
+        for s in sites:
+            f.write(f"{s['bytes'] / GIB:8.3f}  {s['count']:5d}  {s['size']:12d}  {s['site']}\n")
+    return dict(peak_traced_gib=round((before + peak) / GIB, 3), peak_base_gib=round(before / GIB, 3),
+                peak_sites=sites[:rows])
+
+
+def replay_peak(events: list[dict]) -> tuple[int, list[dict]]:
+    """Replay the allocator's events: the highest allocated bytes reached, relative to the start (a
+    block allocated before the trace and freed in it counts down), and the blocks allocated in the
+    trace that are live at that moment. The allocated count drops when a block is freed
+    (``free_requested``), as ``torch.cuda.max_memory_allocated`` does."""
+    current = best = 0
+    best_index = -1
+    for i, e in enumerate(events):
+        if e.get("action") == "alloc":
+            current += e["size"]
+            if current > best:
+                best, best_index = current, i
+        elif e.get("action") == "free_requested":
+            current -= e["size"]
+    live: dict[int, dict] = {}
+    for e in events[:best_index + 1]:
+        if e.get("action") == "alloc":
+            live[e["addr"]] = e
+        elif e.get("action") == "free_requested":
+            live.pop(e["addr"], None)
+    return best, list(live.values())
+
+
+def live_sites(blocks: list[dict]) -> list[dict]:
+    """``blocks`` grouped by allocation site and size, most bytes first."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    groups: dict[tuple[str, int], int] = {}
+    for b in blocks:
+        frame = next((f for f in b.get("frames", ()) if not f["filename"].startswith(torch_dir)
+                      and not f["filename"].startswith("<")), None)
+        if frame is None:
+            site = "torch internals"
+        else:
+            text = linecache.getline(frame["filename"], frame["line"]).strip()
+            site = f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}"
+            site += f": {text}" if text else ""
+        groups[(site, b["size"])] = groups.get((site, b["size"]), 0) + 1
+    out = [dict(site=site, size=size, count=n, bytes=size * n) for (site, size), n in groups.items()]
+    return sorted(out, key=lambda s: -s["bytes"])

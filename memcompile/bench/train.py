@@ -80,11 +80,17 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
                 compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
         peak = measure.peak_gib(device)  # read before the counting forward below can add to it
         top = busy_ms = None
-        if job.get("profile"):  # one more step, after the measured ones, so the profiler changes none of them
+        at_peak: dict = {}
+        if job.get("profile"):  # more steps, after the measured ones, so the profiler changes none of them
             progress("profiling a step")
             path = os.path.join(job["profile"], f"profile-{setup.name}.txt")
             top, busy_ms = measure.profile(lambda: built.step(ids), device, path)
             top = top[:10]
+            # What is allocated at the step's peak, by allocation site (on a GPU): where the peak goes
+            # beyond the saved activations.
+            progress("tracing the allocator over a step")
+            at_peak = measure.peak_breakdown(lambda: built.step(ids), device,
+                                             os.path.join(job["profile"], f"peak-{setup.name}.txt")) or {}
         if job.get("count_saved", True):
             progress("counting saved activations")
             saved = _saved_activations(built, ids, first_report, compiled_reports)
@@ -101,7 +107,7 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         model_state_gib=None if state_gib is None else round(state_gib, 3),
         min_seq=opts.min_seq, graphs=graphs,
         step_s=round(step_s, 4), tok_per_s=round(tok_per_s, 1), compile_s=round(times[0], 2),
-        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top, profile_busy_ms=busy_ms,
+        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top, profile_busy_ms=busy_ms, **at_peak,
         trainable=sum(p.numel() for p in built.params), params=sum(p.numel() for p in built.model.parameters()))
 
 
