@@ -5,6 +5,8 @@ touches one file. Checked on torch 2.11 and 2.13 (see the design notes).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
@@ -30,6 +32,7 @@ __all__ = [
     "fake_mode_of",
     "get_hash_for_files",
     "inductor_decompositions",
+    "inductor_partition",
     "make_boxed_func",
     "make_fx",
     "memory_trace",
@@ -198,3 +201,22 @@ def memory_trace(device: torch.device) -> list[dict]:
     """The allocator's recorded events on ``device`` (``alloc``, ``free_requested``, ...; each with
     ``addr``, ``size`` and ``frames``, innermost first)."""
     return torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
+
+
+def inductor_partition(partitioner: CustomPartitionerFn) -> Callable:
+    """Inductor's partition step as ``compile_fx`` runs it (its joint-graph passes, then ``partitioner``
+    as its ``custom_partitioner_fn``), for AOTAutograd's ``partition_fn``: the very forward and backward
+    graphs Inductor would compile, without its code generation."""
+    from torch._inductor import compile_fx as inductor_compile_fx
+    from torch._inductor import config as inductor_config
+
+    def partition(gm, joint_inputs, **kwargs):
+        patches = {"custom_partitioner_fn": partitioner}
+        if any(getattr(x, "device", None) == torch.device("meta") for x in tree_leaves(joint_inputs)):
+            # Folding "uniform" values reads tensors' data, which meta tensors lack: it would replace
+            # every computation with an empty tensor.
+            patches["joint_graph_constant_folding"] = False
+        with inductor_config.patch(patches):
+            return inductor_compile_fx.partition_fn(gm, joint_inputs, **kwargs)
+
+    return partition

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from memcompile import _options
 from memcompile.passes.compression import DEFAULT_EXCLUDE, METHODS
 
-COMPILERS = ("inductor", "aot_eager")
+COMPILERS = ("inductor", "aot_eager", "aot_eager_decomp")
 PARTITIONERS = ("mincut", "default")
 DEFAULT_ACTIVATION = "velora"
 # Every registered compression method (memcompile/passes/compression/), the default first.
@@ -157,8 +157,10 @@ class MemtrainConfig:
         velora, compact: each method's parameters, a section named after it (``VeLoRAConfig``,
             ``CompActConfig`` or a dict).
         lora: adapters and NF4 base for ``memcompile.prepare`` (``LoRAConfig`` or a dict).
-        compiler: ``"inductor"`` (default) or ``"aot_eager"`` (runs the rewritten graphs in Python;
-            for debugging and fast tests).
+        compiler: ``"inductor"`` (default), ``"aot_eager"`` (runs the rewritten graphs in Python;
+            for debugging and fast tests) or ``"aot_eager_decomp"`` (runs in Python the graphs Inductor
+            would compile: its decompositions and joint-graph passes, no code generation; what the
+            estimate plans on the meta device, so its plan is the one a GPU runs).
         partitioner: ``"mincut"`` (default; recomputes cheap pointwise ops) or ``"default"``.
         memory_target: what each step's compiled graphs may keep for the backward, in bytes or as a
             string (``"4.5GiB"``): the planner (``memcompile.passes.memory_plan``) chooses, for every

@@ -231,9 +231,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":
             return _compile_inductor(gm, example_inputs, ctx)
-        part = lambda joint, ji, **kw: partition(joint, ji, ctx, **kw)  # noqa: E731
+        extra = {}
+        if config.compiler == "aot_eager_decomp":  # Inductor's graphs, run in Python
+            ctx.decompositions = tc.inductor_decompositions()
+            extra["decompositions"] = ctx.decompositions
+            part = tc.inductor_partition(_Partitioner(ctx))
+        else:
+            part = lambda joint, ji, **kw: partition(joint, ji, ctx, **kw)  # noqa: E731
         backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
-                                  inference_compiler=_python_compiler("inference", ctx), partition_fn=part)
+                                  inference_compiler=_python_compiler("inference", ctx), partition_fn=part, **extra)
         return backend(gm, example_inputs)
     except BaseException:
         # Dynamo restarts a compile it abandons (with dynamic shapes, to turn a scalar into a tensor):

@@ -128,7 +128,9 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
     # A compiled nll_loss on meta inputs returns a loss that does not require grad (torch 2.13), so a
     # regional setup's loss stays eager unless memtrain fuses it (its own op, which compiles fine).
     fused = {**setup.memtrain, **(opts.memtrain or {})}.get("fused_cross_entropy", False)
-    forward, compiler, context = compile_forward(setup, model, "aot_eager", opts.budget, opts.memtrain,
+    # Inductor's graphs (its decompositions, joint passes and partition), run in Python: the saved
+    # tensors and the memory plan are the ones a GPU's compile gets.
+    forward, compiler, context = compile_forward(setup, model, "aot_eager_decomp", opts.budget, opts.memtrain,
                                                  regional_loss=bool(fused))
     return model, forward, compiler, context
 
