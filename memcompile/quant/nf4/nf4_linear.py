@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from memcompile.quant.nf4.nf4_dequant import nf4_dequant
+from memcompile.quant.nf4.nf4_dequant import dequantize, nf4_dequant
 from memcompile.quant.nf4.nf4_quant import NF4Weight
 
 
@@ -56,8 +56,9 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                nested_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: list[int],
                blocksize: int, nested_blocksize: int) -> torch.Tensor:
     """``x @ dequant(W)^T (+ bias)`` in ``x.dtype``; ``shape`` is ``[out_features, in_features]``."""
-    return nf4_linear_ref(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, bias, shape,
-                          blocksize, nested_blocksize)
+    w = dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape, blocksize,
+                   nested_blocksize, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 @nf4_linear.register_fake
