@@ -116,7 +116,8 @@ def convert_layer(module: nn.Module, cfg: LoRAConfig, name: str = "") -> LoRALin
     base = convert_base(module, cfg, name)
     if base is None:
         return None
-    return LoRALinear(base, cfg.r_max, cfg.alpha, cfg.dropout, frozen=cfg.frozen, dynamic=cfg.dynamic, seed=cfg.seed)
+    return LoRALinear(base, cfg.r_max, cfg.alpha, cfg.dropout, frozen=cfg.frozen, dynamic=cfg.dynamic, seed=cfg.seed,
+                      compute_dtype=cfg.compute_dtype)
 
 
 def _from_peft(module: nn.Module, cfg: LoRAConfig, name: str) -> LoRALinear:
@@ -145,7 +146,7 @@ def _from_peft(module: nn.Module, cfg: LoRAConfig, name: str) -> LoRALinear:
         alpha = module.scaling[adapter] * r
     dropout = module.lora_dropout[adapter]
     layer = LoRALinear(base, cfg.r_max, alpha, dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                       frozen=cfg.frozen, dynamic=cfg.dynamic, seed=cfg.seed)
+                       frozen=cfg.frozen, dynamic=cfg.dynamic, seed=cfg.seed, compute_dtype=cfg.compute_dtype)
     a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     with torch.no_grad():
         layer.lora_A.data = layer.lora_A.data.to(a.dtype)

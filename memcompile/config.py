@@ -26,6 +26,7 @@ from memcompile.passes.compression import DEFAULT_EXCLUDE, METHODS
 
 COMPILERS = ("inductor", "aot_eager", "aot_eager_decomp")
 PARTITIONERS = ("mincut", "default")
+COMPUTE_DTYPES = ("float32", "input")  # lora.compute_dtype
 DEFAULT_ACTIVATION = "velora"
 # Every registered compression method (memcompile/passes/compression/), the default first.
 _METHODS = (METHODS[DEFAULT_ACTIVATION], *(METHODS[k] for k in sorted(METHODS) if k != DEFAULT_ACTIVATION))
@@ -53,6 +54,11 @@ class LoRAConfig:
         rank_distribution: ``"uniform"`` over 1..r_max.
         frozen: DyLoRA's frozen mode: only the b-th row of A and column of B receive gradients.
         seed: seed of the rank sampler.
+        compute_dtype: what the adapter's two matmuls run in. ``"float32"`` (default, as PEFT does):
+            the input is cast to the adapters' fp32. ``"input"``: the adapters are cast to the input's
+            dtype (bf16 in bf16 training) at each use, as autocast would, so the matmuls run on bf16
+            tensor cores and no fp32 copy of the input or fp32 output is made; the parameters, their
+            gradients and the optimizer stay fp32, and the gradients carry bf16 round-off.
     """
 
     r_max: int = 16
@@ -66,6 +72,7 @@ class LoRAConfig:
     rank_distribution: str = "uniform"
     frozen: bool = False
     seed: int = 0
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         _options.int_at_least("lora.r_max", self.r_max, 1)
@@ -80,6 +87,7 @@ class LoRAConfig:
         _options.choice("lora.rank_distribution", self.rank_distribution, ("uniform",))
         _options.choice("lora.frozen", self.frozen, (True, False))
         _options.int_at_least("lora.seed", self.seed, 0)
+        _options.choice("lora.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,18 @@ class LoRALinear(nn.Module):
         frozen: DyLoRA's frozen mode (only the ``b``-th row of A and column of B train).
         dynamic: whether ``RankSampler`` draws a new rank for this layer each step.
         seed: seed of the ``RankSampler`` built on the model (``LoRAConfig.seed``).
+        compute_dtype: ``"float32"`` (the input is cast to the adapters' dtype) or ``"input"`` (the
+            adapters are cast to the input's dtype at each use; ``LoRAConfig.compute_dtype``).
     """
 
     def __init__(self, base_layer: nn.Module, r_max: int, alpha: float, dropout: float = 0.0,
-                 frozen: bool = False, dynamic: bool = True, seed: int = 0):
+                 frozen: bool = False, dynamic: bool = True, seed: int = 0, compute_dtype: str = "float32"):
         super().__init__()
         if not isinstance(r_max, int) or r_max < 1:
             raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
+        if compute_dtype not in ("float32", "input"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'input', got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r_max, self.alpha, self.frozen, self.dynamic = r_max, float(alpha), bool(frozen), bool(dynamic)
@@ -94,6 +99,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         a, b = self.lora_A, self.lora_B
+        if self.compute_dtype == "input":  # autocast's choice: the small adapters meet the input's dtype
+            a, b = a.to(x.dtype), b.to(x.dtype)
         h = F.linear(self.lora_dropout(x).to(a.dtype), a)
         if self.frozen:
             h = h * self.lora_mask.to(h.dtype) + h.detach() * self.lora_mask_frozen.to(h.dtype)
@@ -133,7 +140,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r_max={self.r_max}, rank={self.rank}, alpha={self.alpha:g}, frozen={self.frozen}, "
-                f"dynamic={self.dynamic}")
+                f"dynamic={self.dynamic}, compute_dtype={self.compute_dtype}")
 
 
 def _device_of(module: nn.Module) -> torch.device:

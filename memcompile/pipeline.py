@@ -68,6 +68,8 @@ class CompileContext:
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
         self.inputs_from_frame = tc.dynamo_inputs_from_frame(gm)
+        # Parameters live the whole step whatever the graph saves: saving one for the backward is free.
+        self.parameter_inputs = [isinstance(x, torch.nn.Parameter) for x in self.example_inputs]
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
                                             activation=config.activation, frame_id=tc.current_frame_id())
         self.report.served = tuple(served)

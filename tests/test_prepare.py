@@ -394,3 +394,69 @@ def test_merge_nf4_model():
         merged = merge_lora(model)
         assert merged.model.layers[0].mlp.gate_proj.weight.dtype == torch.float32
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def _matmul_dtypes(fn) -> set:
+    """The dtypes every matmul in ``fn()``'s forward and backward reads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+    mms = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mms:
+                seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_input_compute_dtype_runs_the_adapter_in_bf16_within_its_round_off(frozen):
+    """``compute_dtype="input"``: with a bf16 input every matmul of the step is bf16 (with the default,
+    fp32 ones run), the adapters and their gradients stay fp32, and output and gradients are DyLoRA's
+    formulas (fp64 here) within bf16 round-off."""
+    torch.manual_seed(0)
+    r_max, alpha, b = 6, 12.0, 4
+    base = nn.Linear(64, 48, dtype=torch.bfloat16)
+    layers = {c: LoRALinear(NF4Linear.from_linear(base), r_max, alpha, frozen=frozen, compute_dtype=c)
+              for c in ("float32", "input")}
+    with torch.no_grad():
+        layers["float32"].lora_B.normal_()
+        layers["input"].load_state_dict(layers["float32"].state_dict())
+    x, g = torch.randn(32, 64, dtype=torch.bfloat16), torch.randn(32, 48, dtype=torch.bfloat16)
+    for layer in layers.values():
+        layer.set_rank(b)
+
+    def step(layer):
+        layer.zero_grad()
+        layer(x).backward(g)
+
+    assert torch.float32 in _matmul_dtypes(lambda: step(layers["float32"]))
+    layer = layers["input"]
+    assert _matmul_dtypes(lambda: step(layer)) == {torch.bfloat16}
+    assert layer.lora_A.dtype == layer.lora_A.grad.dtype == torch.float32
+    s = alpha / b
+    xd, gd = x.double(), g.double()
+    a, bm = layer.lora_A.detach().double()[:b], layer.lora_B.detach().double()[:, :b]
+    y_ref = xd @ layer.base_layer.dequantize().double().t() + base.bias.double() + s * (xd @ a.t()) @ bm.t()
+    da, db = s * (gd @ bm).t() @ xd, s * gd.t() @ (xd @ a.t())
+    if frozen:
+        da[: b - 1], db[:, : b - 1] = 0, 0
+    close = dict(rtol=2e-2, atol=2e-2 * float(y_ref.abs().max()))
+    torch.testing.assert_close(layer(x).double(), y_ref, **close)
+    torch.testing.assert_close(layer.lora_A.grad[:b].double(), da, rtol=2e-2, atol=2e-2 * float(da.abs().max()))
+    torch.testing.assert_close(layer.lora_B.grad[:, :b].double(), db, rtol=2e-2, atol=2e-2 * float(db.abs().max()))
+    assert not layer.lora_A.grad[b:].any() and not layer.lora_B.grad[:, b:].any()
+
+
+def test_compute_dtype_is_an_option_of_prepare():
+    model = prepare(models.tiny_llama().to(torch.bfloat16), _cfg(compute_dtype="input"))
+    assert {m.compute_dtype for _, m in _layers(model)} == {"input"}
+    ids = models.batch()
+    assert _matmul_dtypes(lambda: model(input_ids=ids, labels=ids).loss.backward()) == {torch.bfloat16}
+    with pytest.raises(ValueError, match="compute_dtype"):
+        prepare(models.tiny_llama(), _cfg(compute_dtype="bf16"))

@@ -133,7 +133,7 @@ def _prepare(model: nn.Module, options: dict) -> tuple[nn.Module, Callable, Call
 
     lora = {"r_max": LORA["r"], "alpha": float(LORA["alpha"]), "dropout": LORA["dropout"],
             "targets": LLAMA_LINEARS, "quant": "nf4", "double_quant": True, "dynamic": True}
-    model = memcompile.prepare(model, {**options, "lora": lora})
+    model = memcompile.prepare(model, {**options, "lora": {**lora, **options.get("lora", {})}})
     return model, memcompile.RankSampler(model).step, lambda: memcompile.set_rank(model, LORA["r"])
 
 

@@ -102,6 +102,7 @@ class PassContext(Protocol):
 
     input_names: list[str]  # dotted name of each graph input (parameter path, or the placeholder's name)
     inputs_from_frame: list[bool]  # per input: whether the caller holds it anyway
+    parameter_inputs: list[bool]  # per input: whether it is a parameter (alive the whole step)
     decompositions: dict | None  # Inductor's table, for code a joint pass inserts
     in_block: bool  # the graph is one block that serves several modules (names relative to it)
     served: Sequence[str]  # those modules (empty for a graph of its own)

@@ -162,19 +162,23 @@ def _op_seconds(node: fx.Node, cfg: PlanConfig) -> float:
 
 
 def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Node, int],
-                      limit: int = RECOMPUTE_LIMIT):
+                      limit: int = RECOMPUTE_LIMIT, held: frozenset = frozenset()):
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
     mask is never redrawn: it is read saved; attention with dropout is one), an op outside aten, prims
-    and memtrain, compression's state ops (they must run once a step), an unsaved graph input, or more
-    than ``limit`` nodes. memtrain's other ops (NF4 linear, the projections' sketch) are pure functions of their inputs.
-    ``order``: each node's position in the graph."""
+    and memtrain, compression's state ops (they must run once a step), an unsaved graph input the
+    caller does not hold, or more than ``limit`` nodes. memtrain's other ops (NF4 linear, the
+    projections' sketch) are pure functions of their inputs. ``order``: each node's position in the
+    graph. ``held``: parameters among the graph's inputs, alive the whole step: a recompute may read one
+    the backward does not get yet, which ``apply`` then saves for it at no cost (an adapter cast to
+    bf16 in the forward reads its fp32 parameter). Activations passed in are not: saving one would keep
+    it alive."""
     state_ops = _state_ops()
     closure, frontier, todo, seen = [], set(), [node], {node}
     while todo:
         n = todo.pop()
-        if n is not node and n in available:
-            frontier.add(n)  # saved anyway: the backward has it
+        if n is not node and (n in available or n in held):
+            frontier.add(n)  # saved anyway (the backward has it), or a parameter (free to save)
             continue
         if n.op == "call_function" and n.target is operator.getitem:
             pass  # one output of a multi-output op: the op is rerun with it (its other outputs unused)
@@ -192,12 +196,12 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
 
 
 def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanConfig, offload: bool,
-                order: dict[fx.Node, int]) -> list[Choice]:
+                order: dict[fx.Node, int], held: frozenset = frozenset()) -> list[Choice]:
     """Every way ``node`` (a saved tensor of ``nbytes``) may leave the device, with its estimated cost."""
     val = node.meta["val"]
     out: list[Choice] = []
     if cfg.recompute:
-        found = recompute_closure(node, available, order)
+        found = recompute_closure(node, available, order, held=held)
         if found is not None:
             closure, frontier = found
             seconds = sum(_op_seconds(n, cfg) for n in closure)
@@ -215,7 +219,8 @@ def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanCo
     return out
 
 
-def ordered_choices(p, saved, cfg: PlanConfig, offload: bool) -> tuple[list[Choice], dict, int]:
+def ordered_choices(p, saved, cfg: PlanConfig, offload: bool,
+                    held: frozenset = frozenset()) -> tuple[list[Choice], dict, int]:
     """The plan's list: each saved activation's cheapest way out, cheapest per byte first. Also the saved
     activations by name, and their bytes."""
     nodes = {n.name: n for n in p.fw.graph.nodes}
@@ -229,7 +234,7 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool) -> tuple[list[Choi
         node = nodes.get(name)
         if node is None or name in aliased or not isinstance(node.meta.get("val"), torch.Tensor):
             continue  # a storage several saved views share stays (one rewrite per view would copy it twice)
-        options = choices_for(node, t.bytes, available, cfg, offload, order)
+        options = choices_for(node, t.bytes, available, cfg, offload, order, held)
         if options:
             best.append(min(options, key=lambda c: (c.price, c.action)))
     best.sort(key=lambda c: (c.price, order[c.node]))
@@ -278,8 +283,15 @@ class Partitioned:
         node = next(n for n in self.fw.graph.nodes if n.op == "output")
         node.args = (tuple(outs),)
 
-    def placeholder(self, name: str) -> fx.Node:
-        return next(n for n in self.bw.graph.nodes if n.op == "placeholder" and n.name == name)
+    def placeholder(self, name: str) -> fx.Node | None:
+        return next((n for n in self.bw.graph.nodes if n.op == "placeholder" and n.name == name), None)
+
+    def held_inputs(self, held: list[bool]) -> frozenset:
+        """The forward's inputs flagged in ``held`` (one flag per input; none if the counts differ)."""
+        inputs = [n for n in self.fw.graph.nodes if n.op == "placeholder"]
+        if len(held) != len(inputs):
+            return frozenset()
+        return frozenset(n for n, h in zip(inputs, held) if h)
 
 
 def _first_user(node: fx.Node) -> fx.Node:
@@ -335,10 +347,16 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
         if not ph.users:
             continue
         if c.action == "recompute":
+            # Held inputs the closure reads and the backward does not get yet: saved in the slot freed,
+            # in the same order on both sides.
+            new = sorted((f for f in c.frontier if f.op == "placeholder" and p.placeholder(f.name) is None),
+                         key=lambda f: f.name)
+            for f in new:
+                _add_placeholder(p.bw.graph, ph, f, f.name)
             back = _copy_into_backward(p, c, _first_user(ph))
             ph.replace_all_uses_with(back)
             p.bw.graph.erase_node(ph)
-            p.set_outputs(outs[:slot] + outs[slot + 1:])
+            p.set_outputs(outs[:slot] + new + outs[slot + 1:])
             continue
         # Right after the tensor is made, so the device copy is freed after its last forward use.
         if c.action == "offload":
@@ -382,14 +400,15 @@ def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
     return env[c.node]
 
 
-def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig) -> MemoryPlan:
+def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig,
+                held: frozenset = frozenset()) -> MemoryPlan:
     """Plan and apply on the partitioned graphs; ``saved``: their saved tensors
-    (``reporting.saved_tensors``)."""
+    (``reporting.saved_tensors``); ``held``: the forward's parameter inputs (free to save)."""
     import memcompile.ops  # noqa: F401  registers memtrain.offload, reload, fp8_quantize, fp8_dequantize
 
     device = _device(p.fw)
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
-    choices, activations, before = ordered_choices(p, saved, cfg, offload)
+    choices, activations, before = ordered_choices(p, saved, cfg, offload, held)
     seq = sequence(choices)
     k, planned = prefix(seq, before, target)
     if planned > target:
@@ -470,4 +489,4 @@ class PlanMemory(GraphPass):
         # A block's graph runs once per layer it serves: each run gets its share of the step's target.
         target = self.config.memory_target // max(1, len(ctx.served))
         saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_from_frame)
-        return plan_memory(p, saved, target, self.config.plan)
+        return plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs))

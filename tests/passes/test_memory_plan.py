@@ -381,3 +381,19 @@ def test_aot_eager_decomp_plans_what_inductor_runs():
     assert [(t.name, t.bytes) for t in decomp[2].saved_after] == [(t.name, t.bytes) for t in inductor[2].saved_after]
     # bf16: Inductor's fused kernels keep their intermediates in fp32, the Python graphs round each op
     torch.testing.assert_close(decomp[0], inductor[0], rtol=2e-4, atol=0)
+
+
+def test_recompute_may_read_a_parameter_the_backward_did_not_get():
+    """Adapters cast to bf16 in the forward (``lora.compute_dtype="input"``): the backward gets the cast,
+    not the fp32 parameter, so rebuilding the adapter's output reads a graph input that was not saved.
+    The caller holds it anyway, so the plan saves it at no cost and recomputes; exact."""
+    def build():
+        return memcompile.prepare(models.tiny_llama().to(torch.bfloat16), {"lora": {"compute_dtype": "input"}})
+
+    free = _step(build(), BASE)
+    run, chosen = _plan_of(build(), {**BASE, "memory_target": int(free[2].bytes_after * 0.6),
+                                     "plan": {"offload": False}})
+    reads_input = [c for c in chosen if c.action == "recompute" and any(f.op == "placeholder" for f in c.frontier)]
+    assert reads_input, [(c.node.name, c.action) for c in chosen]
+    assert run[2].bytes_after <= int(free[2].bytes_after * 0.6)
+    _assert_exact(run, free)
