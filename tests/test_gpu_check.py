@@ -244,3 +244,13 @@ def test_the_peak_table_shows_each_traced_setups_largest_sites():
     assert rows[2] == ("| memtrain_all_regional | 9.41 / 9.38 / 0.87 | `c.py:120 call: buf7 = "
                        "empty_strided_cuda((8192, 32000), ...)` | 0.488 | 1 x 524,288,000 |")
     assert len(rows) == 3 and gpu_report.peak_table({"train": [], "rerun_train": []}) == []
+
+
+def test_the_compile_time_table_shows_each_variant():
+    rows = [{"variant": "whole", "model": "tinyllama", "seq": 2048, "batch": 4, "dtype": "bf16", "startup_s": 4.1,
+             "first_step_s": 88.0, "cold_first_step_s": 92.1, "second_step_s": 0.18, "saved_bytes": 7953219588},
+            {"variant": "regional", "error": "CUDA out of memory"}]
+    table = gpu_report.compile_time_table({"compile_time": rows})
+    assert table[2] == "| whole | tinyllama 4 x 2048, bf16 | 4.1 | 88.0 | 92.1 | 0.18 | 7,953,219,588 |"
+    assert table[3].startswith("| regional | error: CUDA out of memory")
+    assert gpu_report.compile_time_table({"compile_time": []}) == []

@@ -53,6 +53,8 @@ def load(folder: str) -> dict | None:
     # Measured after the check on the same machine, when its lease had time left (RERUN_NOTE).
     run["rerun_train"] = _jsonl(os.path.join(folder, "rerun-train.jsonl"))
     run["rerun_pytest"] = pytest_summary(folder, "rerun-pytest-gpu.xml")
+    # python -m memcompile.bench compile-time on the same machine, each variant with a cold Inductor cache.
+    run["compile_time"] = _jsonl(os.path.join(folder, "compile-time.jsonl"))
     run["gpu_seen"] = _gpu_from_kernels_log(folder)
     # What was run by hand on the same machine after the check, in the words of whoever ran it.
     notes = os.path.join(folder, "notes.md")
@@ -184,6 +186,20 @@ def peak_table(run: dict, sites: int = 5) -> list[str]:
     return rows
 
 
+def compile_time_table(run: dict) -> list[str]:
+    """``compile-time.jsonl``: each variant's first step in a fresh process, Inductor's start-up apart."""
+    rows = ["| variant | shape | start-up s | first step s (model) | cold first step s | second step s | saved bytes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in run.get("compile_time", []):
+        if "error" in r:
+            rows.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        rows.append(f"| {r['variant']} | {r['model']} {r['batch']} x {r['seq']}, {r['dtype']} | {r['startup_s']} | "
+                    f"{r['first_step_s']} | {r['cold_first_step_s']} | {r['second_step_s']} | "
+                    f"{r['saved_bytes']:,} |")
+    return rows if len(rows) > 2 else []
+
+
 def kernel_table(run: dict) -> list[str]:
     rows = ["| op | size | implementation | status | ms | speed vs torch | max abs diff vs torch |",
             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
@@ -252,6 +268,10 @@ def section(run: dict | None) -> str:
                   "op's own, against the timed steps' median, then the ops with the most device time; the whole "
                   "table per setup in `docs/gpu/profile-<setup>.txt`). Busy time well under the step means the "
                   "step waits on the host:", "", *profiles, ""]
+    compile_rows = compile_time_table(run)
+    if compile_rows:
+        lines += ["Time to the first step (`python -m memcompile.bench compile-time`, on the same machine; each "
+                  "variant in a fresh process with an empty Inductor cache):", "", *compile_rows, ""]
     peaks = peak_table(run)
     if peaks:
         lines += ["What is allocated at the peak (one more step with the CUDA allocator's history on; each site is "
