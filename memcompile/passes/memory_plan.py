@@ -248,8 +248,9 @@ def sequence(choices: list[Choice]) -> list[Choice]:
     rewrite replaces every backward use of the tensor). Independent of the target."""
     seq, pinned, moved = [], set(), set()
     for c in choices:
-        if (c.action == "recompute" and {view_base(f) for f in c.frontier} & moved) or \
-                (c.action == "fp8" and c.node in pinned):
+        # The frontier itself, or the storage it views: a saved view is a backward input of its own.
+        reads = set(c.frontier) | {view_base(f) for f in c.frontier}
+        if (c.action == "recompute" and reads & moved) or (c.action == "fp8" and c.node in pinned):
             continue
         seq.append(c)
         if c.action == "recompute":
@@ -344,6 +345,8 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
         node, outs = c.node, p.outputs()
         slot = outs.index(node, p.num_fwd_outputs)
         ph = p.placeholder(node.name)
+        if ph is None:
+            raise AssertionError(f"{NAME}: {node.name} is saved but not a backward input")
         if not ph.users:
             continue
         if c.action == "recompute":
@@ -392,6 +395,9 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
 def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
     """The recompute: a copy of ``c.closure`` in the backward, reading the frontier's placeholders."""
     env = {f: p.placeholder(f.name) for f in c.frontier}
+    lost = sorted(f.name for f, ph in env.items() if ph is None)
+    if lost:  # sequence() keeps a recompute only while what it reads is still a backward input
+        raise AssertionError(f"{NAME}: recompute of {c.node.name} reads {lost}, no longer backward inputs")
     with p.bw.graph.inserting_before(before):
         for n in c.closure:
             new = p.bw.graph.node_copy(n, lambda a: env[a])

@@ -397,3 +397,48 @@ def test_recompute_may_read_a_parameter_the_backward_did_not_get():
     assert reads_input, [(c.node.name, c.action) for c in chosen]
     assert run[2].bytes_after <= int(free[2].bytes_after * 0.6)
     _assert_exact(run, free)
+
+
+def test_a_recompute_never_reads_a_saved_view_recomputed_before_it():
+    """Attention rerun from a value tensor (a transposed view, saved on its own) that an earlier, cheaper
+    choice recomputed: that backward input is gone, so the rerun is dropped. Checking only the view's
+    base let it through, and the rerun read None in the backward."""
+    from memcompile.passes.memory_plan import Choice, sequence
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(2, 4, 8, device="meta")
+    v = graph.call_function(torch.ops.aten.transpose.int, (x, 1, 2))
+    out = graph.call_function(torch.ops.aten.mul.Tensor, (v, 2.0))
+    other = graph.call_function(torch.ops.aten.mul.Tensor, (v, 3.0))
+    graph.output((out, other))
+    first = Choice(v, "recompute", 64, 0, 1e-6, (v,), frozenset({x}))
+    second = Choice(out, "recompute", 64, 0, 2e-6, (out,), frozenset({v}))
+    independent = Choice(other, "offload", 64, 0, 3e-6)
+    assert sequence([first, second, independent]) == [first, independent]
+    assert sequence([second, first]) == [second, first]  # the other order: v's recompute replaces its uses
+
+
+def test_regional_velora_at_a_deep_target_is_exact():
+    """Compressed layers, one compiled block per layer, a target that takes a dozen recomputes per block
+    (attention's inputs among them): the planned step equals the unplanned one."""
+    def run(target):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        activation_state.reset()
+        model = memcompile.prepare(models.tiny_llama().to(torch.bfloat16))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+        opts = {"activation": "velora", "compiler": "aot_eager", "fused_cross_entropy": True}
+        memcompile.compile_blocks(model, options={**opts, **({"memory_target": target} if target else {})})
+        ids = models.batch()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    free, planned = run(None), run("40KiB")
+    counters = memcompile.report().passes["memory_plan"].counters
+    assert counters["recompute"] >= 8 and counters["after"] <= counters["target"]
+    _assert_exact(planned, free)
