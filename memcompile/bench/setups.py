@@ -113,9 +113,9 @@ SETUPS: dict[str, Setup] = _table(
           adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
                     "recompute_budget": 0.2}),
-    # ... or the planner at 2 GiB: estimated 4.39 GiB regional (what the GPU check measures) and 4.52 GiB
+    # ... or the planner at 2 GiB: estimated 4.54 GiB regional (what the GPU check measures) and 4.70 GiB
     # whole, at less overhead than budget 0.2 (python -m memcompile.bench estimate --sweep; 1.5 GiB gives
-    # 4.05 GiB whole).
+    # 4.23 GiB whole).
     Setup("memtrain_all_target", "memtrain_all + memory_target 2GiB: the planner recomputes or offloads the rest",
           adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
