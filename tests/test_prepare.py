@@ -396,8 +396,9 @@ def test_merge_nf4_model():
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
 
 
-def _matmul_dtypes(fn) -> set:
-    """The dtypes every matmul in ``fn()``'s forward and backward reads."""
+def _matmul_dtypes(fn, shapes: bool = False) -> set:
+    """The dtypes every matmul in ``fn()``'s forward and backward reads; with ``shapes``, each matmul's
+    ``(dtype, operand shapes)``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = set()
@@ -406,7 +407,11 @@ def _matmul_dtypes(fn) -> set:
     class Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in mms:
-                seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                if shapes:
+                    seen.update((a.dtype, tuple(tuple(t.shape) for t in tensors)) for a in tensors)
+                else:
+                    seen.update(a.dtype for a in tensors)
             return func(*args, **(kwargs or {}))
 
     with Mode():
@@ -454,9 +459,18 @@ def test_input_compute_dtype_runs_the_adapter_in_bf16_within_its_round_off(froze
 
 
 def test_compute_dtype_is_an_option_of_prepare():
-    model = prepare(models.tiny_llama().to(torch.bfloat16), _cfg(compute_dtype="input"))
-    assert {m.compute_dtype for _, m in _layers(model)} == {"input"}
+    """Through ``prepare``, on a whole bf16 model: no adapter matmul (an operand with the adapters' rank,
+    7, in its shape) runs in fp32. The model's own fp32 matmuls (rotary frequencies, in some
+    transformers versions) are not the adapters'."""
     ids = models.batch()
-    assert _matmul_dtypes(lambda: model(input_ids=ids, labels=ids).loss.backward()) == {torch.bfloat16}
+
+    def adapter_matmul_dtypes(compute_dtype):
+        model = prepare(models.tiny_llama().to(torch.bfloat16), _cfg(compute_dtype=compute_dtype, r_max=7))
+        assert {m.compute_dtype for _, m in _layers(model)} == {compute_dtype}
+        seen = _matmul_dtypes(lambda: model(input_ids=ids, labels=ids).loss.backward(), shapes=True)
+        return {dtype for dtype, shapes in seen if any(7 in shape for shape in shapes)}
+
+    assert adapter_matmul_dtypes("float32") == {torch.float32}
+    assert adapter_matmul_dtypes("input") == {torch.bfloat16}
     with pytest.raises(ValueError, match="compute_dtype"):
         prepare(models.tiny_llama(), _cfg(compute_dtype="bf16"))
