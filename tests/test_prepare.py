@@ -447,7 +447,7 @@ def test_input_compute_dtype_runs_the_adapter_in_bf16_within_its_round_off(froze
     s = alpha / b
     xd, gd = x.double(), g.double()
     a, bm = layer.lora_A.detach().double()[:b], layer.lora_B.detach().double()[:, :b]
-    y_ref = xd @ layer.base_layer.dequantize().double().t() + base.bias.double() + s * (xd @ a.t()) @ bm.t()
+    y_ref = xd @ layer.base_layer.dequantize().double().t() + base.bias.detach().double() + s * (xd @ a.t()) @ bm.t()
     da, db = s * (gd @ bm).t() @ xd, s * gd.t() @ (xd @ a.t())
     if frozen:
         da[: b - 1], db[:, : b - 1] = 0, 0
