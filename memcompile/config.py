@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from memcompile import _options
+from memcompile.lora import COMPUTE_DTYPES
 from memcompile.passes.compression import DEFAULT_EXCLUDE, METHODS
 
 COMPILERS = ("inductor", "aot_eager", "aot_eager_decomp")
 PARTITIONERS = ("mincut", "default")
-COMPUTE_DTYPES = ("float32", "input")  # lora.compute_dtype
 DEFAULT_ACTIVATION = "velora"
 # Every registered compression method (memcompile/passes/compression/), the default first.
 _METHODS = (METHODS[DEFAULT_ACTIVATION], *(METHODS[k] for k in sorted(METHODS) if k != DEFAULT_ACTIVATION))

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+COMPUTE_DTYPES = ("float32", "input")  # what the adapter's matmuls run in (LoRAConfig.compute_dtype)
+
 
 def check_rank(b: object, r_max: int) -> int:
     """``b`` if it is a usable LoRA rank (an int in ``1..r_max``); otherwise ``ValueError``."""
@@ -51,8 +53,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(r_max, int) or r_max < 1:
             raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
-        if compute_dtype not in ("float32", "input"):
-            raise ValueError(f"compute_dtype must be 'float32' or 'input', got {compute_dtype!r}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features

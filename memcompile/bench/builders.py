@@ -162,7 +162,8 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float
     partitioner), and ``torch.compile`` setups the ``aot_eager_decomp_partition`` backend, which
     partitions with Inductor's decompositions and min-cut partitioner, so saved activations match
     Inductor's. ``compiler="aot_eager_decomp"`` (the estimate's) gives memtrain setups the same:
-    Inductor's graphs and partition, and so Inductor's memory plan, run in Python. ``regional_loss=False``: a regional setup leaves the loss eager (the estimate's, on meta).
+    Inductor's graphs and partition, and so Inductor's memory plan, run in Python.
+    ``regional_loss=False``: a regional setup leaves the loss eager (the estimate's, on meta).
     """
     if setup.compile == "none":
         return model, "eager", contextlib.nullcontext()

@@ -9,7 +9,7 @@ device, each priced by a cost model (``PlanConfig``: FLOPs and bytes at the devi
 cost per inserted op):
 
 * **recompute**: the ops that made it rerun in the backward, from tensors that are saved anyway (and
-  graph inputs): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
+  parameters, alive the whole step): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
   exact. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
   dropout) or more than ``RECOMPUTE_LIMIT`` ops; through attention, priced at its matmuls' FLOPs. The
   tensors it reads may still be offloaded or recomputed in their turn, but not rounded to fp8.
@@ -166,8 +166,8 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
     mask is never redrawn: it is read saved; attention with dropout is one), an op outside aten, prims
-    and memtrain, compression's state ops (they must run once a step), an unsaved graph input the
-    caller does not hold, or more than ``limit`` nodes. memtrain's other ops (NF4 linear, the
+    and memtrain, compression's state ops (they must run once a step), an unsaved graph input that is
+    not in ``held``, or more than ``limit`` nodes. memtrain's other ops (NF4 linear, the
     projections' sketch) are pure functions of their inputs. ``order``: each node's position in the
     graph. ``held``: parameters among the graph's inputs, alive the whole step: a recompute may read one
     the backward does not get yet, which ``apply`` then saves for it at no cost (an adapter cast to

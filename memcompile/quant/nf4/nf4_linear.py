@@ -56,9 +56,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                nested_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: list[int],
                blocksize: int, nested_blocksize: int) -> torch.Tensor:
     """``x @ dequant(W)^T (+ bias)`` in ``x.dtype``; ``shape`` is ``[out_features, in_features]``."""
-    w = dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape, blocksize,
-                   nested_blocksize, x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return nf4_linear_ref(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, bias, shape,
+                          blocksize, nested_blocksize)
 
 
 @nf4_linear.register_fake
@@ -94,7 +93,8 @@ def nf4_linear_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
                    nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                    nested_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: list[int],
                    blocksize: int, nested_blocksize: int) -> torch.Tensor:
-    """Reference: dequantise to ``x.dtype``, then ``F.linear``."""
-    w = nf4_dequant(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape, blocksize,
-                    nested_blocksize, x.dtype)
+    """Reference: dequantise to ``x.dtype`` (the dequant op's body: no second trip through the
+    dispatcher when the op's body runs this), then ``F.linear``."""
+    w = dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape, blocksize,
+                   nested_blocksize, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
