@@ -31,6 +31,30 @@ def hinted_shape(val) -> tuple[int, ...] | None:
     return None if None in sizes else sizes
 
 
+def memory_order(val) -> tuple[int, ...] | None:
+    """The dims of a dense tensor from its largest stride to its smallest: ``val.permute(order)`` is a
+    contiguous view of the same memory (the identity for a contiguous tensor, ``(0, 2, 1, 3)`` for a
+    transposed one). ``None`` where its elements do not fill one block of memory once each (an expanded,
+    overlapping or strided view) or a size has no hint."""
+    shape = hinted_shape(val)
+    strides = None if shape is None else tuple(size_hint(s) for s in val.stride())
+    if strides is None or None in strides:
+        return None
+    dims = tuple(range(len(shape)))
+    order = dims if _dense_in(shape, strides, dims) else tuple(sorted(dims, key=lambda d: -strides[d]))
+    return order if _dense_in(shape, strides, order) else None
+
+
+def _dense_in(shape, strides, order) -> bool:
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1:  # a dim of one element may have any stride
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
 def is_call(node: object, targets: Iterable) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 

@@ -48,7 +48,7 @@ from memcompile._torch_compat import partitioner_tag
 from memcompile.config import PlanConfig
 from memcompile.reporting import fmt_bytes, saved_tensors
 
-from ._graph import hinted_shape, insert_traced, view_base
+from ._graph import VIEW_OPS, hinted_shape, insert_traced, memory_order, view_base
 from .base import GraphPass, PassResult
 
 NAME = "memory_plan"
@@ -206,12 +206,15 @@ def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanCo
             closure, frontier = found
             seconds = sum(_op_seconds(n, cfg) for n in closure)
             out.append(Choice(node, "recompute", nbytes, 0, seconds, closure, frontier))
+    order = memory_order(val)
+    if order is None:  # a copy of it is made dense: its readers' strides would no longer hold
+        return out
     if offload:
         out.append(Choice(node, "offload", nbytes, 0, 2 * nbytes / cfg.host_bytes_per_s + 2 * cfg.op_seconds))
     shape = hinted_shape(val)
-    if (cfg.fp8 and val.dtype in _FLOAT and shape and shape[-1] >= _FP8_MIN_ROW
+    if (cfg.fp8 and val.dtype in _FLOAT and shape and shape[order[-1]] >= _FP8_MIN_ROW
             and node.target is not operator.getitem):
-        rows = math.prod(shape[:-1])
+        rows = math.prod(shape) // shape[order[-1]]  # stored in memory order: rows along the unit stride
         after = math.prod(shape) + 4 * rows
         if after < nbytes:
             seconds = 2 * (nbytes + after) / cfg.memory_bytes_per_s + 2 * cfg.op_seconds
@@ -312,8 +315,9 @@ def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node, name: str) ->
 
 
 def _compute_seconds(node: fx.Node, cfg: PlanConfig) -> float:
-    """What ``node`` gives a copy to run beside: its estimated time, nothing for another copy's ops."""
-    if node.op != "call_function" or node.target in _copy_ops():
+    """What ``node`` gives a copy to run beside: its estimated time, nothing for another copy's ops or
+    a view (no kernel)."""
+    if node.op != "call_function" or node.target in _copy_ops() or node.target in VIEW_OPS:
         return 0.0
     return _op_seconds(node, cfg)
 
@@ -361,29 +365,35 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
             p.bw.graph.erase_node(ph)
             p.set_outputs(outs[:slot] + new + outs[slot + 1:])
             continue
+        # Stored in memory order (a transposed tensor as its contiguous permutation) and viewed back in
+        # the backward, so its readers see the forward's strides: the copies are dense.
+        order = memory_order(node.meta["val"])
+        undo = tuple(sorted(range(len(order)), key=order.__getitem__))
+        use = _first_user(ph)
         # Right after the tensor is made, so the device copy is freed after its last forward use.
         if c.action == "offload":
             device = node.meta["val"].device
             copy = c.bytes / cfg.host_bytes_per_s
-            host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x), [node], before=node.next,
-                                 tag=None, name=NAME)
+            host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x.permute(order)), [node],
+                                 before=node.next, tag=None, name=NAME)
             insert_traced(p.fw.graph, lambda h, x: memtrain.offload_wait(h, x), [host, node],
                           before=_after_compute(host, copy, cfg), tag=None, name=NAME)
             new_ph = _add_placeholder(p.bw.graph, ph, host, f"{node.name}_on_host")
-            use = _first_user(ph)
-            back = insert_traced(p.bw.graph, lambda h: memtrain.reload(h, device), [new_ph],
-                                 before=_before_compute(use, copy, cfg), tag=None, name=NAME)
-            insert_traced(p.bw.graph, lambda y: memtrain.reload_wait(y), [back], before=use, tag=None, name=NAME)
+            y = insert_traced(p.bw.graph, lambda h: memtrain.reload(h, device), [new_ph],
+                              before=_before_compute(use, copy, cfg), tag=None, name=NAME)
+            insert_traced(p.bw.graph, lambda y: memtrain.reload_wait(y), [y], before=use, tag=None, name=NAME)
             p.set_outputs(outs[:slot] + [host] + outs[slot + 1:])
         else:
             dtype = node.meta["val"].dtype
-            q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x), [node], before=node.next,
-                                     tag=None, name=NAME)
+            q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x.permute(order)), [node],
+                                     before=node.next, tag=None, name=NAME)
             q_ph = _add_placeholder(p.bw.graph, ph, q, f"{node.name}_fp8")
             s_ph = _add_placeholder(p.bw.graph, ph, scale, f"{node.name}_fp8_scale")
-            back = insert_traced(p.bw.graph, lambda a, b: memtrain.fp8_dequantize(a, b, dtype), [q_ph, s_ph],
-                                 before=_first_user(ph), tag=None, name=NAME)
+            y = insert_traced(p.bw.graph, lambda a, b: memtrain.fp8_dequantize(a, b, dtype), [q_ph, s_ph],
+                              before=use, tag=None, name=NAME)
             p.set_outputs(outs[:slot] + [q, scale] + outs[slot + 1:])
+        back = y if order == tuple(range(len(order))) else insert_traced(
+            p.bw.graph, lambda t: t.permute(undo), [y], before=use, tag=None, name=NAME)
         ph.replace_all_uses_with(back)
         p.bw.graph.erase_node(ph)
     for gm in (p.fw, p.bw):
