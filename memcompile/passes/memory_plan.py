@@ -23,11 +23,12 @@ cost per inserted op):
   ``plan.fp8``; only for the output of a single-output op with rows of at least 16 elements, so
   attention's and normalisation's statistics (which feed exponentials) are never rounded.
 
-Every tensor's cheapest way (time per byte freed) goes into one list, sorted by that price; the plan
-for a target is the shortest prefix of the list that brings the saved bytes under it. The list does
-not depend on the target, so a smaller target takes a longer prefix and never keeps more: monotonic by
-construction, and each choice frees exactly its bytes. A target below what the whole list reaches is
-refused with that minimum.
+Every tensor's ways go into one list, sorted by price (time per byte freed); each tensor takes its first
+way that does not conflict with an earlier choice (a recompute reading a tensor moved before it falls
+back to its copy). The plan for a target is the shortest prefix of that sequence that brings the saved
+bytes under it. The sequence does not depend on the target, so a smaller target takes a longer prefix
+and never keeps more: monotonic by construction, and each choice frees exactly its bytes. A target
+below what the whole sequence reaches is refused with that minimum.
 
 Example::
 
@@ -46,6 +47,8 @@ import torch.fx as fx
 
 from memcompile._torch_compat import partitioner_tag
 from memcompile.config import PlanConfig
+from memcompile.ops import memtrain
+from memcompile.quant.nf4.nf4_linear import NF4LinearArgs
 from memcompile.reporting import fmt_bytes, saved_tensors
 
 from ._graph import VIEW_OPS, hinted_shape, insert_traced, memory_order, view_base
@@ -59,6 +62,10 @@ _ATTENTION = {aten._scaled_dot_product_flash_attention.default: (3, 4),
               aten._scaled_dot_product_flash_attention_for_cpu.default: (3, 4),
               aten._scaled_dot_product_efficient_attention.default: (5, 6),
               aten._scaled_dot_product_cudnn_attention.default: (5, 6)}
+# Reductions Inductor generates itself (a normalisation's mean, softmax's max and sum): pointwise
+# producers fuse into them.
+_REDUCTIONS = frozenset({aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.var_mean.correction,
+                         torch.ops.prims.sum.default, torch.ops.prims.var.default})
 _FP8_MIN_ROW = 16  # a row's fp32 scale costs 4 bytes: at 16 elements that is already a fifth of the row
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 # Ops a recompute may rerun, random ones aside: Inductor's decompositions turn dtype casts into prims.
@@ -136,6 +143,10 @@ def _flops(node: fx.Node) -> int:
     """Multiply-adds times two of a matmul or attention; other ops are priced by the bytes they move."""
     if node.target in _ATTENTION:
         return _attention_flops(node)
+    if node.target is memtrain.nf4_linear.default:  # x @ W^T with W dequantised first
+        args = _nf4_args(node)
+        x = hinted_shape(args.x.meta["val"])
+        return 0 if x is None else 2 * math.prod(x) * args.shape[0]
     kind = _MATMULS.get(node.target)
     if kind is None:
         return 0
@@ -156,9 +167,65 @@ def _is_random(node: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
+def _free(node: fx.Node) -> bool:
+    """A view, or one output of a multi-output op: no kernel, no bytes moved."""
+    return node.target in VIEW_OPS or node.target is operator.getitem
+
+
 def _op_seconds(node: fx.Node, cfg: PlanConfig) -> float:
+    """One op run as its own kernel: its FLOPs, the bytes it reads and writes, a launch."""
+    if _free(node):
+        return 0.0
     moved = _nbytes(node.meta.get("val")) + sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes)
-    return _flops(node) / cfg.flops_per_s + moved / cfg.memory_bytes_per_s + cfg.op_seconds
+    return _flops(node) / cfg.flops_per_s + (moved + _scratch_bytes(node)) / cfg.memory_bytes_per_s + cfg.op_seconds
+
+
+def group_seconds(nodes, cfg: PlanConfig) -> float:
+    """``nodes`` (a recompute) run as Inductor runs them: views are free, and a pointwise op whose every
+    reader is a pointwise op or a reduction of the group is fused into its readers (no launch of its
+    own, its result never written nor read back). A rerun SwiGLU or normalisation is then priced as
+    the one or two kernels it compiles to, not as an op-by-op pass over memory."""
+    group = set(nodes)
+    fused = {n for n in nodes if _pointwise(n) and n.users and all(r in group and _fusible(r) for r in _readers(n))}
+    seconds = 0.0
+    for n in nodes:
+        if n.op != "call_function" or _free(n):
+            continue
+        moved = sum(_nbytes(a.meta.get("val")) for a in n.all_input_nodes if view_base(a) not in fused)
+        if n not in fused:
+            moved += _nbytes(n.meta.get("val")) + _scratch_bytes(n)
+            seconds += cfg.op_seconds
+        seconds += _flops(n) / cfg.flops_per_s + moved / cfg.memory_bytes_per_s
+    return seconds
+
+
+def _pointwise(node: fx.Node) -> bool:
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
+def _fusible(node: fx.Node) -> bool:
+    """An op Inductor generates code for itself, so a pointwise producer fuses into it."""
+    return _pointwise(node) or node.target in _REDUCTIONS
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s values, through its views."""
+    out = []
+    for u in node.users:
+        out.extend(_readers(u) if u.target in VIEW_OPS else [u])
+    return out
+
+
+def _scratch_bytes(node: fx.Node) -> int:
+    """Bytes an op writes and reads back inside itself: NF4 linear's dense weight."""
+    if node.target is not memtrain.nf4_linear.default:
+        return 0
+    args = _nf4_args(node)
+    return 2 * math.prod(args.shape) * args.x.meta["val"].element_size()
+
+
+def _nf4_args(node: fx.Node) -> NF4LinearArgs:
+    return NF4LinearArgs(*node.args, **node.kwargs)
 
 
 def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Node, int],
@@ -204,7 +271,7 @@ def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanCo
         found = recompute_closure(node, available, order, held=held)
         if found is not None:
             closure, frontier = found
-            seconds = sum(_op_seconds(n, cfg) for n in closure)
+            seconds = group_seconds(closure, cfg)
             out.append(Choice(node, "recompute", nbytes, 0, seconds, closure, frontier))
     order = memory_order(val)
     if order is None:  # a copy of it is made dense: its readers' strides would no longer hold
@@ -224,33 +291,34 @@ def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanCo
 
 def ordered_choices(p, saved, cfg: PlanConfig, offload: bool,
                     held: frozenset = frozenset()) -> tuple[list[Choice], dict, int]:
-    """The plan's list: each saved activation's cheapest way out, cheapest per byte first. Also the saved
-    activations by name, and their bytes."""
+    """The plan's list: every way out of every saved activation, cheapest per byte first (``sequence``
+    takes each tensor's first that fits). Also the saved activations by name, and their bytes."""
     nodes = {n.name: n for n in p.fw.graph.nodes}
     available = {nodes[t.name] for t in saved if t.name in nodes}
     aliased = {t.alias_of for t in saved if t.alias_of is not None}
     activations = {t.name: t for t in saved if not t.is_input and t.alias_of is None and t.bytes > 0
                    and not t.on_host}
     order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
-    best: list[Choice] = []
+    ways: list[Choice] = []
     for name, t in activations.items():
         node = nodes.get(name)
         if node is None or name in aliased or not isinstance(node.meta.get("val"), torch.Tensor):
             continue  # a storage several saved views share stays (one rewrite per view would copy it twice)
-        options = choices_for(node, t.bytes, available, cfg, offload, order, held)
-        if options:
-            best.append(min(options, key=lambda c: (c.price, c.action)))
-    best.sort(key=lambda c: (c.price, order[c.node]))
-    return best, activations, sum(t.bytes for t in activations.values())
+        ways.extend(choices_for(node, t.bytes, available, cfg, offload, order, held))
+    ways.sort(key=lambda c: (c.price, order[c.node], c.action))
+    return ways, activations, sum(t.bytes for t in activations.values())
 
 
 def sequence(choices: list[Choice]) -> list[Choice]:
-    """``choices`` in order, less the conflicts: a recompute whose inputs an earlier choice moves away,
-    and fp8 for what an earlier recompute reads (pinned), which would make that recompute lossy. An exact
-    move of a pinned tensor stays: the recompute then reads it reloaded or recomputed in its turn (the
-    rewrite replaces every backward use of the tensor). Independent of the target."""
+    """``choices`` in order, one per tensor (its first), less the conflicts: a recompute whose inputs an
+    earlier choice moves away, and fp8 for what an earlier recompute reads (pinned), which would make
+    that recompute lossy. A tensor whose way conflicts takes its next way, at that way's place in the
+    order. An exact move of a pinned tensor stays: the recompute then reads it reloaded or recomputed in
+    its turn (the rewrite replaces every backward use of the tensor). Independent of the target."""
     seq, pinned, moved = [], set(), set()
     for c in choices:
+        if c.node in moved:
+            continue  # decided by a cheaper way
         # The frontier itself, or the storage it views: a saved view is a backward input of its own.
         reads = set(c.frontier) | {view_base(f) for f in c.frontier}
         if (c.action == "recompute" and reads & moved) or (c.action == "fp8" and c.node in pinned):
@@ -344,7 +412,6 @@ def _before_compute(use: fx.Node, seconds: float, cfg: PlanConfig) -> fx.Node:
 
 def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
     """Rewrite the forward's saved outputs and the backward's placeholders, one choice at a time."""
-    memtrain = torch.ops.memtrain
     for c in chosen:
         node, outs = c.node, p.outputs()
         slot = outs.index(node, p.num_fwd_outputs)
@@ -420,8 +487,6 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig,
                 held: frozenset = frozenset()) -> MemoryPlan:
     """Plan and apply on the partitioned graphs; ``saved``: their saved tensors
     (``reporting.saved_tensors``); ``held``: the forward's parameter inputs (free to save)."""
-    import memcompile.ops  # noqa: F401  registers memtrain.offload, reload, fp8_quantize, fp8_dequantize
-
     device = _device(p.fw)
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
     choices, activations, before = ordered_choices(p, saved, cfg, offload, held)
@@ -455,7 +520,6 @@ def _result(activations: dict, chosen: list[Choice], target: int, before: int, p
 @functools.cache
 def _copy_ops() -> frozenset:
     """The host copies' start and wait ops (registered by ``memcompile.ops``, imported by the plan)."""
-    memtrain = torch.ops.memtrain
     return frozenset({memtrain.offload.default, memtrain.offload_wait.default, memtrain.reload.default,
                       memtrain.reload_wait.default})
 
@@ -470,8 +534,8 @@ def _state_ops() -> set:
 def backward_recompute_seconds(bw: fx.GraphModule, cfg: PlanConfig) -> float:
     """Estimated time of the forward ops a backward graph reruns (the partitioner's recomputation and
     the planner's), at ``cfg``'s rates: the same measure for a ``recompute_budget`` and a plan."""
-    return sum(_op_seconds(n, cfg) for n in bw.graph.nodes
-               if n.op == "call_function" and partitioner_tag(n) == "is_forward")
+    return group_seconds([n for n in bw.graph.nodes
+                          if n.op == "call_function" and partitioner_tag(n) == "is_forward"], cfg)
 
 
 def transfer_seconds(result: MemoryPlan | None) -> float:
