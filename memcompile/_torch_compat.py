@@ -157,6 +157,19 @@ def size_hint(s) -> int | None:
     return int(hint(s))
 
 
+def size_bound(s) -> int | None:
+    """A size's largest value: itself when static; when symbolic, the end of the range its graph
+    accepts (``torch._dynamo.mark_dynamic(x, dim, max=N)``), ``None`` where that range has no end
+    (Dynamo's automatic dynamic sizes)."""
+    if isinstance(s, int):
+        return s
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    upper = s.node.shape_env.bound_sympy(s.node.expr).upper
+    return None if upper in (int_oo, sympy.oo) or not upper.is_integer else int(upper)
+
+
 def option_error(message: str) -> ValueError:
     """A ``ValueError`` that Dynamo re-raises as it is, instead of inside ``BackendCompilerFailed``
     (whose message starts with Dynamo's line, not ours). Dynamo hands ``options`` to a backend only

@@ -40,12 +40,13 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from memcompile._torch_compat import partitioner_tag
+from memcompile._torch_compat import partitioner_tag, size_bound, size_hint
 from memcompile.config import PlanConfig
 from memcompile.ops import memtrain
 from memcompile.quant.nf4.nf4_linear import NF4LinearArgs
@@ -109,8 +110,10 @@ class MemoryPlan(PassResult):
 
     def render(self) -> list[str]:
         c = self.counters
+        bound = "" if "bound_before" not in c else (
+            f" (at the largest sizes the graph accepts: {fmt_bytes(c['bound_before'])} -> {fmt_bytes(c['bound_after'])})")
         lines = [f"  pass {self.name}: target {fmt_bytes(c['target'])}; saved {fmt_bytes(c['before'])} -> "
-                 f"{fmt_bytes(c['after'])}; estimated cost "
+                 f"{fmt_bytes(c['after'])}{bound}; estimated cost "
                  f"{c['seconds'] * 1e3:.2f} ms a step; recompute {c['recompute']}, offload {c['offload']}, "
                  f"fp8 {c['fp8']}, kept {c['keep']}"]
         changed = [r for r in self.rewritten if r["action"] != "keep"]
@@ -330,14 +333,43 @@ def sequence(choices: list[Choice]) -> list[Choice]:
     return seq
 
 
-def prefix(seq: list[Choice], estimate: int, target: int) -> tuple[int, int]:
+def prefix(seq: list[Choice], estimate: int, target: int, scale: dict | None = None) -> tuple[int, int]:
     """The length of the shortest prefix of ``seq`` that brings ``estimate`` (the bytes saved before it)
-    to ``target`` or below, and the bytes saved after it; the whole list if none does."""
+    to ``target`` or below, and the bytes saved after it; the whole list if none does. ``scale``: each
+    tensor's size where ``estimate`` is counted over its traced size, by name (1 where absent)."""
     k = 0
     while k < len(seq) and estimate > target:
-        estimate -= seq[k].freed
+        estimate -= round(seq[k].freed * (scale or {}).get(seq[k].node.name, 1))
         k += 1
     return k, estimate
+
+
+def bound_scale(fw: fx.GraphModule, activations: dict) -> dict[str, float] | None:
+    """For a graph with symbolic sizes (a variable token count), each saved activation's bytes at the
+    largest sizes the graph accepts over its bytes at the traced ones, by name: the plan then holds the
+    target for the longest batch. ``None`` (and a warning) where a symbolic size has no upper bound:
+    the plan holds the target at the traced sizes."""
+    nodes = {n.name: n for n in fw.graph.nodes}
+    scale, unbounded = {}, {}
+    for name in activations:
+        val = nodes[name].meta["val"]
+        symbolic = [d for d in val.shape if not isinstance(d, int)]
+        if not symbolic:
+            continue
+        bounds = [size_bound(d) for d in val.shape]
+        if None in bounds:
+            unbounded.update((str(d), size_hint(d)) for d, b in zip(val.shape, bounds)
+                             if b is None and d.node.expr.is_Symbol)
+            continue
+        scale[name] = math.prod(bounds) / max(1, math.prod(hinted_shape(val)))
+    if unbounded:
+        sizes = ", ".join(f"{k} = {v}" for k, v in sorted(unbounded.items()))
+        warnings.warn(f"memtrain: memory_target is met at this graph's traced sizes ({sizes}); the graph also "
+                      "runs larger batches, which save more, in proportion. Pad batches to one length, or bound "
+                      "the size with torch._dynamo.mark_dynamic(tensor, dim, max=N) to plan for the largest.",
+                      stacklevel=2)
+        return None
+    return scale
 
 
 @dataclass
@@ -491,15 +523,22 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig,
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
     choices, activations, before = ordered_choices(p, saved, cfg, offload, held)
     seq = sequence(choices)
-    k, planned = prefix(seq, before, target)
+    scale = bound_scale(p.fw, activations)
+    at_bound = None if not scale else round(sum(t.bytes * scale.get(n, 1) for n, t in activations.items()))
+    k, planned = prefix(seq, before if at_bound is None else at_bound, target, scale)
     if planned > target:
         raise ValueError(
-            f"memtrain memory_target {fmt_bytes(target)} cannot be met: this graph saves {fmt_bytes(before)}, and the "
+            f"memtrain memory_target {fmt_bytes(target)} cannot be met: this graph saves "
+            f"{fmt_bytes(before if at_bound is None else at_bound)}"
+            f"{'' if at_bound is None else ' at the largest sizes it accepts'}, and the "
             f"smallest the planner reaches is {fmt_bytes(planned)} (recompute={cfg.recompute}, offload="
             f"{offload}, fp8={cfg.fp8}). Raise the target"
             + ("" if cfg.fp8 else ", allow plan.fp8") + ("" if offload else ", allow plan.offload") + ".")
     apply(p, seq[:k], cfg)
-    return _result(activations, seq[:k], target, before, planned)
+    result = _result(activations, seq[:k], target, before, before - sum(c.freed for c in seq[:k]))
+    if at_bound is not None:
+        result.counters.update(bound_before=at_bound, bound_after=planned)
+    return result
 
 
 def _result(activations: dict, chosen: list[Choice], target: int, before: int, planned: int) -> MemoryPlan:

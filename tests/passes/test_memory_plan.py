@@ -1,6 +1,7 @@
 """memory_target: the planner keeps what the step saves at or under the target, monotonic in it, exact
 where the plan is exact, and refuses what it cannot reach."""
 import operator
+import warnings
 
 import pytest
 import torch
@@ -550,3 +551,46 @@ def test_recompute_is_priced_as_inductor_runs_it():
     moved = (tokens * in_f + tokens * out_f + 2 * out_f * in_f) * 2 + out_f * in_f // 2 + out_f * in_f // 16 + 64
     assert group_seconds([y], cfg) == pytest.approx(
         flops / cfg.flops_per_s + moved / cfg.memory_bytes_per_s + cfg.op_seconds)
+
+
+def _varlen_steps(opts, bound: bool):
+    """Steps of 16, 24 and 40 tokens (Dynamo recompiles for a symbolic length at the second, or compiles
+    one bounded graph at the first); their losses and gradients, and the warnings."""
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    activation_state.reset()
+    model = models.tiny_lora_llama()
+    compiled = torch.compile(model, backend="memtrain", options=opts)
+    steps = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in (16, 24, 40):
+            ids = models.batch(t=t)
+            if bound and t == 16:
+                torch._dynamo.mark_dynamic(ids, 1, min=2, max=64)
+            loss = compiled(input_ids=ids, labels=ids).loss
+            loss.backward()
+            steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+    return steps, [str(w.message) for w in caught if "memory_target" in str(w.message)]
+
+
+def test_a_variable_token_count_is_planned_at_its_bound_or_warned():
+    """A length marked with a maximum is planned there: the target holds for the longest batch. An
+    unbounded one (Dynamo's automatic dynamic length) is planned at the traced length, with a warning
+    that says so and how to bound it. Both exact."""
+    free, _ = _varlen_steps(BASE, bound=False)
+    opts = {**BASE, "memory_target": 100_000, "plan": {"offload": True}}
+    traced, warned = _varlen_steps(opts, bound=False)
+    assert len(warned) == 1 and "traced sizes" in warned[0] and "mark_dynamic" in warned[0]
+    (unbounded,) = [g.passes["memory_plan"].counters for g in memcompile.report().graphs]
+    assert "bound_before" not in unbounded and unbounded["after"] <= 100_000
+    bounded_steps, warned = _varlen_steps(opts, bound=True)
+    assert warned == []
+    (bounded,) = [g.passes["memory_plan"].counters for g in memcompile.report().graphs]
+    # at 64 tokens, the plan keeps what fits the target; at the traced 16 it keeps far less
+    assert bounded["bound_after"] <= 100_000 < bounded["bound_before"]
+    assert bounded["bound_before"] > 3 * bounded["before"] and bounded["after"] < 100_000 * 16 / 64 * 1.1
+    for run in (traced, bounded_steps):
+        for a, b in zip(run, free):
+            _assert_exact(a, b)
