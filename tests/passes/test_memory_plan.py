@@ -594,3 +594,38 @@ def test_a_variable_token_count_is_planned_at_its_bound_or_warned():
     for run in (traced, bounded_steps):
         for a, b in zip(run, free):
             _assert_exact(a, b)
+
+
+@pytest.mark.slow
+def test_regional_inductor_bf16_variable_lengths_under_a_target():
+    """The path a user runs: a prepared NF4 model with bf16 adapter matmuls, one compiled block per
+    layer, Inductor, batches whose length changes (a static graph, then a symbolic one), a target
+    that takes recomputes and copies. Each step matches the same steps without a target."""
+    def run(opts):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        activation_state.reset()
+        model = memcompile.prepare(models.tiny_llama().to(torch.bfloat16),
+                                   {"lora": {"compute_dtype": "input", "dynamic": False}})
+        memcompile.compile_blocks(model, options=opts)
+        steps = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="memtrain: memory_target is met at")
+            for step, t in enumerate((32, 48, 64)):
+                ids = models.batch(t=t, seed=step)
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+                model.zero_grad(set_to_none=True)
+        return steps
+
+    opts = {"activation": "velora", "compiler": "inductor"}
+    free = run(opts)
+    planned = run({**opts, "memory_target": 20_000, "plan": {"offload": True}})
+    counters = [g.passes["memory_plan"].counters for g in memcompile.report().graphs if "memory_plan" in g.passes]
+    assert counters and all(c["after"] <= c["target"] and c["recompute"] + c["offload"] > 0 for c in counters)
+    for (loss, grads), (loss_free, grads_free) in zip(planned, free):
+        torch.testing.assert_close(loss, loss_free)
+        for name in grads_free:
+            torch.testing.assert_close(grads[name], grads_free[name], msg=name)
