@@ -415,9 +415,9 @@ def _add_placeholder(bw: fx.Graph, before: fx.Node, like: fx.Node, name: str) ->
 
 
 def _compute_seconds(node: fx.Node, cfg: PlanConfig) -> float:
-    """What ``node`` gives a copy to run beside: its estimated time, nothing for another copy's ops or
-    a view (no kernel)."""
-    if node.op != "call_function" or node.target in _copy_ops() or node.target in VIEW_OPS:
+    """What ``node`` gives a copy to run beside: its estimated time (none for a view), nothing for
+    another copy's ops."""
+    if node.op != "call_function" or node.target in _copy_ops():
         return 0.0
     return _op_seconds(node, cfg)
 
