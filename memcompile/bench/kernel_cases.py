@@ -59,7 +59,9 @@ def nf4_dequant(device: torch.device, tiny: bool) -> list[Case]:
         w = torch.randn(shape, device=device, dtype=dtype)
         q = _nf4(w)
         args = (*q.tensors(), *q.layout(), dtype)
-        impls = {"triton": lambda a=args: nd.nf4_dequant_triton(*a), "torch": lambda a=args: nd.nf4_dequant_ref(*a)}
+        # The registered op too: what a compiled backward calls, through the dispatcher.
+        impls = {"triton": lambda a=args: nd.nf4_dequant_triton(*a), "memtrain::nf4_dequant": lambda a=args: nd.nf4_dequant(*a),
+                 "torch": lambda a=args: nd.nf4_dequant_ref(*a)}
         bnb = _bnb_nf4(w)
         if bnb is not None:
             import bitsandbytes.functional as bnbf

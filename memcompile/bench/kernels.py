@@ -55,6 +55,26 @@ def _seconds(fn, device) -> float:
     return timer.timeit(2).median  # the interpreter: a few calls say it runs, not how fast
 
 
+def _host_seconds(fn, device) -> float:
+    """The host's time to issue one call, the device idle before it (median of 20): what each call
+    costs a step that waits on the host rather than on the GPU."""
+    import statistics
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(20 if device.type == "cuda" else 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def _max_diff(a, b) -> float | None:
     import torch
 
@@ -88,7 +108,7 @@ def measure(device, tiny: bool) -> list[dict]:
                 row = {"op": op, "module": module, "size": case.size, "impl": impl}
                 try:
                     out = fn()
-                    row.update(status="ok", seconds=_seconds(fn, device),
+                    row.update(status="ok", seconds=_seconds(fn, device), host_seconds=_host_seconds(fn, device),
                                max_diff=None if impl in case.differ else _max_diff(out, ref))
                 except Exception as e:  # one implementation failing leaves the others' times
                     row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -122,6 +142,7 @@ def main(args) -> list[dict]:
     columns = [
         ("op", lambda r: r["op"]), ("size", lambda r: r.get("size", "")), ("impl", lambda r: r.get("impl", "")),
         ("status", lambda r: r["status"]), ("ms", lambda r: _ms(r.get("seconds"))),
+        ("host µs a call", lambda r: "" if r.get("host_seconds") is None else f"{r['host_seconds'] * 1e6:.0f}"),
         ("speed vs torch", lambda r: "" if r.get("vs_torch") is None else f"{r['vs_torch']:.2f}x"),
         ("max |diff| vs torch", lambda r: "" if r.get("max_diff") is None else f"{r['max_diff']:.3g}"),
     ]
