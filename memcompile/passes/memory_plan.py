@@ -50,7 +50,7 @@ from memcompile._torch_compat import partitioner_tag, size_bound, size_hint
 from memcompile.config import PlanConfig
 from memcompile.ops import memtrain
 from memcompile.quant.nf4.nf4_linear import NF4LinearArgs
-from memcompile.reporting import fmt_bytes, saved_tensors
+from memcompile.reporting import fmt_bytes, reports, saved_tensors
 
 from ._graph import VIEW_OPS, hinted_shape, insert_traced, memory_order, view_base
 from .base import GraphPass, PassResult
@@ -607,5 +607,20 @@ class PlanMemory(GraphPass):
     def __call__(self, p: Partitioned, ctx) -> MemoryPlan:
         # A block's graph runs once per layer it serves: each run gets its share of the step's target.
         target = self.config.memory_target // max(1, len(ctx.served))
+        if not ctx.served:
+            _warn_if_split(ctx.report.frame_id, self.config.memory_target)
         saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_from_frame)
         return plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs))
+
+
+def _warn_if_split(frame_id: int | None, target: int) -> None:
+    """A graph break splits a step into graphs compiled one by one, each planned against the whole
+    target before the next is seen: say so once a second one comes."""
+    frames = {r.frame_id for r in reports() if NAME in r.passes and not r.served and not r.inference}
+    frames.add(frame_id)
+    if len(frames) > 1:
+        warnings.warn(f"memtrain: memory_target holds for each compiled graph, and {len(frames)} graphs have been "
+                      f"planned since memcompile.clear_reports() (graph breaks split the model: "
+                      f"torch._dynamo.explain lists them), so together they may keep up to {len(frames)} x "
+                      f"{fmt_bytes(target)}. Remove the breaks, or compile the layers with "
+                      "memcompile.compile_blocks, which shares the target among them.", stacklevel=2)

@@ -629,3 +629,28 @@ def test_regional_inductor_bf16_variable_lengths_under_a_target():
         torch.testing.assert_close(loss, loss_free)
         for name in grads_free:
             torch.testing.assert_close(grads[name], grads_free[name], msg=name)
+
+
+def test_a_graph_break_is_warned_each_graph_holds_the_target():
+    """A graph break splits the step into graphs planned one by one, each against the whole target:
+    the second one planned warns, and says how to share it. One graph does not warn."""
+    def planned_warnings(graph_break: bool) -> list[str]:
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        activation_state.reset()
+        model = models.tiny_lora_llama()
+        if graph_break:
+            model.base_model.model.model.layers[1].register_forward_pre_hook(
+                lambda module, args: torch._dynamo.graph_break())
+        compiled = torch.compile(model, backend="memtrain",
+                                 options={**BASE, "memory_target": 60_000, "plan": {"offload": True}})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids = models.batch()
+            compiled(input_ids=ids, labels=ids).loss.backward()
+        return [str(w.message) for w in caught if "memory_target holds for each compiled graph" in str(w.message)]
+
+    assert planned_warnings(graph_break=False) == []
+    split = planned_warnings(graph_break=True)
+    assert split and "graph breaks" in split[0] and "compile_blocks" in split[0]
+    assert len(memcompile.report().graphs) > 1
