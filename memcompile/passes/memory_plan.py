@@ -619,8 +619,9 @@ def _warn_if_split(frame_id: int | None, target: int) -> None:
     frames = {r.frame_id for r in reports() if NAME in r.passes and not r.served and not r.inference}
     frames.add(frame_id)
     if len(frames) > 1:
-        warnings.warn(f"memtrain: memory_target holds for each compiled graph, and {len(frames)} graphs have been "
-                      f"planned since memcompile.clear_reports() (graph breaks split the model: "
-                      f"torch._dynamo.explain lists them), so together they may keep up to {len(frames)} x "
-                      f"{fmt_bytes(target)}. Remove the breaks, or compile the layers with "
-                      "memcompile.compile_blocks, which shares the target among them.", stacklevel=2)
+        warnings.warn(f"memtrain: memory_target holds for each compiled graph, each time it runs, and {len(frames)} "
+                      f"graphs have been planned since memcompile.clear_reports() (graph breaks split the model: "
+                      f"torch._dynamo.explain lists them; a break inside a repeated layer has one graph run once "
+                      f"per layer), so together they may keep {len(frames)} or more times {fmt_bytes(target)}. "
+                      "Remove the breaks, or compile the layers with memcompile.compile_blocks, which shares the "
+                      "target among them.", stacklevel=2)
