@@ -352,9 +352,8 @@ def bound_scale(fw: fx.GraphModule, activations: dict) -> dict[str, float] | Non
     nodes = {n.name: n for n in fw.graph.nodes}
     scale, unbounded = {}, {}
     for name in activations:
-        val = nodes[name].meta["val"]
-        symbolic = [d for d in val.shape if not isinstance(d, int)]
-        if not symbolic:
+        val = nodes[name].meta.get("val") if name in nodes else None
+        if not isinstance(val, torch.Tensor) or all(isinstance(d, int) for d in val.shape):
             continue
         bounds = [size_bound(d) for d in val.shape]
         if None in bounds:
