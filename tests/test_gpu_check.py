@@ -107,6 +107,7 @@ def test_render_fills_the_readme_section_from_a_run(dry_run, tmp_path):
     for step in gpu_check.steps(dry=True):
         assert f"| {step.name}" in body
     assert "pytest -m gpu" in body and "| cross_entropy |" in body
+    assert "| host µs a call |" in body and "| memtrain::nf4_dequant |" in body  # each call's host time
     assert "Where a step's time goes" in body  # train --profile: device busy time against the step, top ops
     assert re.search(r"\| memtrain_all_regional \| \d+ / \d+ ms \| `[^`]+` \| [\d.]+ \| \d+ \|", body)
     assert (docs / "steps.jsonl").exists() and (docs / "README.md").exists()
