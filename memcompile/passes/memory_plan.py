@@ -313,23 +313,26 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool,
 
 
 def sequence(choices: list[Choice]) -> list[Choice]:
-    """``choices`` in order, one per tensor (its first), less the conflicts: a recompute whose inputs an
-    earlier choice moves away, and fp8 for what an earlier recompute reads (pinned), which would make
-    that recompute lossy. A tensor whose way conflicts takes its next way, at that way's place in the
-    order. An exact move of a pinned tensor stays: the recompute then reads it reloaded or recomputed in
-    its turn (the rewrite replaces every backward use of the tensor). Independent of the target."""
-    seq, pinned, moved = [], set(), set()
+    """``choices`` in order, one per tensor (its first), less the conflicts: a recompute reading a
+    tensor an earlier choice stores in fp8, and fp8 for what an earlier recompute reads (pinned); either
+    would make the recompute lossy. A tensor whose way conflicts takes its next way, at that way's place
+    in the order. A recompute may read a tensor that another choice recomputes or copies (exact): it
+    then reads it rebuilt or reloaded, since ``apply`` rewrites readers first and each rewrite replaces
+    every backward use of its tensor. Independent of the target."""
+    seq, pinned, decided, rounded = [], set(), set(), set()
     for c in choices:
-        if c.node in moved:
+        if c.node in decided:
             continue  # decided by a cheaper way
         # The frontier itself, or the storage it views: a saved view is a backward input of its own.
         reads = set(c.frontier) | {view_base(f) for f in c.frontier}
-        if (c.action == "recompute" and reads & moved) or (c.action == "fp8" and c.node in pinned):
+        if (c.action == "recompute" and reads & rounded) or (c.action == "fp8" and c.node in pinned):
             continue
         seq.append(c)
+        decided.add(c.node)
         if c.action == "recompute":
-            pinned |= {view_base(f) for f in c.frontier}
-        moved.add(c.node)
+            pinned |= reads
+        elif c.action == "fp8":
+            rounded.add(c.node)
     return seq
 
 
@@ -442,8 +445,11 @@ def _before_compute(use: fx.Node, seconds: float, cfg: PlanConfig) -> fx.Node:
 
 
 def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
-    """Rewrite the forward's saved outputs and the backward's placeholders, one choice at a time."""
-    for c in chosen:
+    """Rewrite the forward's saved outputs and the backward's placeholders, one choice at a time, the
+    latest-made tensor first: a recompute is copied into the backward reading its inputs' placeholders
+    before any of them is rewritten, and each rewrite then replaces every use, the copy's included."""
+    order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
+    for c in sorted(chosen, key=lambda c: -order[c.node]):
         node, outs = c.node, p.outputs()
         slot = outs.index(node, p.num_fwd_outputs)
         ph = p.placeholder(node.name)
@@ -504,7 +510,7 @@ def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
     """The recompute: a copy of ``c.closure`` in the backward, reading the frontier's placeholders."""
     env = {f: p.placeholder(f.name) for f in c.frontier}
     lost = sorted(f.name for f, ph in env.items() if ph is None)
-    if lost:  # sequence() keeps a recompute only while what it reads is still a backward input
+    if lost:  # apply() copies a recompute before what it reads is rewritten
         raise AssertionError(f"{NAME}: recompute of {c.node.name} reads {lost}, no longer backward inputs")
     with p.bw.graph.inserting_before(before):
         for n in c.closure:

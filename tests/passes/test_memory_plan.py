@@ -417,10 +417,11 @@ def test_recompute_may_read_a_parameter_the_backward_did_not_get():
     _assert_exact(run, free)
 
 
-def test_a_recompute_never_reads_a_saved_view_recomputed_before_it():
-    """Attention rerun from a value tensor (a transposed view, saved on its own) that an earlier, cheaper
-    choice recomputed: that backward input is gone, so the rerun is dropped. Checking only the view's
-    base let it through, and the rerun read None in the backward."""
+def test_a_recompute_may_read_what_another_choice_moves_but_not_fp8():
+    """Attention rerun from a value tensor (a transposed view, saved on its own) that a cheaper choice
+    recomputes or copies: the rerun stays and reads it rebuilt (``apply`` rewrites readers first). A
+    tensor stored in fp8 is never read by a recompute, nor is one a recompute reads stored in fp8 (the
+    rerun would be lossy): the later of the two takes its next way."""
     from memcompile.passes.memory_plan import Choice, sequence
 
     graph = fx.Graph()
@@ -433,12 +434,41 @@ def test_a_recompute_never_reads_a_saved_view_recomputed_before_it():
     first = Choice(v, "recompute", 64, 0, 1e-6, (v,), frozenset({x}))
     second = Choice(out, "recompute", 64, 0, 2e-6, (out,), frozenset({v}))
     independent = Choice(other, "offload", 64, 0, 3e-6)
-    assert sequence([first, second, independent]) == [first, independent]
-    assert sequence([second, first]) == [second, first]  # the other order: v's recompute replaces its uses
-    # A tensor whose way conflicts takes its next one, at its own price; one way per tensor.
     copy_out = Choice(out, "offload", 64, 0, 4e-6)
     copy_v = Choice(v, "offload", 64, 0, 5e-6)
-    assert sequence([first, second, independent, copy_out, copy_v]) == [first, independent, copy_out]
+    fp8_v = Choice(v, "fp8", 64, 32, 1e-7)
+    assert sequence([first, second, independent]) == [first, second, independent]
+    assert sequence([second, first]) == [second, first]
+    assert sequence([first, second, independent, copy_out, copy_v]) == [first, second, independent]  # one way each
+    assert sequence([fp8_v, second, copy_out]) == [fp8_v, copy_out]  # reads fp8: its copy instead
+    assert sequence([second, fp8_v, copy_v]) == [second, copy_v]  # read by a recompute: never fp8
+
+
+def test_chained_recomputes_are_exact():
+    """A recompute that reads a tensor another, cheaper recompute rebuilds: both run in the backward,
+    the reader from the rebuilt tensor, and the step is unchanged."""
+    from memcompile.passes import memory_plan
+
+    model = models.tiny_lora_llama()
+    free = _step(model, BASE)
+    offered, sequence = [], memory_plan.sequence
+    opts = {**BASE, "plan": {"offload": False}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory_plan, "sequence", lambda choices: offered.extend(sequence(choices)) or offered)
+        _step(model, {**opts, "memory_target": free[2].bytes_after})
+    rebuilt, chain = set(), None
+    for i, c in enumerate(offered):
+        if c.action == "recompute" and set(c.frontier) & rebuilt:
+            chain = i
+            break
+        if c.action == "recompute":
+            rebuilt.add(c.node)
+    assert chain is not None, [(c.node.name, c.action) for c in offered]
+    target = free[2].bytes_after - sum(c.freed for c in offered[:chain + 1])
+    run, chosen = _plan_of(model, {**opts, "memory_target": target})
+    names = {c.node.name for c in chosen}
+    assert any(c.action == "recompute" and {f.name for f in c.frontier} & names for c in chosen)
+    _assert_exact(run, free)
 
 
 def test_regional_velora_at_a_deep_target_is_exact():
