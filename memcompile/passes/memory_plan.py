@@ -24,8 +24,8 @@ cost per inserted op):
   attention's and normalisation's statistics (which feed exponentials) are never rounded.
 
 Every tensor's ways go into one list, sorted by price (time per byte freed); each tensor takes its first
-way that does not conflict with an earlier choice (a recompute reading a tensor moved before it falls
-back to its copy). The plan for a target is the shortest prefix of that sequence that brings the saved
+way that does not conflict with an earlier choice (a recompute never reads an fp8 tensor; it may read
+one that another choice recomputes or copies, and then reads it rebuilt). The plan for a target is the shortest prefix of that sequence that brings the saved
 bytes under it. The sequence does not depend on the target, so a smaller target takes a longer prefix
 and never keeps more: monotonic by construction, and each choice frees exactly its bytes. A target
 below what the whole sequence reaches is refused with that minimum.
