@@ -202,16 +202,16 @@ def compile_time_table(run: dict) -> list[str]:
 
 def kernel_table(run: dict) -> list[str]:
     host = any(r.get("host_seconds") is not None for r in run["kernels"])  # runs before it was timed lack it
-    rows = ["| op | size | implementation | status | ms |" + (" host µs a call |" if host else "")
-            + " speed vs torch | max abs diff vs torch |",
-            "| --- | --- | --- | --- | ---: |" + (" ---: |" if host else "") + " ---: | ---: |"]
+    header = ["op", "size", "implementation", "status", "ms", *(["host µs a call"] if host else []),
+              "speed vs torch", "max abs diff vs torch"]
+    rows = ["| " + " | ".join(header) + " |", "| --- | --- | --- | --- |" + " ---: |" * (len(header) - 4)]
     for r in run["kernels"]:
         ms = _num(r["seconds"] * 1e3, 3) if r.get("seconds") is not None else ""
-        us = (f" {r['host_seconds'] * 1e6:.0f} |" if r.get("host_seconds") is not None else " |") if host else ""
+        us = f"{r['host_seconds'] * 1e6:.0f}" if r.get("host_seconds") is not None else ""
         vs = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") is not None else ""
         diff = f"{r['max_diff']:.3g}" if r.get("max_diff") is not None else ""
-        rows.append(f"| {r['op']} | {r.get('size', '')} | {r.get('impl', '')} | {r['status'][:60]} | {ms} |{us} {vs} | "
-                    f"{diff} |")
+        cells = [r["op"], r.get("size", ""), r.get("impl", ""), r["status"][:60], ms, *([us] if host else []), vs, diff]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 

@@ -177,10 +177,7 @@ def _free(node: fx.Node) -> bool:
 
 def _op_seconds(node: fx.Node, cfg: PlanConfig) -> float:
     """One op run as its own kernel: its FLOPs, the bytes it reads and writes, a launch."""
-    if _free(node):
-        return 0.0
-    moved = _nbytes(node.meta.get("val")) + sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes)
-    return _flops(node) / cfg.flops_per_s + (moved + _scratch_bytes(node)) / cfg.memory_bytes_per_s + cfg.op_seconds
+    return group_seconds([node], cfg)
 
 
 def group_seconds(nodes, cfg: PlanConfig) -> float:
@@ -448,8 +445,8 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
     """Rewrite the forward's saved outputs and the backward's placeholders, one choice at a time, the
     latest-made tensor first: a recompute is copied into the backward reading its inputs' placeholders
     before any of them is rewritten, and each rewrite then replaces every use, the copy's included."""
-    order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
-    for c in sorted(chosen, key=lambda c: -order[c.node]):
+    position = {n: i for i, n in enumerate(p.fw.graph.nodes)}
+    for c in sorted(chosen, key=lambda c: -position[c.node]):
         node, outs = c.node, p.outputs()
         slot = outs.index(node, p.num_fwd_outputs)
         ph = p.placeholder(node.name)
