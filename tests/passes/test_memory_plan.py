@@ -444,15 +444,18 @@ def test_a_recompute_may_read_what_another_choice_moves_but_not_fp8():
     assert sequence([second, fp8_v, copy_v]) == [second, copy_v]  # read by a recompute: never fp8
 
 
-def test_chained_recomputes_are_exact():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_chained_recomputes_are_exact(compiler):
     """A recompute that reads a tensor another, cheaper recompute rebuilds: both run in the backward,
-    the reader from the rebuilt tensor, and the step is unchanged."""
+    the reader from the rebuilt tensor, and the step is unchanged (bit for bit in Python; under
+    Inductor, whose fusions differ between the graphs, to round-off)."""
     from memcompile.passes import memory_plan
 
     model = models.tiny_lora_llama()
-    free = _step(model, BASE)
+    base = {**BASE, "compiler": compiler}
+    free = _step(model, base)
     offered, sequence = [], memory_plan.sequence
-    opts = {**BASE, "plan": {"offload": False}}
+    opts = {**base, "plan": {"offload": False}}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(memory_plan, "sequence", lambda choices: offered.extend(sequence(choices)) or offered)
         _step(model, {**opts, "memory_target": free[2].bytes_after})
@@ -468,7 +471,12 @@ def test_chained_recomputes_are_exact():
     run, chosen = _plan_of(model, {**opts, "memory_target": target})
     names = {c.node.name for c in chosen}
     assert any(c.action == "recompute" and {f.name for f in c.frontier} & names for c in chosen)
-    _assert_exact(run, free)
+    if compiler == "aot_eager":
+        _assert_exact(run, free)
+    else:
+        torch.testing.assert_close(run[0], free[0])
+        for name in free[1]:
+            torch.testing.assert_close(run[1][name], free[1][name], msg=name)
 
 
 def test_regional_velora_at_a_deep_target_is_exact():
