@@ -232,7 +232,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
     try:
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":
-            return _compile_inductor(gm, example_inputs, ctx)
+            return report_mod.count_runs(_compile_inductor(gm, example_inputs, ctx), ctx.report)
         extra = {}
         if config.compiler == "aot_eager_decomp":  # Inductor's graphs, run in Python
             ctx.decompositions = tc.inductor_decompositions()
@@ -242,7 +242,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
             part = lambda joint, ji, **kw: partition(joint, ji, ctx, **kw)  # noqa: E731
         backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
                                   inference_compiler=_python_compiler("inference", ctx), partition_fn=part, **extra)
-        return backend(gm, example_inputs)
+        return report_mod.count_runs(backend(gm, example_inputs), ctx.report)
     except BaseException:
         # Dynamo restarts a compile it abandons (with dynamic shapes, to turn a scalar into a tensor):
         # the abandoned attempt's report describes no graph that runs.

@@ -1,8 +1,8 @@
 """What each compile did: saved tensors before/after the passes, per-pass rewrites and skips.
 
 ``memcompile.report()`` returns what a training step's graphs did together (every graph of a model
-split by graph breaks, a compiled block once per layer it serves); ``memcompile.reports()`` every
-graph's own report. ``str(report)`` is a table for people; the fields are
+split by graph breaks, each as many times as it runs in a step; a compiled block once per layer it
+serves); ``memcompile.reports()`` every graph's own report. ``str(report)`` is a table for people; the fields are
 for code.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import itertools
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -49,6 +49,9 @@ class GraphReport:
     approximated: dict[str, str] = field(default_factory=dict)  # graph input name -> method of its gradient
     # Estimated time of what the backward reruns and copies instead of keeping (``PlanConfig``'s rates).
     overhead_seconds: float = 0.0
+    # Runs of the compiled forward in step ``step`` (``count_runs``).
+    step: int = 0
+    step_runs: int = 0
 
     @property
     def calls_per_step(self) -> int:
@@ -111,6 +114,34 @@ class GraphReport:
         return "\n".join(lines)
 
 
+def count_runs(compiled: Callable, rep: GraphReport) -> Callable:
+    """``compiled``, counting its runs per step: a graph break inside a repeated layer leaves a graph
+    that runs once per layer (or one graph per layer), and the step's totals weigh each graph by its
+    runs. A step is what runs between two backward passes: the first forward run after a backward
+    starts the next one."""
+    def run(*args):
+        if _STEPS.backward_ran or _STEPS.step == 0:
+            _STEPS.step += 1
+            _STEPS.backward_ran = False
+        if rep.step != _STEPS.step:
+            rep.step, rep.step_runs = _STEPS.step, 0
+        rep.step_runs += 1
+        out = compiled(*args)
+        if not rep.inference:  # a step of inference graphs alone (an evaluation) is not a training step
+            _STEPS.trained = _STEPS.step
+            outs = out if isinstance(out, (list, tuple)) else (out,)
+            grad_fn = next((t.grad_fn for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
+            if grad_fn is not None:
+                grad_fn.register_prehook(_backward_ran)
+        return out
+
+    return run
+
+
+def _backward_ran(grad_outputs):
+    _STEPS.backward_ran = True
+
+
 def fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -162,6 +193,16 @@ _REPORTS: list[GraphReport] = []
 _IDS = itertools.count()
 
 
+@dataclass
+class _Steps:
+    step: int = 0  # steps started since ``clear_reports()``
+    trained: int = 0  # the latest step that ran a training graph
+    backward_ran: bool = False  # since the step started: the next forward run starts another
+
+
+_STEPS = _Steps()
+
+
 def new_report(**kw) -> GraphReport:
     with _LOCK:
         rep = GraphReport(graph_id=next(_IDS), **kw)
@@ -171,14 +212,20 @@ def new_report(**kw) -> GraphReport:
 
 @dataclass
 class StepReport:
-    """What one training step's graphs did together: the latest graph of every compiled frame (a graph
-    break splits a model into several; one compiled block serves every layer, and counts once per
-    layer it serves). Same fields as a graph's report, summed."""
+    """What one training step's graphs did together: the latest training graph of every compiled frame
+    (a graph break splits a model into several), each weighed by how many times it runs in a step.
+    Same fields as a graph's report, summed."""
 
     graphs: list[GraphReport]
+    # graph_id -> runs per step: a compiled block once per layer it serves; another graph as measured,
+    # its frame's runs over those of the step's first frame (which runs once a step).
+    runs_per_step: dict[int, int] = field(default_factory=dict)
+
+    def runs(self, g: GraphReport) -> int:
+        return self.runs_per_step.get(g.graph_id, g.calls_per_step)
 
     def _sum(self, attr: str) -> int | None:
-        values = [(getattr(g, attr), g.calls_per_step) for g in self.graphs if not g.inference]
+        values = [(getattr(g, attr), self.runs(g)) for g in self.graphs if not g.inference]
         if any(v is None for v, _ in values):
             return None
         return sum(v * k for v, k in values)
@@ -197,7 +244,7 @@ class StepReport:
 
     @property
     def overhead_seconds(self) -> float:
-        return sum(g.overhead_seconds * g.calls_per_step for g in self.graphs if not g.inference)
+        return sum(g.overhead_seconds * self.runs(g) for g in self.graphs if not g.inference)
 
     @property
     def inference(self) -> bool:
@@ -233,6 +280,9 @@ class StepReport:
         for g in self.graphs:
             lines.append("")
             lines.append(str(g))
+            if not g.served and not g.inference and self.runs(g) > 1:
+                lines.append(f"  runs {self.runs(g)} times a step (measured; a graph break inside a repeated "
+                             "layer): its saved bytes count that many times in the step's totals")
         return "\n".join(lines)
 
 
@@ -243,15 +293,25 @@ def discard(rep: GraphReport) -> None:
 
 
 def report() -> StepReport | None:
-    """What memtrain did to the graphs of a training step (None before any compile): the latest graph
-    of each compiled frame since ``clear_reports()``, so a graph break or regional compilation shows
-    every graph, and a recompile (a new length) replaces the graph it recompiled."""
+    """What memtrain did to the graphs of the latest training step (None before any compile), since
+    ``clear_reports()``: every graph that ran in it (a graph break splits a model into several, and
+    Dynamo may compile one per layer), each weighed by its runs in it; a compiled block counts once per
+    layer it serves. An evaluation under ``no_grad`` does not count. Before a step has run: the latest
+    graph of each compiled frame (a recompile for a new length replaces the graph it recompiled)."""
     with _LOCK:
-        latest: dict = {}
-        for rep in _REPORTS:
-            latest[rep.frame_id if rep.frame_id is not None else ("graph", rep.graph_id)] = rep
-        graphs = sorted(latest.values(), key=lambda r: r.graph_id)
-        return StepReport(graphs) if graphs else None
+        reps, step = list(_REPORTS), _STEPS.trained
+    latest: dict = {}
+    for rep in reps:
+        latest[_frame(rep)] = rep
+    if step == 0:
+        return StepReport(sorted(latest.values(), key=lambda r: r.graph_id)) if latest else None
+    blocks = {id(g) for g in latest.values() if g.served}
+    graphs = [g for g in reps if id(g) in blocks or (not g.served and g.step == step)]
+    return StepReport(graphs, {g.graph_id: g.step_runs for g in graphs if not g.served})
+
+
+def _frame(rep: GraphReport):
+    return rep.frame_id if rep.frame_id is not None else ("graph", rep.graph_id)
 
 
 def report_of_last_compile() -> GraphReport | None:
@@ -269,3 +329,4 @@ def reports() -> list[GraphReport]:
 def clear_reports() -> None:
     with _LOCK:
         _REPORTS.clear()
+        _STEPS.step, _STEPS.trained, _STEPS.backward_ran = 0, 0, False

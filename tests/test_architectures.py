@@ -128,3 +128,52 @@ def test_torch_aot_eager_still_fails(arch):
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="view size is not compatible"), architectures._quiet():
         torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
+
+
+def _train_regional(arch: str, options: dict, lengths=(12, 16, 20)):
+    """``prepare`` (NF4 base, adapters' matmuls in bf16) on a bf16 model, ``compile_blocks`` under
+    Inductor, one step per length (SGD between): each step's loss and gradients, and the report."""
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    memcompile.activation_state.reset()
+    model = architectures.build(arch).to(torch.bfloat16)
+    names = sorted({n.rsplit(".", 1)[-1] for n in architectures.linear_names(model)})
+    torch.manual_seed(0)
+    model = memcompile.prepare(model, {"lora": {"r_max": 4, "targets": names, "compute_dtype": "input"}})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    memcompile.compile_blocks(model, options)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    steps = []
+    for i, length in enumerate(lengths):
+        ids = torch.randint(3, architectures.VOCAB, (2, length), generator=torch.Generator().manual_seed(i))
+        opt.zero_grad(set_to_none=True)
+        with architectures._quiet():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        opt.step()
+    return steps, memcompile.report()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_the_users_path_with_a_memory_target(arch):
+    """The path users run, beyond Llama: NF4 base with bf16 adapters, bf16, one compiled block per
+    layer, Inductor, every linear compressed, the fused loss, a length that changes each step; then a
+    memory target the blocks meet by recomputing, which changes no bit of any step."""
+    opts = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
+    free, rep = _train_regional(arch, opts)
+    target = int(rep.bytes_after * 0.92)
+    planned, rep_planned = _train_regional(arch, {**opts, "memory_target": target, "plan": {"offload": False}})
+    blocks = [g for g in rep_planned.graphs if g.served]
+    assert blocks and rep_planned.passes["memory_plan"]["counters"]["recompute"] > 0
+    assert sum(g.bytes_after * rep_planned.runs(g) for g in blocks) <= target
+    assert rep.passes["activation_compression"]["rewritten"] and rep.passes["cross_entropy"]["losses"]
+    for (loss, grads), (loss_p, grads_p) in zip(free, planned):
+        assert torch.isfinite(loss) and torch.equal(loss, loss_p)
+        assert grads.keys() == grads_p.keys()
+        for name in grads:
+            assert torch.equal(grads[name], grads_p[name]), name

@@ -214,6 +214,62 @@ def test_inference_graph_is_reported_and_untouched():
     assert memcompile.report().inference
 
 
+def test_graph_breaks_count_every_graph_as_often_as_it_runs():
+    """A graph break before every decoder layer: Dynamo compiles the layers' frame once per layer (and
+    the rest around them). The step's report counts each graph as many times as it ran in the step,
+    so its total stays near the unbroken model's (it was about a layer's worth when each frame counted
+    once); an evaluation under no_grad afterwards does not replace the training step."""
+    def saved_after(breaks: bool, layers: int = 3):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        model = models.tiny_lora_llama(layers=layers)
+        if breaks:
+            for layer in model.base_model.model.model.layers:
+                layer.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+        compiled = torch.compile(model, backend="memtrain", options={"activation": "velora", "compiler": "aot_eager"})
+        for seed in (0, 1):
+            ids = models.batch(seed=seed)
+            compiled(input_ids=ids, labels=ids).loss.backward()
+        rep = memcompile.report()
+        with torch.no_grad():
+            compiled(input_ids=ids)
+        assert memcompile.report().bytes_after == rep.bytes_after and not memcompile.report().inference
+        return rep
+
+    whole = saved_after(breaks=False)
+    split = saved_after(breaks=True)
+    assert len(whole.graphs) == 1 and len(split.graphs) > 3
+    frames = {}
+    for g in split.graphs:
+        frames[g.frame_id] = frames.get(g.frame_id, 0) + split.runs(g)
+    assert 3 in frames.values()  # the layers' frame: 3 runs a step, however many graphs it compiled
+    once_per_frame = sum({g.frame_id: g.bytes_after for g in split.graphs}.values())
+    assert once_per_frame < 0.6 * whole.bytes_after  # what counting each frame's latest graph once gave
+    assert 0.85 * whole.bytes_after <= split.bytes_after <= whole.bytes_after
+
+
+def test_a_graph_that_runs_once_per_layer_counts_once_per_layer():
+    """A break at the top of a block's forward: Dynamo compiles the rest of the block once and runs it
+    for every block; the step's report counts it three times and says so."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return x + self.b(torch.relu(self.a(x)))
+
+    blocks = torch.nn.Sequential(Block(), Block(), Block())
+    compiled = torch.compile(blocks, backend="memtrain", options={"compiler": "aot_eager"})
+    for _ in range(3):
+        compiled(torch.randn(4, 16)).sum().backward()
+    rep = memcompile.report()
+    relu = 4 * 32 * 4  # each block saves its relu output
+    assert sum(rep.runs(g) for g in rep.graphs) == 3 and rep.bytes_after == 3 * relu
+    assert any(rep.runs(g) > 1 for g in rep.graphs) == ("times a step" in str(rep))
+
+
 def test_unknown_backend_arguments_are_errors():
     with pytest.raises(ValueError, match="not mode"):
         memcompile.memtrain(None, [], mode="max-autotune")
