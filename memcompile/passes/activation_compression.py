@@ -173,7 +173,8 @@ def _warn_about_silent_skips(config: MemtrainConfig, method: CompressionMethod, 
         warnings.warn("memtrain: activation compression leaves the layers inside activation-checkpointed "
                       "regions exact (gradient checkpointing recomputes their inputs instead of saving them, so "
                       "compressing them saves nothing); memcompile.report() lists them. To compress them, turn "
-                      "checkpointing off (model.gradient_checkpointing_disable()) and use recompute_budget",
+                      "checkpointing off (model.gradient_checkpointing_disable()) and set memory_target to bound what "
+                      "the step keeps",
                       stacklevel=2)
     message = method.skip_warning(getattr(config, method.name), unfit) if unfit and method.skip_warning else None
     if message:
