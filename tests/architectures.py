@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import os
+import sys
 import time
 import warnings
 
@@ -168,6 +169,67 @@ def linear_names(model: torch.nn.Module) -> list[str]:
             if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head and "lm_head" not in n]
 
 
+def train_regional(arch: str, options: dict, lengths=(12, 16, 20)):
+    """``prepare`` (NF4 base, adapters' matmuls in bf16) on a bf16 model, ``compile_blocks`` under
+    Inductor, one step per length (SGD between): each step's loss and gradients, and the report."""
+    import memcompile
+
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    memcompile.activation_state.reset()
+    model = build(arch).to(torch.bfloat16)
+    names = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
+    torch.manual_seed(0)
+    model = memcompile.prepare(model, {"lora": {"r_max": 4, "targets": names, "compute_dtype": "input"}})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    memcompile.compile_blocks(model, options)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    steps = []
+    for i, length in enumerate(lengths):
+        ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(i))
+        opt.zero_grad(set_to_none=True)
+        with _quiet():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        opt.step()
+    return steps, memcompile.report()
+
+
+USERS_PATH_OPTIONS = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
+
+
+def users_path(model_type: str) -> str:
+    """One row of the users'-path sweep (``--users-path``): ``train_regional`` without a target, then
+    with ``memory_target`` at half the saved bytes (offload allowed, on CPU plain copies) and at 0.92 of
+    them (recompute only); each planned run's decisions and its largest difference from the unplanned
+    run (loss, or a gradient's norm, relative), per step."""
+    free, rep = train_regional(model_type, USERS_PATH_OPTIONS)
+    before = rep.bytes_after
+    cells = [f"{before / 1024:.1f} KiB"]
+    for fraction, plan in ((0.5, {"offload": True}), (0.92, {"offload": False})):
+        try:
+            planned, rep_planned = train_regional(
+                model_type, {**USERS_PATH_OPTIONS, "memory_target": int(before * fraction), "plan": plan})
+        except Exception as e:  # noqa: BLE001
+            reason = _first_line(e)
+            cells.append("refused: " + reason[reason.find("smallest"):] if "cannot be met" in reason else f"error: {reason}")
+            continue
+        counters = rep_planned.passes["memory_plan"]["counters"]
+        worst = []
+        for (loss, grads), (loss_p, grads_p) in zip(free, planned):
+            diffs = [(loss - loss_p).abs().item() / loss.abs().item()]
+            diffs += [((grads[n].float() - grads_p[n].float()).norm() / grads[n].float().norm().clamp_min(1e-12)).item()
+                      for n in grads]
+            worst.append(f"{max(diffs):.2g}")
+        cells.append(f"{rep_planned.bytes_after / 1024:.1f} KiB: recompute {counters['recompute']}, offload "
+                     f"{counters['offload']}; {' / '.join(worst)}")
+    return " | ".join(cells)
+
+
 def write_doc(path: str, results: dict[str, str] | None = None, seconds: float | None = None,
               note: str | None = None) -> None:
     """``docs/architectures.md``: each architecture, swept or skipped and why."""
@@ -213,11 +275,26 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "architectures.md"))
     parser.add_argument("--log", help="results of an earlier sweep (MEMTRAIN_SWEEP_LOG) instead of --run")
     parser.add_argument("--note", help="where the results come from, when not from one --run")
+    parser.add_argument("--users-path", metavar="TYPES",
+                        help="comma list: the path users run (prepare, bf16, compile_blocks, Inductor, changing "
+                             "lengths) with and without memory_target; prints a table, writes nothing")
     args = parser.parse_args()
+    if args.users_path:
+        print("| model_type | saved, no target | 0.5 target, offload allowed (worst diff per step) | "
+              "0.92 target, recompute only (worst diff per step) |")
+        print("| --- | --- | --- | --- |")
+        for model_type in args.users_path.split(","):
+            start = time.time()
+            try:
+                row = users_path(model_type)
+            except Skip as e:
+                row = f"skipped: {e} | | "
+            print(f"| {model_type} | {row} |", flush=True)
+            print(f"  ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        return
     results, seconds, log = None, None, args.log
     if args.run:
         import subprocess
-        import sys
 
         log = log or os.path.join(os.path.dirname(args.out), "architectures.jsonl")
         if os.path.exists(log):

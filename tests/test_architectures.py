@@ -130,33 +130,6 @@ def test_torch_aot_eager_still_fails(arch):
         torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
 
 
-def _train_regional(arch: str, options: dict, lengths=(12, 16, 20)):
-    """``prepare`` (NF4 base, adapters' matmuls in bf16) on a bf16 model, ``compile_blocks`` under
-    Inductor, one step per length (SGD between): each step's loss and gradients, and the report."""
-    torch.compiler.reset()
-    memcompile.clear_reports()
-    memcompile.activation_state.reset()
-    model = architectures.build(arch).to(torch.bfloat16)
-    names = sorted({n.rsplit(".", 1)[-1] for n in architectures.linear_names(model)})
-    torch.manual_seed(0)
-    model = memcompile.prepare(model, {"lora": {"r_max": 4, "targets": names, "compute_dtype": "input"}})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(std=0.05)
-    memcompile.compile_blocks(model, options)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    steps = []
-    for i, length in enumerate(lengths):
-        ids = torch.randint(3, architectures.VOCAB, (2, length), generator=torch.Generator().manual_seed(i))
-        opt.zero_grad(set_to_none=True)
-        with architectures._quiet():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        opt.step()
-    return steps, memcompile.report()
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
@@ -165,9 +138,9 @@ def test_the_users_path_with_a_memory_target(arch):
     layer, Inductor, every linear compressed, the fused loss, a length that changes each step; then a
     memory target the blocks meet by recomputing, which changes no bit of any step."""
     opts = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
-    free, rep = _train_regional(arch, opts)
+    free, rep = architectures.train_regional(arch, opts)
     target = int(rep.bytes_after * 0.92)
-    planned, rep_planned = _train_regional(arch, {**opts, "memory_target": target, "plan": {"offload": False}})
+    planned, rep_planned = architectures.train_regional(arch, {**opts, "memory_target": target, "plan": {"offload": False}})
     blocks = [g for g in rep_planned.graphs if g.served]
     assert blocks and rep_planned.passes["memory_plan"]["counters"]["recompute"] > 0
     assert sum(g.bytes_after * rep_planned.runs(g) for g in blocks) <= target
