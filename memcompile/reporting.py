@@ -277,6 +277,15 @@ class StepReport:
         if before is not None:
             lines.append(f"  saved activations per step: {fmt_bytes(before)} -> {fmt_bytes(after)}; predicted saving "
                          f"{fmt_bytes(self.predicted_saving)}, measured {fmt_bytes(before - after)}")
+        planned = [g for g in self.graphs if "memory_plan" in g.passes and not g.inference]
+        if planned:
+            target = max(g.passes["memory_plan"].counters["target"] * g.calls_per_step for g in planned)
+            held = "within it" if after <= target else "over it"
+            alone = sum(not g.served for g in planned)
+            how = (f"graph breaks split it into {alone} graphs, each planned against the whole target" if alone > 1
+                   else "the compiled blocks share it, the loss graph is not planned" if alone < len(planned)
+                   else "one planned graph")
+            lines.append(f"  memory_target {fmt_bytes(target)}: the step keeps {fmt_bytes(after)}, {held}; {how}")
         for g in self.graphs:
             lines.append("")
             lines.append(str(g))

@@ -98,6 +98,12 @@ class Choice:
 class MemoryPlan(PassResult):
     listed_as = "plan"
 
+    def merged(self, other: PassResult) -> PassResult:
+        # Graphs of one step each hold the same target (a block its share): the target is not a sum.
+        out = super().merged(other)
+        out.counters["target"] = max(self.counters["target"], other.counters["target"])
+        return out
+
     @property
     def predicted_saving(self) -> int:
         return self.counters["before"] - self.counters["after"]

@@ -10,6 +10,7 @@ import torch.fx as fx
 import memcompile
 from memcompile import activation_state
 from memcompile.ops import memtrain
+from memcompile.reporting import fmt_bytes
 from tests import models
 
 
@@ -273,6 +274,8 @@ def test_regional_blocks_share_the_target_exactly():
     planned = run({**BASE, "memory_target": target, "plan": {"offload": True}})
     assert 0 < blocks(planned[2]) <= target
     assert "memory_plan" not in next(g for g in planned[2].graphs if not g.served).passes  # the loss graph
+    assert planned[2].passes["memory_plan"]["counters"]["target"] == target // 3  # a layer's share, not a sum
+    assert f"memory_target {fmt_bytes(target)}: the step keeps" in str(planned[2])
     _assert_exact(planned, free)
 
 
@@ -691,4 +694,7 @@ def test_a_graph_break_is_warned_each_graph_holds_the_target():
     assert planned_warnings(graph_break=False) == []
     split = planned_warnings(graph_break=True)
     assert split and "graph breaks" in split[0] and "compile_blocks" in split[0]
-    assert len(memcompile.report().graphs) > 1
+    rep = memcompile.report()
+    assert len(rep.graphs) > 1 and rep.passes["memory_plan"]["counters"]["target"] == 60_000
+    held = "within it" if rep.bytes_after <= 60_000 else "over it"
+    assert f"the step keeps {fmt_bytes(rep.bytes_after)}, {held}; graph breaks split it into" in str(rep)
