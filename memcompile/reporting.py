@@ -2,8 +2,8 @@
 
 ``memcompile.report()`` returns what a training step's graphs did together (every graph of a model
 split by graph breaks, each as many times as it runs in a step; a compiled block once per layer it
-serves); ``memcompile.reports()`` every graph's own report. ``str(report)`` is a table for people; the fields are
-for code.
+serves); ``memcompile.reports()`` every graph's own report. ``str(report)`` is a table for people;
+the fields are for code.
 """
 from __future__ import annotations
 
@@ -212,13 +212,12 @@ def new_report(**kw) -> GraphReport:
 
 @dataclass
 class StepReport:
-    """What one training step's graphs did together: the latest training graph of every compiled frame
-    (a graph break splits a model into several), each weighed by how many times it runs in a step.
-    Same fields as a graph's report, summed."""
+    """What one training step's graphs did together (``report()``), each weighed by how many times it
+    runs in the step. Same fields as a graph's report, summed."""
 
     graphs: list[GraphReport]
-    # graph_id -> runs per step: a compiled block once per layer it serves; another graph as measured,
-    # its frame's runs over those of the step's first frame (which runs once a step).
+    # graph_id -> runs in the step, as measured (``count_runs``); a compiled block, absent here, counts
+    # once per layer it serves.
     runs_per_step: dict[int, int] = field(default_factory=dict)
 
     def runs(self, g: GraphReport) -> int:
@@ -314,7 +313,11 @@ def report() -> StepReport | None:
         latest[_frame(rep)] = rep
     if step == 0:
         return StepReport(sorted(latest.values(), key=lambda r: r.graph_id)) if latest else None
-    blocks = {id(g) for g in latest.values() if g.served}
+    trained: dict = {}  # a block's latest training graph: an evaluation compiles the block again
+    for rep in reps:
+        if rep.served and not rep.inference:
+            trained[_frame(rep)] = rep
+    blocks = {id(g) for g in trained.values()}
     graphs = [g for g in reps if id(g) in blocks or (not g.served and g.step == step)]
     return StepReport(graphs, {g.graph_id: g.step_runs for g in graphs if not g.served})
 

@@ -207,6 +207,22 @@ def test_checkpoint_mid_run_resumes_with_the_same_losses_in_a_fresh_process(tmp_
     assert got == expected
 
 
+def test_an_evaluation_does_not_replace_the_training_step_in_the_report():
+    """Evaluating under no_grad compiles the block and the loss again, as inference graphs; the report
+    still shows the training step."""
+    model = models.tiny_lora_llama(layers=3)
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})
+    ids = models.batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = memcompile.report()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    assert any(r.inference for r in memcompile.reports())
+    rep = memcompile.report()
+    assert not rep.inference and rep.bytes_after == trained.bytes_after > 0
+    assert [len(g.served) for g in rep.graphs if g.served] == [3]
+
+
 def test_compile_blocks_needs_repeated_blocks():
     with pytest.raises(ValueError, match="no nn.ModuleList of repeated blocks"):
         memcompile.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"compiler": "aot_eager"})
