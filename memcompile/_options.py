@@ -42,6 +42,14 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+def _whole_bytes(key: str, value: Any, amount: float) -> int:
+    # A value under a byte is a fraction written without a unit (0.5 meaning half), not a size.
+    if amount < 1:
+        fail(key, value, "at least one byte: a size such as '4.5GiB' or '800MB' (a bare number is bytes; for a "
+             "fraction of the saved bytes, recompute_budget takes one)")
+    return int(amount)
+
+
 def byte_size(key: str, value: Any) -> int | None:
     """Bytes from an int or a string such as ``"4.5GiB"``, ``"800 MB"``; ``None`` stays ``None``."""
     if value is None:
@@ -51,7 +59,7 @@ def byte_size(key: str, value: Any) -> int | None:
     if isinstance(value, (int, float)):
         if value <= 0:
             fail(key, value, "a positive number of bytes")
-        return int(value)
+        return _whole_bytes(key, value, value)
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -61,6 +69,6 @@ def byte_size(key: str, value: Any) -> int | None:
         except ValueError:
             amount = -1.0
         if unit in _UNITS and amount > 0:
-            return int(amount * _UNITS[unit])
+            return _whole_bytes(key, value, amount * _UNITS[unit])
     fail(key, value, "bytes as an int, or a string such as '4.5GiB' or '800MB' (units: B, KB, MB, GB, KiB, MiB, "
          "GiB)")

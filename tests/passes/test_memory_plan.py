@@ -229,6 +229,9 @@ def test_options_are_checked():
         memcompile.MemtrainConfig(memory_target="1GiB", recompute_budget=0.2)
     assert memcompile.MemtrainConfig(memory_target="4.5GiB").memory_target == int(4.5 * 2**30)
     assert memcompile.MemtrainConfig(memory_target="800MB").memory_target == 800 * 10**6
+    for fraction in (0.5, "0.5"):  # a fraction written without a unit is refused, not read as 0 bytes
+        with pytest.raises(ValueError, match="at least one byte.*recompute_budget"):
+            memcompile.MemtrainConfig(memory_target=fraction)
     assert memtrain.offload.default is not None
 
 
