@@ -255,3 +255,16 @@ def test_the_compile_time_table_shows_each_variant():
     assert table[2] == "| whole | tinyllama 4 x 2048, bf16 | 4.1 | 88.0 | 92.1 | 0.18 | 7,953,219,588 |"
     assert table[3].startswith("| regional | error: CUDA out of memory")
     assert gpu_report.compile_time_table({"compile_time": []}) == []
+
+
+def test_the_train_table_shows_the_peak_after_the_first_step_where_recorded():
+    """The first step also compiles; a run that recorded the later steps' peak shows it beside the peak."""
+    row = {"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 9.41, "peak_later_gib": 8.9,
+           "tok_per_s": 45259.0, "compile_s": 15.6, "model": "tinyllama", "seq": 2048, "batch": 4}
+    run = {"train": [row], "estimate": [{"setup": "memtrain_all", "status": "ok", "peak_gib": 8.81}]}
+    table = gpu_report.train_table(run)
+    assert "| peak GiB | after the 1st step GiB | est. peak GiB |" in table[0]
+    assert table[2].startswith("| memtrain_all_regional | ok | 9.41 | 8.90 | 8.81 | -6 % | 45,259 | 15.6 |")
+    assert len({line.count("|") for line in table}) == 1
+    without = gpu_report.train_table({"train": [{**row, "peak_later_gib": None}], "estimate": run["estimate"]})
+    assert "after the 1st step" not in without[0] and without[2].startswith("| memtrain_all_regional | ok | 9.41 | 8.81 |")

@@ -132,9 +132,12 @@ def _pct(value, ref) -> str:
 
 def train_table(run: dict, key: str = "train") -> list[str]:
     estimates = {r["setup"]: r for r in run["estimate"] if r.get("status") == "ok"}
-    rows = ["| setup | status | peak GiB | est. peak GiB | estimate vs measured | tok/s | 1st step s | "
-            "H100 anchor GiB | H100 anchor tok/s | peak vs anchor | speed vs anchor |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    # The peak after the first step (which also compiles): from runs that recorded it.
+    later = any(r.get("peak_later_gib") is not None for r in run[key])
+    head = ["setup", "status", "peak GiB", *(["after the 1st step GiB"] if later else []), "est. peak GiB",
+            "estimate vs measured", "tok/s", "1st step s", "H100 anchor GiB", "H100 anchor tok/s", "peak vs anchor",
+            "speed vs anchor"]
+    rows = ["| " + " | ".join(head) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]
     for r in run[key]:
         ok = r.get("status") == "ok"
         # A regional setup is estimated by its whole-model twin (the meta device cannot run it yet).
@@ -143,14 +146,16 @@ def train_table(run: dict, key: str = "train") -> list[str]:
         a = a or {}
         peak, tok = (r.get("peak_gib"), r.get("tok_per_s")) if ok else (None, None)
         status = r["status"] if len(r["status"]) <= 60 else r["status"][:57] + "..."
-        rows.append(f"| {r['setup']} | {status} | {_num(peak)} | {_num(est)} | {_pct(est, peak)} | {_num(tok, 0)} | "
-                    f"{_num(r.get('compile_s') if ok else None, 1)} | {_num(a.get('peak_gib'))} | "
-                    f"{_num(a.get('tok_per_s'), 0)} | {_pct(peak, a.get('peak_gib'))} | "
-                    f"{_pct(tok, a.get('tok_per_s'))} |")
+        cells = [r["setup"], status, _num(peak), *([_num(r.get("peak_later_gib") if ok else None)] if later else []),
+                 _num(est), _pct(est, peak), _num(tok, 0), _num(r.get("compile_s") if ok else None, 1),
+                 _num(a.get("peak_gib")), _num(a.get("tok_per_s"), 0), _pct(peak, a.get("peak_gib")),
+                 _pct(tok, a.get("tok_per_s"))]
+        rows.append("| " + " | ".join(cells) + " |")
     measured = {r["setup"] for r in run[key]}
     for name, e in estimates.items() if key == "train" else ():  # estimated beside the run, not measured in it
         if name not in measured:
-            rows.append(f"| {name} | estimated only | | {_num(e.get('peak_gib'))} | | | | | | | |")
+            cells = [name, "estimated only", "", *([""] if later else []), _num(e.get("peak_gib"))]
+            rows.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
     return rows
 
 

@@ -66,6 +66,7 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
     graphs_before = tc.dynamo_graph_count()
     lengths = torch.Generator().manual_seed(opts.seed + 1)
     tokens: list[int] = []
+    peak_first = None
     with built.context:
         for i in range(total):
             progress(f"step {i + 1}/{total}" + (" (compiling)" if i == 0 and setup.compiled else ""))
@@ -78,7 +79,12 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
             losses.append(loss.item())
             if i == 0:
                 compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
-        peak = measure.peak_gib(device)  # read before the counting forward below can add to it
+                # The first step also compiles (and autotunes on real buffers): its peak apart from the rest.
+                peak_first = measure.peak_gib(device)
+                measure.reset_peak(device)
+        # Read before the counting forward below can add to it.
+        peak_later = measure.peak_gib(device) if total > 1 else None
+        peak = max((p for p in (peak_first, peak_later) if p is not None), default=None)
         top = busy_ms = None
         at_peak: dict = {}
         if job.get("profile"):  # more steps, after the measured ones, so the profiler changes none of them
@@ -104,6 +110,8 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         device=device.type, dtype=str(dtype).removeprefix("torch."), compiler=built.compiler, model=opts.model,
         seq=opts.seq, batch=opts.batch, warmup=warmup, steps=job["steps"],
         peak_gib=None if peak is None else round(peak, 3),
+        peak_first_gib=None if peak_first is None else round(peak_first, 3),
+        peak_later_gib=None if peak_later is None else round(peak_later, 3),
         model_state_gib=None if state_gib is None else round(state_gib, 3),
         min_seq=opts.min_seq, graphs=graphs,
         step_s=round(step_s, 4), tok_per_s=round(tok_per_s, 1), compile_s=round(times[0], 2),
