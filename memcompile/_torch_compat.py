@@ -30,6 +30,7 @@ __all__ = [
     "compile_fx",
     "default_partition",
     "fake_mode_of",
+    "foreach_copy_",
     "get_hash_for_files",
     "inductor_decompositions",
     "inductor_partition",
@@ -58,6 +59,11 @@ def partitioner_tag(node: torch.fx.Node) -> str | None:
 # Dynamo's and ``torch.fx.symbolic_trace``'s graphs, ``aten.linear`` in ``torch.export``'s. Each takes
 # ``(input, weight, bias=None)``; ``memcompile.passes._graph.linear_args`` reads them.
 LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
+def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for each pair, as a few multi-tensor kernels instead of one launch per pair."""
+    torch._foreach_copy_(dst, src)
 
 
 def must_save(node: torch.fx.Node) -> None:

@@ -87,16 +87,15 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def set_rank(self, b: int) -> None:
         """Use the first ``b`` adapter features (``1 <= b <= r_max``); updates buffers in place."""
-        check_rank(b, self.r_max)
+        _set_ranks([self], b)
+
+    def _masks(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lora_mask`` and ``lora_mask_frozen`` at rank ``b``."""
         idx = torch.arange(self.r_max, device=self.lora_mask.device)
         scale = self.alpha / b
         if self.frozen:
-            self.lora_mask.copy_((idx == b - 1) * scale)
-            self.lora_mask_frozen.copy_((idx < b - 1) * scale)
-        else:
-            self.lora_mask.copy_((idx < b) * scale)
-            self.lora_mask_frozen.zero_()
-        self.lora_rank.fill_(b)
+            return (idx == b - 1) * scale, (idx < b - 1) * scale
+        return (idx < b) * scale, torch.zeros(self.r_max, device=idx.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -163,9 +162,26 @@ def set_rank(model: nn.Module, b: int) -> None:
     layers = [m for _, m in lora_layers(model)]
     if not layers:
         raise ValueError("the model has no memcompile LoRA layers; call memcompile.prepare first")
-    check_rank(b, min(m.r_max for m in layers))
+    _set_ranks(layers, b)
+
+
+@torch.no_grad()
+def _set_ranks(layers: list[LoRALinear], b: int) -> None:
+    """Rank ``b`` on every layer: the masks are built once per kind of layer and copied into every
+    layer's buffers with multi-tensor copies. Set layer by layer, a step of a 22-layer model launched
+    about 900 tiny kernels before its forward, which a step that waits on the host pays for."""
+    from memcompile import _torch_compat as tc
+
+    groups: dict[tuple, list[LoRALinear]] = {}
     for m in layers:
-        m.set_rank(b)
+        check_rank(b, m.r_max)
+        groups.setdefault((m.r_max, m.alpha, m.frozen, m.lora_mask.device, m.lora_mask.dtype), []).append(m)
+    for ms in groups.values():
+        # In the buffers' dtype (a model cast to bf16 casts them too), so the copies take the fast path.
+        mask, frozen = (t.to(ms[0].lora_mask.dtype) for t in ms[0]._masks(b))
+        rank = torch.tensor(b, dtype=torch.int64, device=mask.device)
+        tc.foreach_copy_([m.lora_mask for m in ms] + [m.lora_mask_frozen for m in ms] + [m.lora_rank for m in ms],
+                         [mask] * len(ms) + [frozen] * len(ms) + [rank] * len(ms))
 
 
 def get_rank(model: nn.Module) -> int:
@@ -212,8 +228,7 @@ class RankSampler:
     def step(self) -> int:
         """Draw a rank, set it on every layer, return it."""
         self.rank = self.sample()
-        for m in self.layers:
-            m.set_rank(self.rank)
+        _set_ranks(self.layers, self.rank)
         return self.rank
 
     def state_dict(self) -> dict:
@@ -222,8 +237,7 @@ class RankSampler:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.rank = state["rank"]
-        for m in self.layers:
-            m.set_rank(self.rank)
+        _set_ranks(self.layers, self.rank)
 
     def trainer_callback(self):
         """A ``transformers.TrainerCallback`` that calls ``step()`` at the start of every optimizer step,

@@ -146,6 +146,25 @@ def test_rank_validation():
     assert {RankSampler(fixed).step() for _ in range(5)} == {R_MAX}
 
 
+def test_set_rank_writes_every_layers_masks():
+    """The masks DyLoRA's formula gives at rank b, in each layer's own buffers and dtype, for layers of
+    different kinds in one model (set together, with multi-tensor copies)."""
+    model = prepare(models.tiny_llama(), _cfg())
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    odd = layers[1]
+    odd.alpha, odd.frozen = 3.0, True  # another kind of layer: its own masks
+    layers[2].to(torch.bfloat16)  # a cast layer: its buffers in bf16
+    for b in (1, 3, R_MAX):
+        set_rank(model, b)
+        for m in layers:
+            idx = torch.arange(R_MAX)
+            want = (idx == b - 1) * (m.alpha / b) if m.frozen else (idx < b) * (m.alpha / b)
+            want_frozen = (idx < b - 1) * (m.alpha / b) if m.frozen else torch.zeros(R_MAX)
+            assert torch.equal(m.lora_mask, want.to(m.lora_mask.dtype)) and m.rank == b
+            assert torch.equal(m.lora_mask_frozen, want_frozen.to(m.lora_mask_frozen.dtype))
+    assert layers[2].lora_mask.dtype == torch.bfloat16
+
+
 def _counting(backend_name):
     calls = []
 
