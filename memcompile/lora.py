@@ -170,18 +170,24 @@ def _set_ranks(layers: list[LoRALinear], b: int) -> None:
     """Rank ``b`` on every layer: the masks are built once per kind of layer and copied into every
     layer's buffers with multi-tensor copies. Set layer by layer, a step of a 22-layer model launched
     about 900 tiny kernels before its forward, which a step that waits on the host pays for."""
-    from memcompile import _torch_compat as tc
-
     groups: dict[tuple, list[LoRALinear]] = {}
     for m in layers:
         check_rank(b, m.r_max)
         groups.setdefault((m.r_max, m.alpha, m.frozen, m.lora_mask.device, m.lora_mask.dtype), []).append(m)
+    dst, src = [], []
     for ms in groups.values():
         # In the buffers' dtype (a model cast to bf16 casts them too), so the copies take the fast path.
         mask, frozen = (t.to(ms[0].lora_mask.dtype) for t in ms[0]._masks(b))
         rank = torch.tensor(b, dtype=torch.int64, device=mask.device)
-        tc.foreach_copy_([m.lora_mask for m in ms] + [m.lora_mask_frozen for m in ms] + [m.lora_rank for m in ms],
-                         [mask] * len(ms) + [frozen] * len(ms) + [rank] * len(ms))
+        dst += [m.lora_mask for m in ms] + [m.lora_mask_frozen for m in ms] + [m.lora_rank for m in ms]
+        src += [mask] * len(ms) + [frozen] * len(ms) + [rank] * len(ms)
+    if len(layers) == 1:  # one layer (its constructor, or a caller's): plain copies, no compat import
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        return
+    from memcompile import _torch_compat as tc
+
+    tc.foreach_copy_(dst, src)
 
 
 def get_rank(model: nn.Module) -> int:
