@@ -5,6 +5,7 @@ touches one file. Checked on torch 2.11 and 2.13 (see the design notes).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -89,6 +90,23 @@ def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
         if isinstance(val, FakeTensor):
             return val.fake_mode
     raise ValueError("graph has no FakeTensor metadata; trace it with make_fx or AOTAutograd first")
+
+
+def partitioner_configs() -> Callable[[], contextlib.AbstractContextManager]:
+    """The configs a partitioner reads (functorch's and Inductor's), as they are now: a context
+    manager factory that restores them, for a partition run after the compile that set them."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    saved = functorch_config.get_config_copy(), inductor_config.get_config_copy()
+
+    def restored() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(functorch_config.patch(saved[0]))
+        stack.enter_context(inductor_config.patch(saved[1]))
+        return stack
+
+    return restored
 
 
 def inductor_decompositions() -> dict:
@@ -239,3 +257,20 @@ def inductor_partition(partitioner: CustomPartitionerFn) -> Callable:
             return inductor_compile_fx.partition_fn(gm, joint_inputs, **kwargs)
 
     return partition
+
+
+def compile_phase(key: str):
+    """Times a stage of memtrain's compile under ``key`` with Dynamo's own timers, so it shows in
+    ``compile_phase_seconds()``, ``TORCH_LOGS`` compile-time summaries and chromium traces beside
+    Dynamo's and Inductor's stages."""
+    from torch._dynamo.utils import dynamo_timed
+
+    return dynamo_timed(key)
+
+
+def compile_phase_seconds() -> dict[str, float]:
+    """Seconds spent so far in this process in each timed stage of compilation (Dynamo's, AOTAutograd's,
+    Inductor's and memtrain's), summed over calls. Nested stages are inside their parents' sums."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {key: float(sum(times)) for key, times in compilation_time_metrics.items()}

@@ -90,8 +90,10 @@ def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ``torch.compile`` instead: parameters created inside a backend would be invisible to the optimizer.
     """
     ctx.dump("dynamo", gm)
-    ctx.report.quantized_layers = quantized_layers_in(gm, ctx.input_names)
-    if _run(PRE_AOT, gm, ctx):
+    with tc.compile_phase("memtrain.pre_aot"):
+        ctx.report.quantized_layers = quantized_layers_in(gm, ctx.input_names)
+        ran = _run(PRE_AOT, gm, ctx)
+    if ran:
         ctx.dump("dynamo_after", gm)
     return gm
 
@@ -174,12 +176,14 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_f
     base = _base_partition(ctx.config)
     kw.pop("compiler", None)
     if ctx.config.report:
-        untouched = fx.GraphModule(joint, joint.graph.__deepcopy__())  # deepcopy of the module fails on fake constants
-        fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-        ctx.report.saved_before = report_mod.saved_tensors(fw_before, num_fwd_outputs, ctx.inputs_from_frame)
-    joint_passes(joint, ctx)
-    fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-    _run(PARTITIONED, memory_plan.Partitioned(fw, bw, num_fwd_outputs), ctx)
+        with tc.compile_phase("memtrain.report_copy"):
+            ctx.report.defer_saved_before(_partition_later(joint, joint_inputs, base, ctx, num_fwd_outputs, kw))
+    with tc.compile_phase("memtrain.joint_passes"):
+        joint_passes(joint, ctx)
+    with tc.compile_phase("memtrain.partition"):
+        fw, bw = base(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+    with tc.compile_phase("memtrain.partitioned_passes"):
+        _run(PARTITIONED, memory_plan.Partitioned(fw, bw, num_fwd_outputs), ctx)
     # What the step pays for what it does not keep, at the cost model's rates (report, estimate).
     ctx.report.overhead_seconds = (memory_plan.backward_recompute_seconds(bw, ctx.config.plan)
                                    + memory_plan.transfer_seconds(ctx.report.passes.get(memory_plan.NAME)))
@@ -187,6 +191,22 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_f
     ctx.dump("forward", fw)
     ctx.dump("backward", bw)
     return fw, bw
+
+
+def _partition_later(joint: fx.GraphModule, joint_inputs, base: Callable, ctx: CompileContext, num_fwd_outputs: int,
+                     kw: dict) -> Callable[[], list]:
+    """The report's "before": what ``base`` saves of the joint graph as it is now, untouched by the
+    passes. Only the graph is copied here; the partition itself runs when the report is first read,
+    under the fake mode and the partitioner's configs of this compile."""
+    untouched = fx.GraphModule(joint, joint.graph.__deepcopy__())  # deepcopy of the module fails on fake constants
+    fake_mode, configs, inputs_from_frame = tc.fake_mode_of(joint.graph), tc.partitioner_configs(), ctx.inputs_from_frame
+
+    def before() -> list:
+        with tc.compile_phase("memtrain.report_before"), configs(), fake_mode:
+            fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+        return report_mod.saved_tensors(fw_before, num_fwd_outputs, inputs_from_frame)
+
+    return before
 
 
 class _Partitioner(tc.CustomPartitionerFn):
@@ -259,6 +279,6 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: Compile
     # matters. Inductor's own FX-graph cache, after partitioning, stays on.
     with tc.autograd_cache_disabled(ctx.config.report or ctx.config.activation != "none"):
         compiled = tc.compile_fx(gm, example_inputs, config_patches=patches)
-    if ctx.report.saved_before is None and not ctx.report.saved_after:
+    if not ctx.report.has_saved_before and not ctx.report.saved_after:
         ctx.report.inference = not torch.is_grad_enabled()
     return compiled

@@ -8,6 +8,7 @@ the fields are for code.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ import torch
 import torch.fx as fx
 
 from memcompile.passes.base import PassResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,6 @@ class GraphReport:
     compiler: str
     partitioner: str
     activation: str
-    saved_before: list[SavedTensor] | None = None  # same partitioner without the passes
     saved_after: list[SavedTensor] = field(default_factory=list)
     passes: dict[str, PassResult] = field(default_factory=dict)  # by pass name, in the order they ran
     quantized_layers: list[dict] = field(default_factory=list)
@@ -52,6 +54,35 @@ class GraphReport:
     # Runs of the compiled forward in step ``step`` (``count_runs``).
     step: int = 0
     step_runs: int = 0
+    # What the same partitioner saves without the passes: computed when first read (``saved_before``).
+    _saved_before: list[SavedTensor] | None = field(default=None, repr=False)
+    _before_fn: Callable[[], list[SavedTensor]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def saved_before(self) -> list[SavedTensor] | None:
+        """What the forward would save without memtrain's passes (same partitioner, untouched graph);
+        None with ``report=False``. Partitioned when first read, not during the compile: that second
+        partition is a report's cost, and a user who never reads the report should not wait for it."""
+        fn, self._before_fn = self._before_fn, None
+        if fn is not None:
+            try:
+                self._saved_before = fn()
+            except Exception as e:  # a report must not stop training; say why its "before" is missing
+                log.warning("memtrain: graph %d's report could not partition the graph without the passes "
+                            "(%s: %s); its saved bytes before are unknown", self.graph_id, type(e).__name__, e)
+        return self._saved_before
+
+    @saved_before.setter
+    def saved_before(self, value: list[SavedTensor] | None) -> None:
+        self._saved_before, self._before_fn = value, None
+
+    def defer_saved_before(self, fn: Callable[[], list[SavedTensor]]) -> None:
+        """``saved_before`` will be ``fn()``, run when first read."""
+        self._saved_before, self._before_fn = None, fn
+
+    @property
+    def has_saved_before(self) -> bool:
+        return self._saved_before is not None or self._before_fn is not None
 
     @property
     def calls_per_step(self) -> int:

@@ -6,13 +6,15 @@ import torch
 from memcompile.config import LLAMA_LINEARS
 
 
-def tiny_llama(layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128, seed: int = 0):
+def tiny_llama(layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128, seed: int = 0,
+               attention_dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
-                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      attention_dropout=attention_dropout)
     return LlamaForCausalLM(cfg)
 
 

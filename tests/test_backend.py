@@ -205,6 +205,36 @@ def test_too_many_groups_is_a_logged_skip():
     assert {s["layer"] for s in skipped if "num_groups 16 > input width" in s["reason"]} == {"0", "2"}
 
 
+def test_report_partitions_the_untouched_graph_only_when_read():
+    """The report's "before" (min-cut again, on the graph without the passes) is not paid for in the
+    compile, and when read equals what the same model saves compiled without compression: under
+    Inductor, with dropout (random ops the partitioner must handle) and a dynamic length."""
+    from memcompile import _torch_compat as tc
+
+    def before_runs() -> float:
+        return tc.compile_phase_seconds().get("memtrain.report_before", 0.0)
+
+    def train(activation):
+        memcompile.clear_reports()
+        torch.manual_seed(0)
+        model = models.tiny_lora_llama(layers=1, attention_dropout=0.25)
+        compiled = torch.compile(model, backend="memtrain", dynamic=True,
+                                 options={"activation": activation, "compiler": "inductor"})
+        for t in (12, 16):
+            compiled(input_ids=models.batch(t=t), labels=models.batch(t=t)).loss.backward()
+        return memcompile.report()
+
+    spent = before_runs()
+    rep = train("velora")
+    assert before_runs() == spent  # nothing read yet: the compile did not partition twice
+    assert len(memcompile.reports()) == 1 and _groups(rep)
+    before = rep.bytes_before
+    assert before_runs() > spent
+    plain = train("none")
+    assert before == plain.bytes_after > rep.bytes_after
+    assert [t.shape for t in rep.saved_before] == [t.shape for t in plain.saved_after]
+
+
 def test_inference_graph_is_reported_and_untouched():
     model, ids = models.tiny_llama(layers=1), models.batch()
     with torch.no_grad():

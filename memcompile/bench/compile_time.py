@@ -77,8 +77,10 @@ def run_variant(args) -> dict:
         forward = torch.compile(model, backend="memtrain", options=options)
     ids = models.random_tokens(model.config.vocab_size, args.batch, args.seq, device)
     times = []
+    phases_before = tc.compile_phase_seconds()
     with measure.timed(device, times):
         forward(input_ids=ids, labels=ids).loss.backward()
+    phases = phase_breakdown(phases_before, tc.compile_phase_seconds())
     model.zero_grad(set_to_none=True)
     exclude = [*model.parameters(), *model.buffers(), ids]
     with measure.timed(device, times):
@@ -89,7 +91,14 @@ def run_variant(args) -> dict:
             "startup_s": round(startup, 2), "cold_first_step_s": round(startup + times[0], 2),
             "first_step_s": round(times[0], 2), "second_step_s": round(times[1], 3),
             "compile_s": round(times[0] - times[1], 2), "dynamo_graphs": tc.dynamo_graph_count() - graphs,
-            "saved_bytes": saved, "report_saved_bytes": memcompile.report().bytes_after}
+            "saved_bytes": saved, "report_saved_bytes": memcompile.report().bytes_after, "phases_s": phases}
+
+
+def phase_breakdown(before: dict[str, float], after: dict[str, float], at_least: float = 0.01) -> dict[str, float]:
+    """Seconds of each timed compile stage between two ``compile_phase_seconds()`` readings, largest
+    first; stages nest (Inductor's backward compile contains its code generation), so they do not sum."""
+    spent = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return {k: round(v, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= at_least}
 
 
 def main(args) -> list[dict]:

@@ -99,18 +99,16 @@ def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor],
     return total
 
 
-def memtrain_saved_bytes(first: int, last: int) -> tuple[int, int | None] | None:
-    """Saved-activation bytes of the training graphs memtrain compiled (reports ``first:last``):
-    ``(with the passes, without them)``, summed over graphs; ``None`` when none was compiled."""
+def memtrain_saved_bytes() -> tuple[int, int | None] | None:
+    """Saved-activation bytes of the latest training step's memtrain graphs, ``(with the passes,
+    without them)``, each graph weighed by its runs in the step (``memcompile.report()``); ``None``
+    when no training graph ran."""
     import memcompile
 
-    graphs = [r for r in memcompile.reports()[first:last] if not r.inference]
-    if not graphs:
+    rep = memcompile.report()
+    if rep is None or rep.inference or not rep.graphs:
         return None
-    # A compiled block counts once per layer it serves (regional compilation).
-    after = sum(r.bytes_after * r.calls_per_step for r in graphs)
-    befores = [r.bytes_before for r in graphs]
-    return after, None if None in befores else sum(b * r.calls_per_step for b, r in zip(befores, graphs))
+    return rep.bytes_after, rep.bytes_before
 
 
 def peak_gib(device: torch.device) -> float | None:

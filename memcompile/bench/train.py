@@ -27,8 +27,9 @@ GPU_DEFAULTS = dict(model="tinyllama", seq=2048, batch=4, steps=4, warmup=2)
 CPU_DEFAULTS = dict(model="tiny", seq=64, batch=2, steps=3, warmup=1)
 
 
-def _saved_activations(built, ids, first_report: int, last_report: int) -> dict:
-    """Saved-activation bytes: memtrain's own report for memtrain setups, hooks for every setup."""
+def _saved_activations(built, ids) -> dict:
+    """Saved-activation bytes: memtrain's own report for memtrain setups (of the graphs this forward
+    ran), hooks for every setup."""
     frozen = [*built.model.parameters(), *built.model.buffers(), ids]
     try:
         # device: a memory plan's host copies are not the accelerator's memory
@@ -39,8 +40,7 @@ def _saved_activations(built, ids, first_report: int, last_report: int) -> dict:
         hooks, hooks_error = None, f"{type(e).__name__}: {e}"[:160]
     row = dict(saved_bytes=hooks, saved_by="hooks" if hooks is not None else None, saved_bytes_before=None,
                saved_bytes_hooks=hooks, saved_bytes_hooks_error=hooks_error)
-    reported = (measure.memtrain_saved_bytes(first_report, last_report)
-                if built.setup.compile == "memtrain" else None)
+    reported = measure.memtrain_saved_bytes() if built.setup.compile == "memtrain" else None
     if reported is not None:
         row.update(saved_bytes=reported[0], saved_by="memtrain report", saved_bytes_before=reported[1])
     return row
@@ -48,8 +48,6 @@ def _saved_activations(built, ids, first_report: int, last_report: int) -> dict:
 
 def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
     """In the setup's own process: build, train ``warmup + steps`` steps, measure."""
-    import memcompile
-
     setup = SETUPS[job["setup"]]
     opts = Options(**job["options"])
     device = models.default_device()
@@ -62,7 +60,6 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
     warmup, total = job["warmup"], job["warmup"] + job["steps"]
     times: list[float] = []
     losses: list[float] = []
-    first_report = len(memcompile.reports())
     graphs_before = tc.dynamo_graph_count()
     lengths = torch.Generator().manual_seed(opts.seed + 1)
     tokens: list[int] = []
@@ -78,7 +75,6 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
                 loss = built.step(step_ids)
             losses.append(loss.item())
             if i == 0:
-                compiled_reports = len(memcompile.reports())  # graphs of the first step, not recompiles
                 # The first step also compiles (and autotunes on real buffers): its peak apart from the rest.
                 peak_first = measure.peak_gib(device)
                 measure.reset_peak(device)
@@ -99,7 +95,7 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
                                              os.path.join(job["profile"], f"peak-{setup.name}.txt")) or {}
         if job.get("count_saved", True):
             progress("counting saved activations")
-            saved = _saved_activations(built, ids, first_report, compiled_reports)
+            saved = _saved_activations(built, ids)
         else:  # a step at the edge of memory (max-context): one more forward could run out where the step did not
             saved = dict(saved_bytes=None, saved_by=None, saved_bytes_before=None, saved_bytes_hooks=None,
                          saved_bytes_hooks_error="not counted")
