@@ -5,8 +5,8 @@ Nothing else decides pass order; adding a pass is its file and one line here.
                                                                    partitioned passes ┘ └ compile (Inductor or Python)
 
 Ordering constraints, each stated where it binds:
-* The "before" report partitions an untouched copy of the joint graph, so it must run before any
-  joint pass changes the graph.
+* The "before" report copies the joint graph untouched (and partitions the copy when the report is
+  first read), so the copy is taken before any joint pass changes the graph.
 * Activation compression needs the forward and the backward of a layer in one graph (it rewrites the
   weight-gradient matmul of the backward to use what the forward saves), so it runs on the joint
   graph, before partitioning decides what is saved.

@@ -257,6 +257,26 @@ def test_the_compile_time_table_shows_each_variant():
     assert gpu_report.compile_time_table({"compile_time": []}) == []
 
 
+def test_the_compile_stage_table_splits_each_first_step():
+    phases = {"bytecode_tracing": 1.0, "aot_trace_joint_graph": 0.5, "aot_collect_metadata": 0.25,
+              "memtrain.joint_passes": 0.2, "memtrain.report_copy": 0.05, "memtrain.partition": 0.4,
+              "GraphLowering.run": 1.0, "GraphLowering.codegen": 2.0, "Scheduler.codegen": 1.5,
+              "async_compile.wait": 3.0, "CachingAutotuner.benchmark_all_configs": 0.6, "compile_fx_inner": 7.0}
+    rows = [{"variant": "whole", "first_step_s": 20.0, "phases_s": phases},
+            {"variant": "regional", "first_step_s": 10.0, "phases_s": {**phases, "async_compile.wait": 1.0}},
+            {"variant": "old", "first_step_s": 9.0}]  # recorded before the breakdown: left out
+    table = gpu_report.compile_stage_table({"compile_time": rows})
+    assert table[0] == "| stage | whole s | regional s |"
+    by_stage = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1:] for r in table[2:]}
+    assert by_stage["AOTAutograd's joint trace"] == ["0.75", "0.75 |"]
+    assert by_stage["memtrain's passes"] == ["0.25", "0.25 |"]
+    # Scheduler.codegen is inside GraphLowering.codegen: not counted twice
+    assert by_stage["Inductor's lowering and code generation"] == ["3.00", "3.00 |"]
+    assert by_stage["waiting for kernel builds"] == ["3.00", "1.00 |"]
+    assert by_stage["the rest (running the step, guards, eager code)"] == ["11.00", "3.00 |"]
+    assert gpu_report.compile_stage_table({"compile_time": rows[2:]}) == []
+
+
 def test_the_train_table_shows_the_peak_after_the_first_step_where_recorded():
     """The first step also compiles; a run that recorded the later steps' peak shows it beside the peak."""
     row = {"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 9.41, "peak_later_gib": 8.9,

@@ -23,6 +23,32 @@ import tempfile
 
 import torch
 
+# The first step's compile stages, disjoint, each the sum of Dynamo's timers named (``phases_s``); what
+# is left of the first step is running it (and guards, eager code, the process's first kernel launches).
+STAGES = (
+    ("Dynamo's bytecode trace", ("bytecode_tracing",)),
+    ("AOTAutograd's joint trace", ("aot_collect_metadata", "aot_trace_joint_graph")),
+    ("Inductor's joint-graph passes", ("_recursive_joint_graph_passes",)),
+    ("memtrain's passes", ("memtrain.pre_aot", "memtrain.report_copy", "memtrain.joint_passes",
+                           "memtrain.partitioned_passes")),
+    ("partition (min-cut)", ("memtrain.partition",)),
+    ("Inductor's lowering and code generation", ("GraphLowering.run", "Scheduler.__init__", "GraphLowering.codegen")),
+    ("waiting for kernel builds", ("async_compile.wait",)),
+    ("autotuning at the first run", ("CachingAutotuner.benchmark_all_configs",)),
+)
+
+
+def stages(row: dict) -> list[tuple[str, float]]:
+    """A compile-time row's first step by stage (``STAGES``), then the rest of it; empty for a row
+    without a breakdown."""
+    phases = row.get("phases_s")
+    if not phases:
+        return []
+    out = [(label, round(sum(phases.get(k, 0.0) for k in keys), 2)) for label, keys in STAGES]
+    return [*out, ("the rest (running the step, guards, eager code)",
+                   round(row["first_step_s"] - sum(v for _, v in out), 2))]
+
+
 VARIANTS = {
     "whole": "torch.compile(model, backend='memtrain', options=...)",
     "regional": "memcompile.compile_blocks(model, options=...)",
@@ -134,6 +160,8 @@ def main(args) -> list[dict]:
               f"({w['startup_s']} s, {r['startup_s']} s): {w['first_step_s']} s vs {r['first_step_s']} s "
               f"({w['first_step_s'] / r['first_step_s']:.1f}x); compile {w['compile_s']} s vs {r['compile_s']} s; "
               f"saved for the backward {w['saved_bytes']} vs {r['saved_bytes']} B")
+        for (label, a), (_, b) in zip(stages(w), stages(r)):
+            print(f"  {label:<50} {a:8.2f} s {b:8.2f} s", flush=True)
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:

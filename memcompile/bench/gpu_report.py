@@ -205,6 +205,19 @@ def compile_time_table(run: dict) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+def compile_stage_table(run: dict) -> list[str]:
+    """Each variant's first step by stage (``compile_time.stages``), for runs that recorded them."""
+    from memcompile.bench.compile_time import stages
+
+    done = [(r["variant"], stages(r)) for r in run.get("compile_time", []) if "error" not in r and stages(r)]
+    if not done:
+        return []
+    rows = ["| stage | " + " | ".join(f"{v} s" for v, _ in done) + " |", "| --- |" + " ---: |" * len(done)]
+    for i, (label, _) in enumerate(done[0][1]):
+        rows.append(f"| {label} | " + " | ".join(f"{st[i][1]:.2f}" for _, st in done) + " |")
+    return rows
+
+
 def kernel_table(run: dict) -> list[str]:
     host = any(r.get("host_seconds") is not None for r in run["kernels"])  # runs before it was timed lack it
     header = ["op", "size", "implementation", "status", "ms", *(["host µs a call"] if host else []),
@@ -280,6 +293,10 @@ def section(run: dict | None) -> str:
     if compile_rows:
         lines += ["Time to the first step (`python -m memcompile.bench compile-time`, on the same machine; each "
                   "variant in a fresh process with an empty Inductor cache):", "", *compile_rows, ""]
+        stage_rows = compile_stage_table(run)
+        if stage_rows:
+            lines += ["Where the first step goes (Dynamo's compile timers, summed over the step's graphs; stages "
+                      "do not overlap):", "", *stage_rows, ""]
     peaks = peak_table(run)
     if peaks:
         lines += ["What is allocated at the peak (one more step with the CUDA allocator's history on; each site is "
