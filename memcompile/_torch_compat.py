@@ -94,11 +94,16 @@ def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
 
 def partitioner_configs() -> Callable[[], contextlib.AbstractContextManager]:
     """The configs a partitioner reads (functorch's and Inductor's), as they are now: a context
-    manager factory that restores them, for a partition run after the compile that set them."""
+    manager factory that restores them, for a partition run after the compile that set them, on one
+    rank alone."""
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
     saved = functorch_config.get_config_copy(), inductor_config.get_config_copy()
+    # A later run happens on whichever ranks read it, not on all of them: a partitioner that agreed
+    # its decisions across ranks would wait for the others forever.
+    if "_sync_decision_cross_ranks" in saved[0]:
+        saved[0]["_sync_decision_cross_ranks"] = False
 
     def restored() -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

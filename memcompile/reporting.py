@@ -20,6 +20,7 @@ import torch.fx as fx
 from memcompile.passes.base import PassResult
 
 log = logging.getLogger(__name__)
+_BEFORE_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,15 @@ class GraphReport:
         """What the forward would save without memtrain's passes (same partitioner, untouched graph);
         None with ``report=False``. Partitioned when first read, not during the compile: that second
         partition is a report's cost, and a user who never reads the report should not wait for it."""
-        fn, self._before_fn = self._before_fn, None
-        if fn is not None:
-            try:
-                self._saved_before = fn()
-            except Exception as e:  # a report must not stop training; say why its "before" is missing
-                log.warning("memtrain: graph %d's report could not partition the graph without the passes "
-                            "(%s: %s); its saved bytes before are unknown", self.graph_id, type(e).__name__, e)
-        return self._saved_before
+        with _BEFORE_LOCK:  # two readers at once: one partitions, the other waits for its result
+            fn, self._before_fn = self._before_fn, None
+            if fn is not None:
+                try:
+                    self._saved_before = fn()
+                except Exception as e:  # a report must not stop training; say why its "before" is missing
+                    log.warning("memtrain: graph %d's report could not partition the graph without the passes "
+                                "(%s: %s); its saved bytes before are unknown", self.graph_id, type(e).__name__, e)
+            return self._saved_before
 
     @saved_before.setter
     def saved_before(self, value: list[SavedTensor] | None) -> None:
