@@ -114,6 +114,17 @@ def partitioner_configs() -> Callable[[], contextlib.AbstractContextManager]:
     return restored
 
 
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with its own graph, sharing its attributes (a deepcopy of the module fails on
+    fake constants). Copying the graph copies its pytree specs, which makes torch 2.13 warn that
+    ``isinstance(treespec, LeafSpec)`` is deprecated, from its own code, on every compile: silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return torch.fx.GraphModule(gm, gm.graph.__deepcopy__())
+
+
 def inductor_decompositions() -> dict:
     """Inductor's decomposition table: nodes we insert into its graphs must already be in this IR."""
     return select_decomp_table()

@@ -198,7 +198,7 @@ def _partition_later(joint: fx.GraphModule, joint_inputs, base: Callable, ctx: C
     """The report's "before": what ``base`` saves of the joint graph as it is now, untouched by the
     passes. Only the graph is copied here; the partition itself runs when the report is first read,
     under the fake mode and the partitioner's configs of this compile."""
-    untouched = fx.GraphModule(joint, joint.graph.__deepcopy__())  # deepcopy of the module fails on fake constants
+    untouched = tc.copy_graph_module(joint)
     fake_mode, configs, inputs_from_frame = tc.fake_mode_of(joint.graph), tc.partitioner_configs(), ctx.inputs_from_frame
 
     def before() -> list:
