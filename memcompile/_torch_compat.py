@@ -290,3 +290,40 @@ def compile_phase_seconds() -> dict[str, float]:
     from torch._dynamo.utils import compilation_time_metrics
 
     return {key: float(sum(times)) for key, times in compilation_time_metrics.items()}
+
+
+def autograd_cache_hits() -> int:
+    """How many compiles AOTAutograd's compile cache has served in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["aot_autograd"]["autograd_cache_hit"])
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's on-disk cache folder (``TORCHINDUCTOR_CACHE_DIR``, or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def partitioner_config_digest() -> str:
+    """The configs a partition reads (functorch's, Inductor's), as text that is the same in every
+    process for the same settings: only plain values (objects' reprs carry addresses)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    def text(v) -> str | None:  # canonical text of a plain value (sets sorted), None for anything else
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return repr(v)
+        if isinstance(v, (list, tuple, set, frozenset)):
+            parts = [text(x) for x in v]
+            if None in parts:
+                return None
+            return type(v).__name__ + repr(sorted(parts) if isinstance(v, (set, frozenset)) else parts)
+        if isinstance(v, dict):
+            parts = [(text(k), text(x)) for k, x in v.items()]
+            return None if any(None in p for p in parts) else "dict" + repr(sorted(parts))
+        return None
+
+    items = [*functorch_config.get_config_copy().items(), *inductor_config.get_config_copy().items()]
+    return repr(sorted((k, t) for k, v in items if (t := text(v)) is not None))

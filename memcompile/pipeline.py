@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import _torch_compat as tc
-from memcompile import quant
+from memcompile import quant, report_cache
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
@@ -76,6 +77,8 @@ class CompileContext:
         self.served = tuple(served)
         self.in_block = bool(served)
         self.decompositions: dict | None = None  # Inductor's table, once Inductor partitions
+        self.partitioned = False  # the partitioner ran (not served by AOTAutograd's cache)
+        self.cache_key: str | None = None  # of the report's entry beside AOTAutograd's cache (Inductor only)
         self.dump_prefix = f"graph{self.report.graph_id}"
 
     def dump(self, stage: str, gm) -> None:
@@ -134,14 +137,19 @@ def joint_passes(joint: fx.GraphModule, ctx: CompileContext) -> None:
     gradient a pass approximates are marked (Fira reads the marks)."""
     ctx.dump("joint_before", joint)
     _run(JOINT, joint, ctx)
-    by_name = dict(zip(ctx.input_names, ctx.example_inputs))
     for result in ctx.report.passes.values():
         ctx.report.approximated.update(result.approximated)
-        for name, method in result.approximated.items():
-            param = by_name.get(name)
-            if isinstance(param, torch.Tensor):
-                mark_grad_approximation(param, method)
+    _mark_approximated(ctx)
     ctx.dump("joint_after", joint)
+
+
+def _mark_approximated(ctx: CompileContext) -> None:
+    """Mark the graph's parameters whose gradient a pass approximates (Fira reads the marks)."""
+    by_name = dict(zip(ctx.input_names, ctx.example_inputs))
+    for name, method in ctx.report.approximated.items():
+        param = by_name.get(name)
+        if isinstance(param, torch.Tensor):
+            mark_grad_approximation(param, method)
 
 
 def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), in_block: bool = False) -> str:
@@ -175,6 +183,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_f
     """Stage 3: report "before", joint passes, then the configured partitioner."""
     base = _base_partition(ctx.config)
     kw.pop("compiler", None)
+    ctx.partitioned = True
     if ctx.config.report:
         with tc.compile_phase("memtrain.report_copy"):
             ctx.report.defer_saved_before(_partition_later(joint, joint_inputs, base, ctx, num_fwd_outputs, kw))
@@ -204,7 +213,10 @@ def _partition_later(joint: fx.GraphModule, joint_inputs, base: Callable, ctx: C
     def before() -> list:
         with tc.compile_phase("memtrain.report_before"), configs(), fake_mode:
             fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-        return report_mod.saved_tensors(fw_before, num_fwd_outputs, inputs_from_frame)
+        saved = report_mod.saved_tensors(fw_before, num_fwd_outputs, inputs_from_frame)
+        if ctx.cache_key is not None:  # for the compiles AOTAutograd's cache will serve
+            report_cache.store_before(ctx.cache_key, ctx.report, saved)
+        return saved
 
     return before
 
@@ -272,13 +284,30 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
     ctx.decompositions = tc.inductor_decompositions()
-    part = _Partitioner(ctx)
-    patches = {"custom_partitioner_fn": part}
-    # A hit in AOTAutograd's cache skips our partitioner, and with it the report and the marks on the
-    # parameters whose gradient is approximated (which Fira relies on): partition anew whenever either
-    # matters. Inductor's own FX-graph cache, after partitioning, stays on.
-    with tc.autograd_cache_disabled(ctx.config.report or ctx.config.activation != "none"):
-        compiled = tc.compile_fx(gm, example_inputs, config_patches=patches)
-    if not ctx.report.has_saved_before and not ctx.report.saved_after:
+    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, ctx.in_block))
+    hits = tc.autograd_cache_hits()
+    compiled, caught = _inductor(gm, example_inputs, ctx)
+    if tc.autograd_cache_hits() > hits:
+        # AOTAutograd's cache served the graphs, so nothing partitioned: the report (and the marks on
+        # approximated gradients) come from the entry the compile that partitioned wrote.
+        if report_cache.load(ctx.cache_key, ctx.report):
+            _mark_approximated(ctx)
+            return compiled
+        log.info("memtrain: graph %d was served by AOTAutograd's cache without its report; compiling it again",
+                 ctx.report.graph_id)
+        compiled, caught = _inductor(gm, example_inputs, ctx, cache=False)
+    if ctx.partitioned:
+        report_cache.store(ctx.cache_key, ctx.report, caught)
+    else:
         ctx.report.inference = not torch.is_grad_enabled()
     return compiled
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext, cache: bool = True):
+    """Inductor's compile with memtrain's partitioner, and the warnings it gave (shown as they would have
+    been, and kept for the compiles AOTAutograd's cache will serve)."""
+    with warnings.catch_warnings(record=True) as caught, tc.autograd_cache_disabled(not cache):
+        compiled = tc.compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": _Partitioner(ctx)})
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return compiled, caught

@@ -55,6 +55,7 @@ class GraphReport:
     # Runs of the compiled forward in step ``step`` (``count_runs``).
     step: int = 0
     step_runs: int = 0
+    from_cache: bool = False  # AOTAutograd's cache served the graphs; this is the report its compile wrote
     # What the same partitioner saves without the passes: computed when first read (``saved_before``).
     _saved_before: list[SavedTensor] | None = field(default=None, repr=False)
     _before_fn: Callable[[], list[SavedTensor]] | None = field(default=None, repr=False, compare=False)
@@ -123,6 +124,10 @@ class GraphReport:
         if self.inference:
             lines.append("  inference graph (no_grad): no backward, nothing saved, passes not applied")
             return "\n".join(lines)
+        if self.from_cache:
+            lines.append("  served by AOTAutograd's compile cache: this report is what the compile that stored it"
+                         " reported" + ("" if self.saved_before is not None else
+                                        " (its bytes before the passes are unknown: that run never read them)"))
         before, after = self.bytes_before, self.bytes_after
         if before is not None:
             delta = 100.0 * (after - before) / before if before else 0.0

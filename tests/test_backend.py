@@ -205,11 +205,13 @@ def test_too_many_groups_is_a_logged_skip():
     assert {s["layer"] for s in skipped if "num_groups 16 > input width" in s["reason"]} == {"0", "2"}
 
 
-def test_report_partitions_the_untouched_graph_only_when_read():
+def test_report_partitions_the_untouched_graph_only_when_read(tmp_path, monkeypatch):
     """The report's "before" (min-cut again, on the graph without the passes) is not paid for in the
     compile, and when read equals what the same model saves compiled without compression: under
     Inductor, with dropout (random ops the partitioner must handle) and a dynamic length."""
     from memcompile import _torch_compat as tc
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no compile cache serves these graphs
 
     def before_runs() -> float:
         return tc.compile_phase_seconds().get("memtrain.report_before", 0.0)
