@@ -152,16 +152,18 @@ def _mark_approximated(ctx: CompileContext) -> None:
             mark_grad_approximation(param, method)
 
 
-def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), in_block: bool = False) -> str:
+def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: int = 0) -> str:
     """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
-    (its source and options), the partitioner's options, and the layer names (targets match them)."""
+    (its source and options), the partitioner's options, the layer names (targets match them) and how
+    many layers a compiled block serves (0: a graph of its own)."""
     h = hashlib.sha256(source_digest((Path(__file__).resolve(),)).encode())
     for cls in (*PRE_AOT, *JOINT, *PARTITIONED):
         p = cls(config)
         if p.enabled():
             h.update(f"{p.name}/{p.stage}:{p.uuid()}".encode())
     h.update(repr((config.partitioner, config.recompute_budget, config.compiler)).encode())
-    h.update(repr((tuple(input_names), in_block)).encode())
+    # A block's graph is planned for its share of the step's target: how many layers it serves counts.
+    h.update(repr((tuple(input_names), served)).encode())
     return h.hexdigest()
 
 
@@ -231,7 +233,7 @@ class _Partitioner(tc.CustomPartitionerFn):
         return partition(joint, joint_inputs, self.ctx, **kw)
 
     def uuid(self):
-        return cache_key(self.ctx.config, self.ctx.input_names, self.ctx.in_block)
+        return cache_key(self.ctx.config, self.ctx.input_names, len(self.ctx.served))
 
     def __deepcopy__(self, memo):
         # Inductor deep-copies its config to build cache keys; a copy would duplicate the context,
@@ -284,7 +286,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
     ctx.decompositions = tc.inductor_decompositions()
-    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, ctx.in_block))
+    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served)))
     hits = tc.autograd_cache_hits()
     compiled, caught = _inductor(gm, example_inputs, ctx)
     if tc.autograd_cache_hits() > hits:
@@ -296,10 +298,9 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: Compile
         log.info("memtrain: graph %d was served by AOTAutograd's cache without its report; compiling it again",
                  ctx.report.graph_id)
         compiled, caught = _inductor(gm, example_inputs, ctx, cache=False)
-    if ctx.partitioned:
-        report_cache.store(ctx.cache_key, ctx.report, caught)
-    else:
+    if not ctx.partitioned:
         ctx.report.inference = not torch.is_grad_enabled()
+    report_cache.store(ctx.cache_key, ctx.report, caught)
     return compiled
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 VERSION = 1  # of the entry's layout
 FOLDER = "memtrain_reports"
 # The report's fields a compile fills (the rest are runtime counts or filled before the compile).
-FIELDS = ("saved_after", "passes", "approximated", "overhead_seconds")
+FIELDS = ("saved_after", "passes", "approximated", "overhead_seconds", "inference")
 
 
 def key(gm: fx.GraphModule, pipeline_key: str) -> str:

@@ -91,3 +91,33 @@ def test_other_options_are_another_entry():
     _, _, other, _ = _train({**OPTIONS, "activation": "compact"}, steps=1)
     assert not other.graphs[0].from_cache
     assert other.passes["activation_compression"].counters != {} and _summary(other) != _summary(first)
+
+
+def test_a_block_serving_more_layers_is_planned_anew():
+    """Under compile_blocks a block is planned for its share of memory_target (target / layers): a
+    deeper model with the same block must not get the shallower one's plan from the cache."""
+    targets = []
+    for layers in (2, 3):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        model, ids = models.tiny_lora_llama(layers=layers), models.batch()
+        memcompile.compile_blocks(model, {**OPTIONS, "memory_target": 60_000})
+        model(input_ids=ids, labels=ids).loss.backward()
+        block = next(g for g in memcompile.report().graphs if g.served)
+        assert len(block.served) == layers and not block.from_cache
+        targets.append(block.passes["memory_plan"].counters["target"])
+    assert targets == [30_000, 20_000]
+
+
+def test_an_inference_graph_served_by_the_cache_is_not_compiled_again():
+    reports = []
+    for _ in range(2):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        model, ids = models.tiny_lora_llama(layers=1), models.batch()
+        compiled = torch.compile(model, backend="memtrain", options=OPTIONS)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+        reports.append(memcompile.reports())
+    assert [len(r) for r in reports] == [1, 1]
+    assert reports[1][0].inference and reports[1][0].from_cache
