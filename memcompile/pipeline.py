@@ -288,7 +288,8 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: Compile
     ctx.decompositions = tc.inductor_decompositions()
     ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served)))
     hits = tc.autograd_cache_hits()
-    compiled, caught = _inductor(gm, example_inputs, ctx)
+    # dump_dir asks for the graphs each stage makes: a served compile would make none.
+    compiled, caught = _inductor(gm, example_inputs, ctx, cache=ctx.config.dump_dir is None)
     if tc.autograd_cache_hits() > hits:
         # AOTAutograd's cache served the graphs, so nothing partitioned: the report (and the marks on
         # approximated gradients) come from the entry the compile that partitioned wrote.

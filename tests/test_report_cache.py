@@ -121,3 +121,12 @@ def test_an_inference_graph_served_by_the_cache_is_not_compiled_again():
         reports.append(memcompile.reports())
     assert [len(r) for r in reports] == [1, 1]
     assert reports[1][0].inference and reports[1][0].from_cache
+
+
+def test_dump_dir_writes_the_graphs_of_every_compile(tmp_path):
+    """dump_dir asks for each stage's graphs, which a compile served by the cache would not make."""
+    for run in ("first", "second"):
+        _, _, rep, _ = _train({**OPTIONS, "dump_dir": str(tmp_path / run)}, steps=1)
+        assert not rep.graphs[0].from_cache
+        written = os.listdir(tmp_path / run)
+        assert any("forward" in f for f in written) and any("joint_after" in f for f in written), written
