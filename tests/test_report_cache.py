@@ -130,3 +130,23 @@ def test_dump_dir_writes_the_graphs_of_every_compile(tmp_path):
         assert not rep.graphs[0].from_cache
         written = os.listdir(tmp_path / run)
         assert any("forward" in f for f in written) and any("joint_after" in f for f in written), written
+
+
+def test_an_evaluation_of_the_same_graph_keeps_the_training_entry():
+    """The same Dynamo graph compiled under no_grad (an evaluation after training) is an inference
+    graph: its entry must not replace the training graph's, or a restarted run's step report would
+    take its training graph for an inference one and leave it out."""
+    model, ids = models.tiny_lora_llama(layers=2), models.batch()
+    memcompile.compile_blocks(model, OPTIONS)
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = memcompile.report().bytes_after
+    with torch.no_grad():
+        model(input_ids=ids)  # compiles the block again, for inference
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    model, ids = models.tiny_lora_llama(layers=2), models.batch()
+    memcompile.compile_blocks(model, OPTIONS)
+    model(input_ids=ids, labels=ids).loss.backward()
+    rep = memcompile.report()
+    assert all(g.from_cache and not g.inference for g in rep.graphs)
+    assert any(g.served for g in rep.graphs) and rep.bytes_after == trained
