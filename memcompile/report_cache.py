@@ -3,12 +3,12 @@
 A hit in AOTAutograd's cache (a later process, or the same graph compiled again) hands back the
 compiled forward and backward without partitioning, so memtrain's passes do not run: nothing would
 fill the report, mark the parameters whose gradient a pass approximates (Fira refuses those), or
-repeat the passes' warnings. Each compile that partitions therefore writes what it reported into
-Inductor's cache folder (``<cache>/memtrain_reports/<key>.pkl``), keyed by what decides it: the
-Dynamo graph's code, its inputs' shapes, strides, dtypes and whether they require grad, grad mode,
-memtrain's options and source (``pipeline.cache_key``), the partitioner's configs and torch's version. A hit reads
-it back. A hit without an entry (a deleted file) compiles again without the cache, so no compile
-goes unreported.
+repeat the passes' warnings. Each compile therefore writes what it reported into Inductor's cache
+folder (``<cache>/memtrain_reports/<key>.pkl``), keyed by what decides it: the Dynamo graph's code,
+its inputs' shapes, strides, dtypes and whether they require grad, grad mode and autocast, memtrain's
+options and source (``pipeline.cache_key``), the partitioner's configs and torch's version. A hit
+reads it back. A hit without an entry (a deleted file) compiles again without the cache, so no
+compile goes unreported.
 """
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ FIELDS = ("saved_after", "passes", "approximated", "overhead_seconds", "inferenc
 def key(gm: fx.GraphModule, pipeline_key: str) -> str:
     """The entry's key for Dynamo's graph ``gm``, compiled with memtrain's ``pipeline_key``."""
     h = hashlib.sha256(f"{VERSION}/{torch.__version__}/{pipeline_key}".encode())
-    # The same graph compiled under no_grad (an evaluation) is an inference graph with its own entry.
-    h.update(repr((torch.is_grad_enabled(), torch.is_inference_mode_enabled())).encode())
+    # The same graph compiled under no_grad (an evaluation) is an inference graph, and under autocast
+    # another joint graph: each gets its own entry.
+    h.update(repr((torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                   [(d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in ("cpu", "cuda")])
+                  ).encode())
     h.update(gm.code.encode())
     for n in gm.graph.nodes:
         if n.op != "placeholder":

@@ -150,3 +150,12 @@ def test_an_evaluation_of_the_same_graph_keeps_the_training_entry():
     rep = memcompile.report()
     assert all(g.from_cache and not g.inference for g in rep.graphs)
     assert any(g.served for g in rep.graphs) and rep.bytes_after == trained
+
+
+def test_the_same_graph_under_autocast_has_its_own_report():
+    _, _, plain, _ = _train(steps=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, autocast, _ = _train(steps=1)
+    assert not autocast.graphs[0].from_cache
+    assert any(t.dtype == "bfloat16" for t in autocast.saved_after)
+    assert not any(t.dtype == "bfloat16" for t in plain.saved_after)
