@@ -348,3 +348,22 @@ def test_allocator_replay_finds_the_peak_and_what_is_live_there(tmp_path):
     assert sites[0]["site"].startswith("generated.py:2 call: buf0 = empty_strided_cuda(")
     assert sites[1]["site"] == "generated.py:1 call: def call():"
     assert replay_peak([]) == (0, [])
+
+
+def test_compile_time_runs_each_variant_cold_then_warm(tmp_path):
+    """`python -m memcompile.bench compile-time --warm`: each variant in a fresh process with empty caches,
+    then again with the caches it left; the restarted run is served by the compile cache (no joint trace)
+    and reports the same saved bytes."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ct.jsonl"
+    subprocess.run([sys.executable, "-m", "memcompile.bench", "compile-time", "--model", "tiny", "--seq", "16",
+                    "--compiler", "inductor", "--dtype", "fp32", "--variants", "regional", "--warm",
+                    "--json", str(out), "--timeout", "600"], check=True, capture_output=True, text=True)
+    cold, warm = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (cold["caches"], warm["caches"]) == ("cold", "warm") and "error" not in warm, warm
+    assert cold["phases_s"].get("aot_trace_joint_graph", 0) > 0 and "aot_trace_joint_graph" not in warm["phases_s"]
+    assert warm["report_saved_bytes"] == cold["report_saved_bytes"] > 0
+    assert warm["saved_bytes"] == cold["saved_bytes"]

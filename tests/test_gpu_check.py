@@ -263,10 +263,11 @@ def test_the_compile_stage_table_splits_each_first_step():
               "GraphLowering.run": 1.0, "GraphLowering.codegen": 2.0, "Scheduler.codegen": 1.5,
               "async_compile.wait": 3.0, "CachingAutotuner.benchmark_all_configs": 0.6, "compile_fx_inner": 7.0}
     rows = [{"variant": "whole", "first_step_s": 20.0, "phases_s": phases},
-            {"variant": "regional", "first_step_s": 10.0, "phases_s": {**phases, "async_compile.wait": 1.0}},
+            {"variant": "regional", "first_step_s": 10.0, "phases_s": {**phases, "async_compile.wait": 1.0},
+             "caches": "warm"},
             {"variant": "old", "first_step_s": 9.0}]  # recorded before the breakdown: left out
     table = gpu_report.compile_stage_table({"compile_time": rows})
-    assert table[0] == "| stage | whole s | regional s |"
+    assert table[0] == "| stage | whole s | regional (warm caches) s |"
     by_stage = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1:] for r in table[2:]}
     assert by_stage["AOTAutograd's joint trace"] == ["0.75", "0.75 |"]
     assert by_stage["memtrain's passes"] == ["0.25", "0.25 |"]

@@ -95,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     ct.add_argument("--activation", default="velora", choices=["none", "velora", "compact"])
     ct.add_argument("--variants", default="whole,regional", help="comma list: whole, regional")
     ct.add_argument("--threads", type=int)
+    ct.add_argument("--warm", action="store_true", help="run each variant a second time with the caches the first "
+                    "left, as a restarted run (rows with caches=warm)")
     ct.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     ct.add_argument("--json", help="append one JSON line per variant here")
     ct.add_argument("--variant", help=argparse.SUPPRESS)  # how the parent runs one variant in a child

@@ -4,14 +4,15 @@ reused for every layer (``memcompile.compile_blocks``).
     python -m memcompile.bench compile-time --model tinyllama --seq 128 --batch 1
 
 Each variant runs in its own process with an empty Inductor cache, so neither reuses the other's
-kernels. The first step is timed (trace, compile, run), then a second step (run only); the
-difference is the compile. The second step also counts the bytes autograd keeps for the backward
+kernels; with ``--warm`` it then runs again in a new process with the caches the first one left (a
+restarted run), recorded with ``"caches": "warm"``. The first step is timed (trace, compile, run),
+then a second step (run only); the difference is the compile. The second step also counts the bytes autograd keeps for the backward
 (``measure.saved_bytes``, eager parts included), which both variants must match.
 
 Before the model, each process times a trivial compile (``startup_s``): what Inductor pays once per
 process whatever it compiles (its first imports, the host's vector-ISA probes, a first kernel build,
 the Triton key). ``first_step_s`` is then the model's own; ``cold_first_step_s`` is the sum, what a
-user's first step costs in a fresh process.
+user's first step costs in a fresh process (with the caches a row's ``caches`` says).
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ STAGES = (
     ("waiting for kernel builds", ("async_compile.wait",)),
     ("autotuning at the first run", ("CachingAutotuner.benchmark_all_configs",)),
 )
+
+
+def label(row: dict) -> str:
+    """A row's variant, with "(warm caches)" for a restarted run's."""
+    return row["variant"] + (" (warm caches)" if row.get("caches") == "warm" else "")
 
 
 def stages(row: dict) -> list[tuple[str, float]]:
@@ -143,27 +149,37 @@ def main(args) -> list[dict]:
             cmd += ["--threads", str(args.threads)]
         print(f"[compile-time] {variant}: {VARIANTS[variant]} ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="memcompile-inductor-") as cache:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-        found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
-        if out.returncode != 0 or not found:
-            row = {"variant": variant, "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-        else:
-            row = json.loads(found[-1])
-        rows.append(row)
-        print(f"[compile-time] {variant}: {json.dumps(row)}", flush=True)
-    ok = {r["variant"]: r for r in rows if "error" not in r}
-    if {"whole", "regional"} <= ok.keys():
-        w, r = ok["whole"], ok["regional"]
-        print(f"first step in a fresh process: whole {w['cold_first_step_s']} s, regional {r['cold_first_step_s']} s "
-              f"({w['cold_first_step_s'] / r['cold_first_step_s']:.1f}x faster); after Inductor's start-up "
-              f"({w['startup_s']} s, {r['startup_s']} s): {w['first_step_s']} s vs {r['first_step_s']} s "
-              f"({w['first_step_s'] / r['first_step_s']:.1f}x); compile {w['compile_s']} s vs {r['compile_s']} s; "
-              f"saved for the backward {w['saved_bytes']} vs {r['saved_bytes']} B")
-        for (label, a), (_, b) in zip(stages(w), stages(r)):
-            print(f"  {label:<50} {a:8.2f} s {b:8.2f} s", flush=True)
+            # --warm: the same variant again with the caches the first process left, as a restarted run
+            for caches in ("cold", "warm") if args.warm else ("cold",):
+                row = {**_run_child(cmd, cache, args.timeout, variant), "caches": caches}
+                rows.append(row)
+                print(f"[compile-time] {variant} ({caches} caches): {json.dumps(row)}", flush=True)
+    for caches in ("cold", "warm"):
+        _print_comparison({r["variant"]: r for r in rows if "error" not in r and r["caches"] == caches}, caches)
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     return rows
+
+
+def _run_child(cmd: list[str], cache: str, timeout: float, variant: str) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
+                         timeout=timeout)
+    found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
+    if out.returncode != 0 or not found:
+        return {"variant": variant, "error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(found[-1])
+
+
+def _print_comparison(ok: dict[str, dict], caches: str) -> None:
+    if not {"whole", "regional"} <= ok.keys():
+        return
+    w, r = ok["whole"], ok["regional"]
+    print(f"{caches} caches, first step in a fresh process: whole {w['cold_first_step_s']} s, regional "
+          f"{r['cold_first_step_s']} s ({w['cold_first_step_s'] / r['cold_first_step_s']:.1f}x faster); after "
+          f"Inductor's start-up ({w['startup_s']} s, {r['startup_s']} s): {w['first_step_s']} s vs "
+          f"{r['first_step_s']} s ({w['first_step_s'] / r['first_step_s']:.1f}x); compile {w['compile_s']} s vs "
+          f"{r['compile_s']} s; saved for the backward {w['saved_bytes']} vs {r['saved_bytes']} B")
+    for (label, a), (_, b) in zip(stages(w), stages(r)):
+        print(f"  {label:<50} {a:8.2f} s {b:8.2f} s", flush=True)

@@ -195,11 +195,13 @@ def compile_time_table(run: dict) -> list[str]:
     """``compile-time.jsonl``: each variant's first step in a fresh process, Inductor's start-up apart."""
     rows = ["| variant | shape | start-up s | first step s (model) | cold first step s | second step s | saved bytes |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    from memcompile.bench.compile_time import label
+
     for r in run.get("compile_time", []):
         if "error" in r:
-            rows.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            rows.append(f"| {label(r)} | error: {r['error'][:80]} | | | | | |")
             continue
-        rows.append(f"| {r['variant']} | {r['model']} {r['batch']} x {r['seq']}, {r['dtype']} | {r['startup_s']} | "
+        rows.append(f"| {label(r)} | {r['model']} {r['batch']} x {r['seq']}, {r['dtype']} | {r['startup_s']} | "
                     f"{r['first_step_s']} | {r['cold_first_step_s']} | {r['second_step_s']} | "
                     f"{r['saved_bytes']:,} |")
     return rows if len(rows) > 2 else []
@@ -207,14 +209,14 @@ def compile_time_table(run: dict) -> list[str]:
 
 def compile_stage_table(run: dict) -> list[str]:
     """Each variant's first step by stage (``compile_time.stages``), for runs that recorded them."""
-    from memcompile.bench.compile_time import stages
+    from memcompile.bench.compile_time import label, stages
 
-    done = [(r["variant"], stages(r)) for r in run.get("compile_time", []) if "error" not in r and stages(r)]
+    done = [(label(r), stages(r)) for r in run.get("compile_time", []) if "error" not in r and stages(r)]
     if not done:
         return []
     rows = ["| stage | " + " | ".join(f"{v} s" for v, _ in done) + " |", "| --- |" + " ---: |" * len(done)]
-    for i, (label, _) in enumerate(done[0][1]):
-        rows.append(f"| {label} | " + " | ".join(f"{st[i][1]:.2f}" for _, st in done) + " |")
+    for i, (stage, _) in enumerate(done[0][1]):
+        rows.append(f"| {stage} | " + " | ".join(f"{st[i][1]:.2f}" for _, st in done) + " |")
     return rows
 
 
