@@ -92,6 +92,14 @@ def fake_mode_of(graph: torch.fx.Graph) -> FakeTensorMode:
     raise ValueError("graph has no FakeTensor metadata; trace it with make_fx or AOTAutograd first")
 
 
+def _partitioner_config_copies() -> tuple[dict, dict]:
+    """Copies of the configs a partitioner reads: functorch's and Inductor's."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    return functorch_config.get_config_copy(), inductor_config.get_config_copy()
+
+
 def partitioner_configs() -> Callable[[], contextlib.AbstractContextManager]:
     """The configs a partitioner reads (functorch's and Inductor's), as they are now: a context
     manager factory that restores them, for a partition run after the compile that set them, on one
@@ -99,7 +107,7 @@ def partitioner_configs() -> Callable[[], contextlib.AbstractContextManager]:
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
-    saved = functorch_config.get_config_copy(), inductor_config.get_config_copy()
+    saved = _partitioner_config_copies()
     # A later run happens on whichever ranks read it, not on all of them: a partitioner that agreed
     # its decisions across ranks would wait for the others forever.
     if "_sync_decision_cross_ranks" in saved[0]:
@@ -309,8 +317,6 @@ def inductor_cache_dir() -> str:
 def partitioner_config_digest() -> str:
     """The configs a partition reads (functorch's, Inductor's), as text that is the same in every
     process for the same settings: only plain values (objects' reprs carry addresses)."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
 
     def text(v) -> str | None:  # canonical text of a plain value (sets sorted), None for anything else
         if v is None or isinstance(v, (bool, int, float, str)):
@@ -325,5 +331,6 @@ def partitioner_config_digest() -> str:
             return None if any(None in p for p in parts) else "dict" + repr(sorted(parts))
         return None
 
-    items = [*functorch_config.get_config_copy().items(), *inductor_config.get_config_copy().items()]
+    functorch_items, inductor_items = _partitioner_config_copies()
+    items = [*functorch_items.items(), *inductor_items.items()]
     return repr(sorted((k, t) for k, v in items if (t := text(v)) is not None))

@@ -84,7 +84,6 @@ class LoRALinear(nn.Module):
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    @torch.no_grad()
     def set_rank(self, b: int) -> None:
         """Use the first ``b`` adapter features (``1 <= b <= r_max``); updates buffers in place."""
         _set_ranks([self], b)

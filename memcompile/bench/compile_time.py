@@ -6,8 +6,9 @@ reused for every layer (``memcompile.compile_blocks``).
 Each variant runs in its own process with an empty Inductor cache, so neither reuses the other's
 kernels; with ``--warm`` it then runs again in a new process with the caches the first one left (a
 restarted run), recorded with ``"caches": "warm"``. The first step is timed (trace, compile, run),
-then a second step (run only); the difference is the compile. The second step also counts the bytes autograd keeps for the backward
-(``measure.saved_bytes``, eager parts included), which both variants must match.
+then a second step (run only); the difference is the compile. The second step also counts the bytes
+autograd keeps for the backward (``measure.saved_bytes``, eager parts included), which both variants
+must match.
 
 Before the model, each process times a trivial compile (``startup_s``): what Inductor pays once per
 process whatever it compiles (its first imports, the host's vector-ISA probes, a first kernel build,
@@ -50,7 +51,7 @@ def stages(row: dict) -> list[tuple[str, float]]:
     phases = row.get("phases_s")
     if not phases:
         return []
-    out = [(label, round(sum(phases.get(k, 0.0) for k in keys), 2)) for label, keys in STAGES]
+    out = [(name, round(sum(phases.get(k, 0.0) for k in keys), 2)) for name, keys in STAGES]
     return [*out, ("the rest (running the step, guards, eager code)",
                    round(row["first_step_s"] - sum(v for _, v in out), 2))]
 
@@ -181,5 +182,5 @@ def _print_comparison(ok: dict[str, dict], caches: str) -> None:
           f"Inductor's start-up ({w['startup_s']} s, {r['startup_s']} s): {w['first_step_s']} s vs "
           f"{r['first_step_s']} s ({w['first_step_s'] / r['first_step_s']:.1f}x); compile {w['compile_s']} s vs "
           f"{r['compile_s']} s; saved for the backward {w['saved_bytes']} vs {r['saved_bytes']} B")
-    for (label, a), (_, b) in zip(stages(w), stages(r)):
-        print(f"  {label:<50} {a:8.2f} s {b:8.2f} s", flush=True)
+    for (name, a), (_, b) in zip(stages(w), stages(r)):
+        print(f"  {name:<50} {a:8.2f} s {b:8.2f} s", flush=True)

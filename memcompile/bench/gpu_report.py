@@ -193,10 +193,10 @@ def peak_table(run: dict, sites: int = 5) -> list[str]:
 
 def compile_time_table(run: dict) -> list[str]:
     """``compile-time.jsonl``: each variant's first step in a fresh process, Inductor's start-up apart."""
-    rows = ["| variant | shape | start-up s | first step s (model) | cold first step s | second step s | saved bytes |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     from memcompile.bench.compile_time import label
 
+    rows = ["| variant | shape | start-up s | first step s (model) | cold first step s | second step s | saved bytes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in run.get("compile_time", []):
         if "error" in r:
             rows.append(f"| {label(r)} | error: {r['error'][:80]} | | | | | |")
@@ -211,7 +211,8 @@ def compile_stage_table(run: dict) -> list[str]:
     """Each variant's first step by stage (``compile_time.stages``), for runs that recorded them."""
     from memcompile.bench.compile_time import label, stages
 
-    done = [(label(r), stages(r)) for r in run.get("compile_time", []) if "error" not in r and stages(r)]
+    split = [(label(r), stages(r)) for r in run.get("compile_time", []) if "error" not in r]
+    done = [(name, st) for name, st in split if st]
     if not done:
         return []
     rows = ["| stage | " + " | ".join(f"{v} s" for v, _ in done) + " |", "| --- |" + " ---: |" * len(done)]
