@@ -68,7 +68,7 @@ class CompileContext:
         self.config = config
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
-        self.inputs_from_frame = tc.dynamo_inputs_from_frame(gm)
+        self.inputs_held = held_inputs(tc.dynamo_inputs_from_frame(gm), self.example_inputs)
         # Parameters live the whole step whatever the graph saves: saving one for the backward is free.
         self.parameter_inputs = [isinstance(x, torch.nn.Parameter) for x in self.example_inputs]
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
@@ -83,6 +83,15 @@ class CompileContext:
 
     def dump(self, stage: str, gm) -> None:
         dump_graph(self.config.dump_dir, f"{self.dump_prefix}_{stage}", gm)
+
+
+def held_inputs(from_frame: Sequence[bool], example_inputs: Sequence) -> list[bool]:
+    """Per graph input, whether its caller holds it anyway, so that saving it costs nothing: one from
+    the compiled frame (a parameter, a buffer, the batch), unless it requires grad without being a
+    parameter. That is an activation eager code or another graph made, such as a compiled block's
+    hidden states or the logits a compiled loss reads: only this graph's saving keeps it alive."""
+    return [held and not (isinstance(x, torch.Tensor) and x.requires_grad and not isinstance(x, torch.nn.Parameter))
+            for held, x in zip(from_frame, example_inputs)]
 
 
 def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -198,7 +207,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: CompileContext, *, num_f
     # What the step pays for what it does not keep, at the cost model's rates (report, estimate).
     ctx.report.overhead_seconds = (memory_plan.backward_recompute_seconds(bw, ctx.config.plan)
                                    + memory_plan.transfer_seconds(ctx.report.passes.get(memory_plan.NAME)))
-    ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs, ctx.inputs_from_frame)
+    ctx.report.saved_after = report_mod.saved_tensors(fw, num_fwd_outputs, ctx.inputs_held)
     ctx.dump("forward", fw)
     ctx.dump("backward", bw)
     return fw, bw
@@ -210,12 +219,12 @@ def _partition_later(joint: fx.GraphModule, joint_inputs, base: Callable, ctx: C
     passes. Only the graph is copied here; the partition itself runs when the report is first read,
     under the fake mode and the partitioner's configs of this compile."""
     untouched = tc.copy_graph_module(joint)
-    fake_mode, configs, inputs_from_frame = tc.fake_mode_of(joint.graph), tc.partitioner_configs(), ctx.inputs_from_frame
+    fake_mode, configs, inputs_held = tc.fake_mode_of(joint.graph), tc.partitioner_configs(), ctx.inputs_held
 
     def before() -> list:
         with tc.compile_phase("memtrain.report_before"), configs(), fake_mode:
             fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-        saved = report_mod.saved_tensors(fw_before, num_fwd_outputs, inputs_from_frame)
+        saved = report_mod.saved_tensors(fw_before, num_fwd_outputs, inputs_held)
         if ctx.cache_key is not None:  # for the compiles AOTAutograd's cache will serve
             report_cache.store_before(ctx.cache_key, ctx.report, saved)
         return saved

@@ -283,3 +283,39 @@ def test_regional_budget_with_fused_loss_equals_the_unbudgeted_run(compiler):
         runs.append(_train(model, model, 2))
         assert memcompile.report().passes["cross_entropy"]["losses"]
     _assert_same(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_report_counts_what_the_compiled_graphs_keep(compiler):
+    """Under compile_blocks a block's hidden states and the compiled loss's logits are graph inputs that
+    the graph alone keeps alive. The report counts them: its saved bytes equal what autograd packs
+    while the step runs, less what the eager final norm and output projection pack, and less the batch,
+    the weights and the rotary tables (inputs held anyway)."""
+    from memcompile.bench import measure
+
+    model = models.tiny_lora_llama(layers=3)
+    memcompile.compile_blocks(model, {"compiler": compiler, "activation": "velora"})
+    ids = models.batch()
+    model(input_ids=ids, labels=ids).loss.backward()  # compiles, and the report's step runs
+
+    held = [*model.parameters(), *model.buffers(), ids]
+    tables = model.base_model.model.model.rotary_emb.register_forward_hook(
+        lambda module, args, out: held.extend(out) and None)
+    eager = [model.base_model.model.model.norm, model.base_model.model.lm_head]
+    inside: list[bool] = []
+    hooks = [h for m in eager for h in (m.register_forward_pre_hook(lambda *a: inside.append(True)),
+                                          m.register_forward_hook(lambda *a: inside.clear()))]
+    packed: list[tuple[torch.Tensor, bool]] = []  # what autograd keeps, and whether eager code kept it
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((t, bool(inside))) or t, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    for h in (*hooks, tables):
+        h.remove()
+    skip = {measure.storage_key(t) for t in held}
+    by_storage = {measure.storage_key(t): (t.untyped_storage().nbytes(), eager) for t, eager in packed
+                  if measure.storage_key(t) not in skip}
+    compiled = sum(n for n, eager in by_storage.values() if not eager)
+    eager_bytes = sum(n for n, eager in by_storage.values() if eager)
+    loss.backward()
+    rep = memcompile.report()
+    assert [len(g.served) for g in rep.graphs if g.served] == [3]
+    assert eager_bytes > 0 and rep.bytes_after == compiled

@@ -93,7 +93,7 @@ class CompressActivations(GraphPass):
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> CompressionResult:
         return compress_activations(gm, self.config, ctx.input_names, ctx.decompositions,
-                                    caller_held=ctx.inputs_from_frame, in_block=ctx.in_block)
+                                    caller_held=ctx.inputs_held, in_block=ctx.in_block)
 
 
 def _weight_of(node: object, primals: dict[fx.Node, str]) -> tuple[fx.Node | None, int]:

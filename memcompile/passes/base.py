@@ -101,7 +101,7 @@ class PassContext(Protocol):
     """What a pass may read of the compile besides its options (``memcompile.pipeline.CompileContext``)."""
 
     input_names: list[str]  # dotted name of each graph input (parameter path, or the placeholder's name)
-    inputs_from_frame: list[bool]  # per input: whether the caller holds it anyway
+    inputs_held: list[bool]  # per input: whether the caller holds it anyway (``pipeline.held_inputs``)
     parameter_inputs: list[bool]  # per input: whether it is a parameter (alive the whole step)
     decompositions: dict | None  # Inductor's table, for code a joint pass inserts
     in_block: bool  # the graph is one block that serves several modules (names relative to it)

@@ -617,7 +617,7 @@ class PlanMemory(GraphPass):
         target = self.config.memory_target // max(1, len(ctx.served))
         if not ctx.served:
             _warn_if_split(ctx.report.frame_id, self.config.memory_target)
-        saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_from_frame)
+        saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_held)
         return plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs))
 
 
