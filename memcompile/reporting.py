@@ -31,7 +31,7 @@ class SavedTensor:
     shape: tuple[int, ...]
     dtype: str
     bytes: int
-    is_input: bool  # a graph input (parameter, batch): held by the caller anyway, costs nothing extra
+    is_input: bool  # an input the caller holds anyway (parameter, buffer, batch): costs nothing extra
     alias_of: str | None = None  # a view of another saved tensor: shares its storage, costs nothing extra
     on_host: bool = False  # offloaded (``memtrain::offload``): in pinned host memory, not on the device
 
@@ -147,7 +147,7 @@ class GraphReport:
         host = sum(t.bytes for t in self.saved_after if t.on_host and t.alias_of is None)
         if host:
             lines.append(f"  offloaded to host memory: {fmt_bytes(host)} (not counted above)")
-        lines.append(f"  saved activations after, largest first ({len(costly)} storages; graph inputs not counted):")
+        lines.append(f"  saved activations after, largest first ({len(costly)} storages; parameters, buffers and the batch not counted):")
         lines.extend("    " + _row(t) for t in sorted(costly, key=lambda t: -t.bytes)[:12])
         return "\n".join(lines)
 

@@ -133,12 +133,13 @@ SETUPS: dict[str, Setup] = _table(
                     "memory_target": "2GiB"}, regional=True, modes=("train",)),
     # The goal's configuration (<= 4.5 GiB at >= 40k tok/s on an H100): the adapters' matmuls in bf16
     # (lora.compute_dtype="input"; the fp32 ones took 36 of the 144 ms the GPU was busy in
-    # memtrain_all_regional's step there) and a 1.5 GiB target (measured peaks ran 0.4-0.6 GiB over the
-    # estimate at 2 GiB).
+    # memtrain_all_regional's step there) and a 2 GiB target. Each layer's incoming hidden states count
+    # toward its share; the plan is the one measured on the GPU as "1.5GiB" before they did (the estimate:
+    # the same four recomputes a layer, the same 3.82 GiB).
     Setup("memtrain_all_bf16_target_regional", "memtrain_all_regional, adapters' matmuls in bf16, memory_target "
-          "1.5GiB", adapter="prepare", compile="memtrain",
+          "2GiB", adapter="prepare", compile="memtrain",
           memtrain={"activation": "velora", "targets": ("*",), "fused_cross_entropy": True,
-                    "memory_target": "1.5GiB", "lora": {"compute_dtype": "input"}}, regional=True, modes=("train",)),
+                    "memory_target": "2GiB", "lora": {"compute_dtype": "input"}}, regional=True, modes=("train",)),
     Setup("memtrain_velora_regional", "memtrain_velora, each decoder layer compiled on its own", compile="memtrain",
           memtrain={"activation": "velora"}, regional=True, modes=("train",)),
     Setup("memtrain_all_regional", "memtrain_all, each decoder layer compiled on its own", adapter="prepare",
