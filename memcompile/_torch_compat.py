@@ -300,6 +300,21 @@ def compile_phase_seconds() -> dict[str, float]:
     return {key: float(sum(times)) for key, times in compilation_time_metrics.items()}
 
 
+def compile_phase_calls(key: str) -> list[float]:
+    """Seconds of each call of one timed stage so far in this process, in the order they ran (for
+    ``"compile_fx_inner"``: one per forward or backward graph Inductor compiled)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return [float(t) for t in compilation_time_metrics.get(key, ())]
+
+
+def inductor_compile_threads() -> int:
+    """How many processes Inductor builds kernels in (1: in this one)."""
+    import torch._inductor.config as inductor_config
+
+    return int(inductor_config.compile_threads)
+
+
 def autograd_cache_hits() -> int:
     """How many compiles AOTAutograd's compile cache has served in this process."""
     from torch._dynamo.utils import counters

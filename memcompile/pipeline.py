@@ -64,11 +64,13 @@ class CompileContext:
     """What the stages of one graph's compile share: names of its inputs, the report, options."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
-                 served: Sequence[str] = ()):
+                 served: Sequence[str] = (), region: bool = False):
         self.config = config
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
-        self.inputs_held = held_inputs(tc.dynamo_inputs_from_frame(gm), self.example_inputs)
+        from_frame = tc.dynamo_inputs_from_frame(gm)
+        self.inputs_held = held_inputs(from_frame, self.example_inputs) if region else from_frame
+        self.region = region
         # Parameters live the whole step whatever the graph saves: saving one for the backward is free.
         self.parameter_inputs = [isinstance(x, torch.nn.Parameter) for x in self.example_inputs]
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
@@ -86,10 +88,11 @@ class CompileContext:
 
 
 def held_inputs(from_frame: Sequence[bool], example_inputs: Sequence) -> list[bool]:
-    """Per graph input, whether its caller holds it anyway, so that saving it costs nothing: one from
-    the compiled frame (a parameter, a buffer, the batch), unless it requires grad without being a
-    parameter. That is an activation eager code or another graph made, such as a compiled block's
-    hidden states or the logits a compiled loss reads: only this graph's saving keeps it alive."""
+    """Per input of a region of a model's forward (``compile_blocks``: a block, the loss), whether its
+    caller holds it anyway, so that saving it costs nothing: one from the compiled frame (a parameter, a
+    buffer, the batch), unless it requires grad without being a parameter. That is an activation the
+    model made before the region (a block's hidden states, the logits the loss reads): only this graph's
+    saving keeps it alive. In a frame the user compiles, an argument that requires grad is the user's."""
     return [held and not (isinstance(x, torch.Tensor) and x.requires_grad and not isinstance(x, torch.nn.Parameter))
             for held, x in zip(from_frame, example_inputs)]
 
@@ -161,10 +164,12 @@ def _mark_approximated(ctx: CompileContext) -> None:
             mark_grad_approximation(param, method)
 
 
-def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: int = 0) -> str:
+def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: int = 0,
+              region: bool = False) -> str:
     """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
-    (its source and options), the partitioner's options, the layer names (targets match them) and how
-    many layers a compiled block serves (0: a graph of its own)."""
+    (its source and options), the partitioner's options, the layer names (targets match them), how
+    many layers a compiled block serves (0: a graph of its own) and whether it is a region of a model
+    (what its inputs cost)."""
     h = hashlib.sha256(source_digest((Path(__file__).resolve(),)).encode())
     for cls in (*PRE_AOT, *JOINT, *PARTITIONED):
         p = cls(config)
@@ -172,7 +177,7 @@ def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: i
             h.update(f"{p.name}/{p.stage}:{p.uuid()}".encode())
     h.update(repr((config.partitioner, config.recompute_budget, config.compiler)).encode())
     # A block's graph is planned for its share of the step's target: how many layers it serves counts.
-    h.update(repr((tuple(input_names), served)).encode())
+    h.update(repr((tuple(input_names), served, region)).encode())
     return h.hexdigest()
 
 
@@ -242,7 +247,7 @@ class _Partitioner(tc.CustomPartitionerFn):
         return partition(joint, joint_inputs, self.ctx, **kw)
 
     def uuid(self):
-        return cache_key(self.ctx.config, self.ctx.input_names, len(self.ctx.served))
+        return cache_key(self.ctx.config, self.ctx.input_names, len(self.ctx.served), self.ctx.region)
 
     def __deepcopy__(self, memo):
         # Inductor deep-copies its config to build cache keys; a copy would duplicate the context,
@@ -268,10 +273,12 @@ def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
-                  served: Sequence[str] = ()) -> Callable:
+                  served: Sequence[str] = (), region: bool = False) -> Callable:
     """Run every stage on one Dynamo graph and return the compiled callable. ``served``: the modules
-    the graph runs for, when one compiled block serves several (regional compilation)."""
-    ctx = CompileContext(gm, example_inputs, config, served)
+    the graph runs for, when one compiled block serves several (regional compilation). ``region``: the
+    graph is a region of a model's forward (``compile_blocks``), whose arguments that require grad are
+    activations (``held_inputs``)."""
+    ctx = CompileContext(gm, example_inputs, config, served, region)
     try:
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":
@@ -295,7 +302,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
     ctx.decompositions = tc.inductor_decompositions()
-    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served)))
+    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served), ctx.region))
     hits = tc.autograd_cache_hits()
     # dump_dir asks for the graphs each stage makes: a served compile would make none.
     compiled, caught = _inductor(gm, example_inputs, ctx, cache=ctx.config.dump_dir is None)

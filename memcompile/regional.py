@@ -36,7 +36,7 @@ class BlockBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
         from memcompile import pipeline
 
-        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served)
+        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served, region=True)
         # The compile saw the first block's parameters; every block it serves has the same
         # approximated gradients (Fira reads these marks to refuse them).
         report = reporting.report_of_last_compile()

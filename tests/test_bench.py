@@ -367,3 +367,5 @@ def test_compile_time_runs_each_variant_cold_then_warm(tmp_path):
     assert cold["phases_s"].get("aot_trace_joint_graph", 0) > 0 and "aot_trace_joint_graph" not in warm["phases_s"]
     assert warm["report_saved_bytes"] == cold["report_saved_bytes"] > 0
     assert warm["saved_bytes"] == cold["saved_bytes"]
+    # Inductor compiled four graphs cold: the block's and the loss's, forward and backward
+    assert len(cold["graph_compiles_s"]) == 4 and cold["compile_threads"] >= 1
