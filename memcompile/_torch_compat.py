@@ -315,6 +315,18 @@ def inductor_compile_threads() -> int:
     return int(inductor_config.compile_threads)
 
 
+def warm_kernel_build_pool() -> None:
+    """Start Inductor's worker processes for Triton kernel builds now, as its own backend does when Dynamo
+    calls it (memtrain calls Inductor below that), and ask whether they are ready, so the answer is in by
+    the first kernel: until the pool says it is ready, Inductor builds each kernel in this process, one
+    after another."""
+    from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
+
+    maybe_warm_pool()
+    if hasattr(AsyncCompile, "use_process_pool"):
+        AsyncCompile.use_process_pool()
+
+
 def autograd_cache_hits() -> int:
     """How many compiles AOTAutograd's compile cache has served in this process."""
     from torch._dynamo.utils import counters

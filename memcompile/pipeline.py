@@ -278,6 +278,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
     the graph runs for, when one compiled block serves several (regional compilation). ``region``: the
     graph is a region of a model's forward (``compile_blocks``), whose arguments that require grad are
     activations (``held_inputs``)."""
+    if config.compiler == "inductor" and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        tc.warm_kernel_build_pool()
     ctx = CompileContext(gm, example_inputs, config, served, region)
     try:
         gm = pre_aot(gm, ctx)

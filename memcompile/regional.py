@@ -100,7 +100,14 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         hf_config.use_cache = False
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    if backend in ("memtrain", "inductor") and config.compiler == "inductor" and any(
+            p.is_cuda for p in model.parameters()):
+        # Before the first step: the pool warms while the caller loads data and Dynamo traces.
+        from memcompile import _torch_compat as tc
+
+        tc.warm_kernel_build_pool()
     modules = dict(model.named_modules())
+
     def backend_for(served):
         return BlockBackend(config, served) if backend == "memtrain" else backend
 

@@ -317,12 +317,15 @@ class StepReport:
         planned = [g for g in self.graphs if "memory_plan" in g.passes and not g.inference]
         if planned:
             target = max(g.passes["memory_plan"].counters["target"] * g.calls_per_step for g in planned)
-            held = "within it" if after <= target else "over it"
+            kept = sum(g.bytes_after * self.runs(g) for g in planned)
+            held = "within it" if kept <= target else "over it"
             alone = sum(not g.served for g in planned)
             how = (f"graph breaks split it into {alone} graphs, each planned against the whole target" if alone > 1
-                   else "the compiled blocks share it, the loss graph is not planned" if alone < len(planned)
-                   else "one planned graph")
-            lines.append(f"  memory_target {fmt_bytes(target)}: the step keeps {fmt_bytes(after)}, {held}; {how}")
+                   else "the compiled blocks share it" if alone < len(planned) else "one planned graph")
+            rest = (f"; the graphs not planned (under compile_blocks, the loss) keep {fmt_bytes(after - kept)}"
+                    if after > kept else "")
+            lines.append(f"  memory_target {fmt_bytes(target)}: the planned graphs keep {fmt_bytes(kept)}, {held};"
+                         f" {how}{rest}")
         for g in self.graphs:
             lines.append("")
             lines.append(str(g))

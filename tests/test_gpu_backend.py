@@ -215,3 +215,20 @@ def test_memory_target_reruns_fused_attention_only_without_dropout_on_cuda(dropo
         _compiled(model, ids, {**opts, "memory_target": int(free * 0.9),
                                "plan": {"offload": True, "host_bytes_per_s": 1e3}})
     assert offered and _reruns_attention(offered) == (dropout == 0.0)
+
+
+def test_compile_blocks_warms_the_kernel_build_pool_before_the_first_step():
+    """Inductor builds Triton kernels in this process until its worker pool says it is ready; memtrain
+    calls Inductor below Dynamo's inductor backend (which starts the pool), so compile_blocks starts the
+    pool and asks for its readiness before any step, and the step's kernels find it ready sooner."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.async_compile import AsyncCompile, shutdown_compile_workers
+
+    if inductor_config.compile_threads <= 1:
+        pytest.skip("Inductor builds kernels in this process here (compile_threads=1)")
+    shutdown_compile_workers()
+    assert AsyncCompile._ready_future is None
+    memcompile.compile_blocks(models.tiny_lora_llama(layers=2).to(CUDA), {"activation": "velora"})
+    assert AsyncCompile._ready_future is not None
+    AsyncCompile._ready_future.result(timeout=120)
+    assert AsyncCompile.use_process_pool()

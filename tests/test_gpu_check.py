@@ -247,6 +247,19 @@ def test_the_peak_table_shows_each_traced_setups_largest_sites():
     assert len(rows) == 3 and gpu_report.peak_table({"train": [], "rerun_train": []}) == []
 
 
+def test_the_host_time_table_lists_each_profiled_setups_host_ops():
+    row = {"setup": "memtrain_all_bf16_target_regional", "profile_busy_ms": 115.1, "step_s": 0.21,
+           "profile_top": [{"op": "aten::mm", "self_ms": 70.69, "calls": 1366}],
+           "profile_host_top": [{"op": "memtrain::nf4_linear", "self_ms": 51.97, "calls": 220},
+                                {"op": "cudaStreamSynchronize", "self_ms": 9.5, "calls": 22}]}
+    run = {"train": [row, {"setup": "qlora_gc"}], "rerun_train": []}
+    host = gpu_report.profile_table(run, field="profile_host_top")
+    assert host[2:] == ["| memtrain_all_bf16_target_regional | 115 / 210 ms | `memtrain::nf4_linear` | 51.97 | 220 |",
+                        "|  |  | `cudaStreamSynchronize` | 9.50 | 22 |"]
+    assert gpu_report.profile_table(run)[2:] == ["| memtrain_all_bf16_target_regional | 115 / 210 ms | `aten::mm` | "
+                                                 "70.69 | 1366 |"]
+
+
 def test_the_compile_time_table_shows_each_variant():
     rows = [{"variant": "whole", "model": "tinyllama", "seq": 2048, "batch": 4, "dtype": "bf16", "startup_s": 4.1,
              "first_step_s": 88.0, "cold_first_step_s": 92.1, "second_step_s": 0.18, "saved_bytes": 7953219588},

@@ -319,3 +319,11 @@ def test_report_counts_what_the_compiled_graphs_keep(compiler):
     rep = memcompile.report()
     assert [len(g.served) for g in rep.graphs if g.served] == [3]
     assert eager_bytes > 0 and rep.bytes_after == compiled
+
+
+def test_compile_blocks_starts_no_kernel_build_workers_for_a_cpu_model(monkeypatch):
+    """Inductor's worker pool builds Triton (GPU) kernels; a CPU model's C++ kernels do not use it."""
+    warmed = []
+    monkeypatch.setattr(tc, "warm_kernel_build_pool", lambda: warmed.append(True))
+    memcompile.compile_blocks(models.tiny_lora_llama(layers=2), {"activation": "velora"})
+    assert warmed == []

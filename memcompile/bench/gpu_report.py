@@ -159,16 +159,17 @@ def train_table(run: dict, key: str = "train") -> list[str]:
     return rows
 
 
-def profile_table(run: dict, ops: int = 6) -> list[str]:
-    """The ops taking the most device time in each profiled setup's step (``train --profile``)."""
-    profiled = [r for r in run["train"] + run["rerun_train"] if r.get("profile_top")]
+def profile_table(run: dict, ops: int = 6, field: str = "profile_top") -> list[str]:
+    """The ops taking the most device time (``field="profile_host_top"``: host time) in each profiled
+    setup's step (``train --profile``)."""
+    profiled = [r for r in run["train"] + run["rerun_train"] if r.get(field)]
     if not profiled:
         return []
     rows = ["| setup | device busy / step | op | self ms | calls |", "| --- | ---: | --- | ---: | ---: |"]
     for r in profiled:
         busy, step = r.get("profile_busy_ms"), r.get("step_s")
         share = f"{busy:.0f} / {step * 1e3:.0f} ms" if busy is not None and step else ""
-        for i, e in enumerate(r["profile_top"][:ops]):
+        for i, e in enumerate(r[field][:ops]):
             first = i == 0
             rows.append(f"| {r['setup'] if first else ''} | {share if first else ''} | `{e['op'][:70]}` | "
                         f"{e['self_ms']:.2f} | {e['calls']} |")
@@ -292,6 +293,11 @@ def section(run: dict | None) -> str:
                   "op's own, against the timed steps' median, then the ops with the most device time; the whole "
                   "table per setup in `docs/gpu/profile-<setup>.txt`). Busy time well under the step means the "
                   "step waits on the host:", "", *profiles, ""]
+    host = profile_table(run, field="profile_host_top")
+    if host:
+        lines += ["The same steps' ops with the most host time (the profiler's own cost included; the CUDA "
+                  "runtime's calls are rows of their own, so a synchronisation or an allocation that waits shows "
+                  "here):", "", *host, ""]
     compile_rows = compile_time_table(run)
     if compile_rows:
         lines += ["Time to the first step (`python -m memcompile.bench compile-time`, on the same machine; each "

@@ -205,12 +205,15 @@ class LiveBytes(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def profile(run: Callable[[], object], device: torch.device, path: str, rows: int = 30) -> tuple[list[dict], float]:
+def profile(run: Callable[[], object], device: torch.device, path: str,
+            rows: int = 30) -> tuple[list[dict], float, list[dict]]:
     """Run ``run`` once under ``torch.profiler``; write the ops taking the most device time (CPU time
-    without a GPU) as a table to ``path``. Returns the top ``rows`` as ``{op, self_ms, calls}``, and the
-    milliseconds the device was busy (the union of its kernels' and copies' spans, so streams that run
-    side by side count once; without a GPU, every op's own CPU time): against the step's wall time it
-    says whether the step waits on the device or on the host."""
+    without a GPU) as a table to ``path``, then on a GPU those taking the most host time (where a
+    host-bound step goes: launches, the CUDA runtime's calls, a synchronisation or an allocation that
+    waits). Returns the top ``rows`` as ``{op, self_ms, calls}``, the milliseconds the device was busy
+    (the union of its kernels' and copies' spans, so streams that run side by side count once; without
+    a GPU, every op's own CPU time): against the step's wall time it says whether the step waits on the
+    device or on the host; and the top ``rows`` by host time (empty without a GPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -225,6 +228,8 @@ def profile(run: Callable[[], object], device: torch.device, path: str, rows: in
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(path, "w") as f:
         f.write(events.table(sort_by=key, row_limit=rows) + "\n")
+        if cuda:
+            f.write("\nby host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n")
     # An op's own device time includes the kernels it launched, which are rows of their own too: the
     # ranking shows both, the busy time counts the device's events alone.
     ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)
@@ -234,7 +239,9 @@ def profile(run: Callable[[], object], device: torch.device, path: str, rows: in
     else:
         busy_ms = sum(e.self_cpu_time_total for e in events) / 1e3
     top = [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in ranked[:rows]]
-    return top, round(busy_ms, 3)
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows] if cuda else []
+    host_top = [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count} for e in host]
+    return top, round(busy_ms, 3), host_top
 
 
 def busy_union(spans: list[tuple[float, float]]) -> float:

@@ -81,13 +81,13 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         # Read before the counting forward below can add to it.
         peak_later = measure.peak_gib(device) if total > 1 else None
         peak = max((p for p in (peak_first, peak_later) if p is not None), default=None)
-        top = busy_ms = None
+        top = busy_ms = host_top = None
         at_peak: dict = {}
         if job.get("profile"):  # more steps, after the measured ones, so the profiler changes none of them
             progress("profiling a step")
             path = os.path.join(job["profile"], f"profile-{setup.name}.txt")
-            top, busy_ms = measure.profile(lambda: built.step(ids), device, path)
-            top = top[:10]
+            top, busy_ms, host_top = measure.profile(lambda: built.step(ids), device, path)
+            top, host_top = top[:10], host_top[:10]
             # What is allocated at the step's peak, by allocation site (on a GPU): where the peak goes
             # beyond the saved activations.
             progress("tracing the allocator over a step")
@@ -111,7 +111,8 @@ def run_setup(job: dict, progress: Callable[[str], None]) -> dict:
         model_state_gib=None if state_gib is None else round(state_gib, 3),
         min_seq=opts.min_seq, graphs=graphs,
         step_s=round(step_s, 4), tok_per_s=round(tok_per_s, 1), compile_s=round(times[0], 2),
-        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top, profile_busy_ms=busy_ms, **at_peak,
+        loss_first=losses[0], loss_last=losses[-1], **saved, profile_top=top, profile_busy_ms=busy_ms,
+        profile_host_top=host_top, **at_peak,
         trainable=sum(p.numel() for p in built.params), params=sum(p.numel() for p in built.model.parameters()))
 
 
