@@ -327,6 +327,14 @@ def warm_kernel_build_pool() -> None:
         AsyncCompile.use_process_pool()
 
 
+def wait_kernel_build_pool(timeout: float = 120.0) -> None:
+    """Block until Inductor's kernel-build workers are up (at once where it builds in this process)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    if hasattr(AsyncCompile, "wait_pool_ready"):
+        AsyncCompile.wait_pool_ready(timeout)
+
+
 def autograd_cache_hits() -> int:
     """How many compiles AOTAutograd's compile cache has served in this process."""
     from torch._dynamo.utils import counters

@@ -83,7 +83,10 @@ def _build(model_name: str, dtype: torch.dtype, device: torch.device):
 
 
 def _startup(compiler: str, device: torch.device) -> float:
-    """Seconds of a first, trivial compiled forward and backward in this process."""
+    """Seconds of a first, trivial compiled forward and backward in this process, and on a GPU of
+    Inductor's kernel-build workers coming up (until then it builds each Triton kernel in this
+    process): the start-up every compile in a new process pays, whole model or block."""
+    from memcompile import _torch_compat as tc
     from memcompile.bench import measure
 
     x = torch.randn(64, 64, device=device, requires_grad=True)
@@ -91,6 +94,8 @@ def _startup(compiler: str, device: torch.device) -> float:
     times: list[float] = []
     with measure.timed(device, times):
         fn(x).backward()
+        if compiler == "inductor" and device.type == "cuda":
+            tc.wait_kernel_build_pool()
     return times[0]
 
 
