@@ -139,7 +139,8 @@ def test_the_users_path_with_a_memory_target(arch):
     memory target the blocks meet by recomputing, which changes no bit of any step."""
     opts = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
     free, rep = architectures.train_regional(arch, opts)
-    target = int(rep.bytes_after * 0.92)
+    # 92 % of what the blocks keep (the loss graph, not planned, keeps the logits it reads besides)
+    target = int(sum(g.bytes_after * rep.runs(g) for g in rep.graphs if g.served) * 0.92)
     planned, rep_planned = architectures.train_regional(arch, {**opts, "memory_target": target, "plan": {"offload": False}})
     blocks = [g for g in rep_planned.graphs if g.served]
     assert blocks and rep_planned.passes["memory_plan"]["counters"]["recompute"] > 0

@@ -159,3 +159,25 @@ def test_the_same_graph_under_autocast_has_its_own_report():
     assert not autocast.graphs[0].from_cache
     assert any(t.dtype == "bfloat16" for t in autocast.saved_after)
     assert not any(t.dtype == "bfloat16" for t in plain.saved_after)
+
+
+def test_a_dynamic_length_compile_writes_its_entry(caplog):
+    """A graph compiled for any length (its sizes symbolic) reports sizes at the traced example, so its
+    report can be written beside the cache; a later process is served it."""
+    import pickle
+
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    model = models.tiny_lora_llama(layers=1)
+    compiled = torch.compile(model, backend="memtrain", options={**OPTIONS, "fused_cross_entropy": True}, dynamic=True)
+    ids = models.batch()
+    with caplog.at_level("WARNING", logger="memcompile.report_cache"):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    assert not [r for r in caplog.records if "could not write" in r.getMessage()]
+    rep = memcompile.report()
+    assert rep.passes["cross_entropy"]["losses"]
+    entries = os.listdir(os.path.join(tc.inductor_cache_dir(), report_cache.FOLDER))
+    assert entries
+    for name in entries:
+        with open(os.path.join(tc.inductor_cache_dir(), report_cache.FOLDER, name), "rb") as f:
+            pickle.load(f)

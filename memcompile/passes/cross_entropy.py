@@ -36,7 +36,7 @@ from memcompile.kernels import cross_entropy as kernel
 from memcompile.kernels import linear_cross_entropy as linear_kernel
 from memcompile.ops import memtrain
 
-from ._graph import linear_args
+from ._graph import hinted_shape, linear_args
 from .base import GraphPass, PassResult
 
 NAME = "cross_entropy"
@@ -201,7 +201,8 @@ def _replace_loss(node: fx.Node, new: fx.Node, loss_input: fx.Node) -> bool:
 
 def _record(loss: fx.Node, logits, upcast_dropped: bool, linear: bool) -> dict:
     """What the report shows of one fused loss."""
-    return {"loss": loss.name, "logits": tuple(logits.shape) if logits is not None else None,
+    # At the traced example's sizes: a symbolic size would tie the report to the compile's shape environment.
+    return {"loss": loss.name, "logits": hinted_shape(logits) if logits is not None else None,
             "dtype": str(logits.dtype).removeprefix("torch.") if logits is not None else None,
             "upcast_dropped": upcast_dropped, "linear": linear}
 
