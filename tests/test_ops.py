@@ -11,12 +11,16 @@ OP_NAMES = sorted(n for n in ops.__all__ if n != "memtrain")
 
 
 def _defined_in_sources() -> dict[str, str]:
-    """``{op name: Python function name}`` of every ``torch.library.custom_op("memtrain::...")`` in the package."""
+    """``{op name: Python name}`` of every ``torch.library.custom_op("memtrain::...")`` in the package, and of
+    every op defined on a ``torch.library.Library`` and bound as ``<name> = torch.ops.memtrain.<op>.default``."""
     found = {}
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         for m in re.finditer(r'custom_op\("memtrain::(\w+)".*\n(?:@.*\n)*def (\w+)\(', text):
             found[m.group(1)] = m.group(2)
+        for m in re.finditer(r'^(\w+) = torch\.ops\.memtrain\.(\w+)\.default$', text, re.MULTILINE):
+            assert re.search(rf'\.define\("{m.group(2)}\(', text), f"{path}: {m.group(2)} is not defined there"
+            found[m.group(2)] = m.group(1)
     return found
 
 
@@ -25,7 +29,8 @@ def test_catalogue_lists_every_op_and_names_match_functions():
     assert sorted(defined) == OP_NAMES
     assert all(op == fn for op, fn in defined.items()), defined
     for name in OP_NAMES:
-        assert getattr(ops, name)._qualname == f"memtrain::{name}"
+        op = getattr(ops, name)
+        assert (getattr(op, "_qualname", None) or op._schema.name) == f"memtrain::{name}"
         assert hasattr(ops.memtrain, name)
 
 
