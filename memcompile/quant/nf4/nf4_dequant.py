@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from memcompile._library import define_op
 from memcompile.kernels._triton import HAS_TRITON, autotune, tl, triton, use_triton
 
 if HAS_TRITON:
@@ -99,17 +100,11 @@ def _fake(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape
     return packed.new_empty(shape, dtype=dtype)
 
 
-# Registered with ``torch.library.Library`` rather than ``custom_op``: this op runs once per NF4 layer
-# in every backward, and ``custom_op``'s Python wrapper (device lookup, aliasing checks) cost about
-# 14 us of host time a call on top of the dispatcher's (on CPU, a 64x64 weight: 100 against 86 us, the
-# body alone 71). The schema, the fake and the ``pt2_compliant`` tag are what ``custom_op`` gave.
-_LIB = torch.library.Library("memtrain", "FRAGMENT")
-_LIB.define("nf4_dequant(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
-            "Tensor? nested_offset, SymInt[] shape, SymInt blocksize, SymInt nested_blocksize, ScalarType dtype) "
-            "-> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_LIB.impl("nf4_dequant", dequantize, "CompositeExplicitAutograd")
-torch.library.register_fake("memtrain::nf4_dequant", _fake, lib=_LIB)
-nf4_dequant = torch.ops.memtrain.nf4_dequant.default
+# Once per NF4 layer in every backward: registered without ``custom_op``'s per-call wrapper (``define_op``).
+nf4_dequant = define_op(
+    "nf4_dequant(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
+    "Tensor? nested_offset, SymInt[] shape, SymInt blocksize, SymInt nested_blocksize, ScalarType dtype) -> Tensor",
+    dequantize, _fake)
 
 
 def nf4_dequant_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from memcompile._library import define_op
 from memcompile.quant.nf4.nf4_dequant import dequantize, nf4_dequant
 from memcompile.quant.nf4.nf4_quant import NF4Weight
 
@@ -75,8 +76,6 @@ def _backward(ctx, grad):
     return grad_x, None, None, None, None, None, None, grad_bias, None, None, None
 
 
-
-
 def nf4_linear_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                    nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                    nested_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: list[int],
@@ -88,15 +87,9 @@ def nf4_linear_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-# ``x @ dequant(W)^T (+ bias)`` in ``x.dtype``; ``shape`` is ``[out_features, in_features]``. Registered
-# with ``torch.library.Library`` rather than ``custom_op``, as ``nf4_dequant`` is and for the same reason:
-# it runs once per NF4 layer in every forward, and ``custom_op``'s Python wrapper cost about 9 us of host
-# time a call (on CPU, a 64x64 weight: 118 against 109 us, the body alone 82).
-_LIB = torch.library.Library("memtrain", "FRAGMENT")
-_LIB.define("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
-            "Tensor? nested_code, Tensor? nested_offset, Tensor? bias, SymInt[] shape, SymInt blocksize, "
-            "SymInt nested_blocksize) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_LIB.impl("nf4_linear", nf4_linear_ref, "CompositeExplicitAutograd")
-torch.library.register_fake("memtrain::nf4_linear", _fake, lib=_LIB)
-torch.library.register_autograd("memtrain::nf4_linear", _backward, setup_context=_setup_context, lib=_LIB)
-nf4_linear = torch.ops.memtrain.nf4_linear.default
+# ``x @ dequant(W)^T (+ bias)`` in ``x.dtype``; ``shape`` is ``[out_features, in_features]``. Once per NF4
+# layer in every forward: registered without ``custom_op``'s per-call wrapper (``define_op``).
+nf4_linear = define_op(
+    "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
+    "Tensor? nested_offset, Tensor? bias, SymInt[] shape, SymInt blocksize, SymInt nested_blocksize) -> Tensor",
+    nf4_linear_ref, _fake, _backward, _setup_context)
