@@ -176,7 +176,7 @@ class MemtrainConfig:
             meets the target at the least estimated time (``plan``: what it may use and the cost model).
             Smaller targets never keep more; one that cannot be met is refused with the smallest
             reachable. Under ``compile_blocks`` each block's graph gets the target divided by the
-            number of layers it serves, and the loss graph is not planned. Exclusive with ``recompute_budget``.
+            number of layers it serves, and the head's graph (projection and loss) is not planned. Exclusive with ``recompute_budget``.
         plan: the planner's options (``PlanConfig`` or a dict).
         recompute_budget: with ``"mincut"``, keep the saved activations (after compression) to this
             fraction (0, 1] of what the partitioner would save, recomputing the rest in the backward

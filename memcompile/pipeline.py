@@ -88,10 +88,10 @@ class CompileContext:
 
 
 def held_inputs(from_frame: Sequence[bool], example_inputs: Sequence) -> list[bool]:
-    """Per input of a region of a model's forward (``compile_blocks``: a block, the loss), whether its
+    """Per input of a region of a model's forward (``compile_blocks``: a block, the head), whether its
     caller holds it anyway, so that saving it costs nothing: one from the compiled frame (a parameter, a
     buffer, the batch), unless it requires grad without being a parameter. That is an activation the
-    model made before the region (a block's hidden states, the logits the loss reads): only this graph's
+    model made before the region (a block's hidden states, the final hidden states the head reads): only this graph's
     saving keeps it alive. In a frame the user compiles, an argument that requires grad is the user's."""
     return [held and not (isinstance(x, torch.Tensor) and x.requires_grad and not isinstance(x, torch.nn.Parameter))
             for held, x in zip(from_frame, example_inputs)]

@@ -3,8 +3,13 @@
 ``torch.compile`` of a whole model traces and compiles every layer; a decoder's layers are the same
 code, so compiling one block and reusing its graph for every layer cuts the time to the first step
 by about the number of layers. ``compile_blocks`` compiles the children of each ``nn.ModuleList``
-of identical blocks with memtrain, and the model's loss function (so the fused cross-entropy still
-applies to it); the embeddings, final norm and output projection stay eager.
+of identical blocks with memtrain, and the output head with its loss as one more graph (so the fused
+cross-entropy joins the output projection, as in a whole-model compile: the logits are never kept);
+the embeddings and the final norm stay eager.
+
+The head's graph is the model's own forward from the decoder's output on: the forward is compiled with
+the decoder body (the child holding the blocks) left to run as it is, a graph break, so Dynamo
+resumes after it with the projection and the loss, and the blocks inside run their own graph.
 
 Compression state (VeLoRA's vector, CompAct's step counter and seed) lives on each layer's own
 weights (``memcompile.activation_state``), so the shared graph keeps every layer's state apart.
@@ -73,11 +78,24 @@ def _loss_owner(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def _body(owner: torch.nn.Module, blocks: Sequence[str], modules: Mapping[str, torch.nn.Module]) -> torch.nn.Module | None:
+    """The child of ``owner`` (the model with the loss) that holds the repeated blocks: the decoder body,
+    whose call separates the blocks from the head in the owner's forward."""
+    lists = {id(modules[path]) for path in blocks}
+    for child in owner.children():
+        if any(id(m) in lists for m in child.modules()):
+            return child
+    return None
+
+
 def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str, Any] | None = None, *,
                    dynamic: bool | None = None, loss: bool = True,
                    backend: str | Callable = "memtrain") -> dict[str, list[str]]:
     """Compile every repeated block of ``model`` with memtrain (one graph, reused for every layer) and,
-    with ``loss``, its Hugging Face loss function. Returns the compiled blocks, ``{list: [layers]}``.
+    with ``loss``, the output head of a Hugging Face model with its loss (a second graph: the
+    projection and ``loss_function``, where Dynamo resumes after the decoder body, whose ``forward`` is
+    wrapped in ``torch.compiler.disable`` so that its own code stays eager). Returns the compiled
+    blocks, ``{list: [layers]}``.
     ``backend`` another than ``"memtrain"`` (``"inductor"``) compiles the same regions with it, without
     memtrain's passes, for comparison.
 
@@ -116,14 +134,29 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         for name in layers:
             modules[name].compile(backend=block_backend, dynamic=dynamic)
     if loss:
-        owner = _loss_owner(model)
-        if owner is None:
-            log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the loss stays eager")
-        else:
-            # The loss graph's inputs are the logits and labels: a recompute budget there could only
-            # rerun the loss itself, so it is compiled without one (the blocks keep theirs); the blocks
-            # share memory_target among their layers, and the loss graph is not planned.
-            loss_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {})
-                            if backend == "memtrain" else backend)
-            owner.loss_function = torch.compile(owner.loss_function, backend=loss_backend, dynamic=dynamic)
+        _compile_head(model, blocks, modules, config, backend, dynamic)
     return blocks
+
+
+def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modules: Mapping[str, torch.nn.Module],
+                  config: MemtrainConfig, backend: str | Callable, dynamic: bool | None) -> None:
+    """Compile the forward of the model that owns the loss, less its decoder body: the output projection
+    and the loss in one graph."""
+    owner = _loss_owner(model)
+    if owner is None:
+        log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the head and loss stay eager")
+        return
+    # The head's inputs are the final hidden states and the labels: a recompute budget there could only
+    # rerun the head itself, so it is compiled without one (the blocks keep theirs); the blocks share
+    # memory_target among their layers, and the head's graph is not planned.
+    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {})
+                    if backend == "memtrain" else backend)
+    body = _body(owner, blocks, modules)
+    if body is None:
+        log.warning("memtrain: compile_blocks found the blocks outside %s's children, so it cannot compile the head "
+                    "apart from them; the output projection and the loss stay eager", type(owner).__name__)
+        return
+    # Disabled, the body's call is a graph break in the owner's forward: Dynamo compiles what follows it
+    # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
+    body.forward = torch.compiler.disable(body.forward)
+    owner.compile(backend=head_backend, dynamic=dynamic)

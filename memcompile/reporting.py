@@ -322,7 +322,7 @@ class StepReport:
             alone = sum(not g.served for g in planned)
             how = (f"graph breaks split it into {alone} graphs, each planned against the whole target" if alone > 1
                    else "the compiled blocks share it" if alone < len(planned) else "one planned graph")
-            rest = (f"; the graphs not planned (under compile_blocks, the loss) keep {fmt_bytes(after - kept)}"
+            rest = (f"; the graphs not planned (under compile_blocks, the head and loss) keep {fmt_bytes(after - kept)}"
                     if after > kept else "")
             lines.append(f"  memory_target {fmt_bytes(target)}: the planned graphs keep {fmt_bytes(kept)}, {held};"
                          f" {how}{rest}")

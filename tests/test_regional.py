@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -260,7 +261,11 @@ def test_every_served_layer_carries_the_approximation_mark():
     model = models.tiny_llama(layers=3)
     memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "compact"})
     ids = models.batch()
-    model(input_ids=ids, labels=ids).loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids, labels=ids).loss.backward()
+    # The head's graph holds only lm_head, excluded by default: no warning that targets match nothing.
+    assert not [w for w in caught if "match none of the" in str(w.message)]
     marked = {n for n, p in model.named_parameters() if grad_approximation(p) == "compact"}
     # CompAct's default targets: q/k/v, gate/up, down of every layer (o_proj excluded as in the paper)
     assert marked == {f"model.layers.{i}.{m}.weight" for i in range(3)
@@ -270,9 +275,8 @@ def test_every_served_layer_carries_the_approximation_mark():
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_regional_budget_with_fused_loss_equals_the_unbudgeted_run(compiler):
-    """A loss compiled on its own under a recompute budget: the loss graph gets none (its only inputs are
-    the logits and labels). A must-save on the op made the partitioner save its tuple output, which
-    AOTAutograd refuses, and the knapsack saved it anyway: Inductor failed on the tuple."""
+    """Under a recompute budget the head's graph (projection and loss) gets none: its only inputs are the
+    final hidden states, the head's weight and the labels. The blocks keep theirs."""
     opts = {"activation": "velora", "compiler": compiler, "targets": ["*"], "fused_cross_entropy": True}
     runs = []
     for budget in (None, 0.2):
@@ -281,16 +285,43 @@ def test_regional_budget_with_fused_loss_equals_the_unbudgeted_run(compiler):
         model = models.tiny_lora_llama()
         memcompile.compile_blocks(model, {**opts, "recompute_budget": budget})
         runs.append(_train(model, model, 2))
-        assert memcompile.report().passes["cross_entropy"]["losses"]
+        (fused,) = memcompile.report().passes["cross_entropy"]["losses"]
+        assert fused["linear"] is True  # the output projection joined the loss: the logits are not kept
     _assert_same(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_a_loss_compiled_on_its_own_under_a_budget_equals_the_unbudgeted_run(compiler):
+    """The fused loss on logits that are graph inputs, under a recompute budget. A must-save on the op
+    made the partitioner save its tuple output, which AOTAutograd refuses, and the knapsack saved it
+    anyway: Inductor failed on the tuple."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 128, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 128, (2, 16))
+
+    def loss_fn(x, y):
+        return torch.nn.functional.cross_entropy(x.float().view(-1, 128), y.view(-1))
+
+    runs = []
+    for budget in (None, 0.2):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        compiled = torch.compile(loss_fn, backend="memtrain", options={
+            "compiler": compiler, "fused_cross_entropy": True, "recompute_budget": budget})
+        loss = compiled(logits, labels)
+        grad, = torch.autograd.grad(loss, logits)
+        assert len(memcompile.report().passes["cross_entropy"]["losses"]) == 1
+        runs.append((loss.detach(), grad))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0][0], loss_fn(logits, labels).detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_report_counts_what_the_compiled_graphs_keep(compiler):
-    """Under compile_blocks a block's hidden states and the compiled loss's logits are graph inputs that
-    the graph alone keeps alive. The report counts them: its saved bytes equal what autograd packs
-    while the step runs, less what the eager final norm and output projection pack, and less the batch,
-    the weights and the rotary tables (inputs held anyway)."""
+    """Under compile_blocks a block's hidden states and the head's final hidden states are graph inputs
+    that the graph alone keeps alive. The report counts them: its saved bytes equal what autograd packs
+    while the step runs, less what the eager final norm packs, and less the batch, the weights and the
+    rotary tables (inputs held anyway)."""
     from memcompile.bench import measure
 
     model = models.tiny_lora_llama(layers=3)
@@ -301,7 +332,7 @@ def test_report_counts_what_the_compiled_graphs_keep(compiler):
     held = [*model.parameters(), *model.buffers(), ids]
     tables = model.base_model.model.model.rotary_emb.register_forward_hook(
         lambda module, args, out: held.extend(out) and None)
-    eager = [model.base_model.model.model.norm, model.base_model.model.lm_head]
+    eager = [model.base_model.model.model.norm]
     inside: list[bool] = []
     hooks = [h for m in eager for h in (m.register_forward_pre_hook(lambda *a: inside.append(True)),
                                           m.register_forward_hook(lambda *a: inside.clear()))]

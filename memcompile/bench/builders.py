@@ -163,7 +163,7 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float
     partitions with Inductor's decompositions and min-cut partitioner, so saved activations match
     Inductor's. ``compiler="aot_eager_decomp"`` (the estimate's) gives memtrain setups the same:
     Inductor's graphs and partition, and so Inductor's memory plan, run in Python.
-    ``regional_loss=False``: a regional setup leaves the loss eager (the estimate's, on meta).
+    ``regional_loss=False``: a regional setup leaves the output head and loss eager (the estimate's, on meta).
     """
     if setup.compile == "none":
         return model, "eager", contextlib.nullcontext()
@@ -179,17 +179,17 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float
         if setup.regional:
             import memcompile
 
-            # compile_blocks compiles the decoder layers (and the loss) in place; the model's own forward
+            # compile_blocks compiles the decoder layers (and the head with its loss) in place; the model's own forward
             # calls them, so the model is what trains.
             memcompile.compile_blocks(model, options=options, loss=regional_loss)
-            return model, name + ", regional" + ("" if regional_loss else ", loss eager"), contextlib.nullcontext()
+            return model, name + ", regional" + ("" if regional_loss else ", head eager"), contextlib.nullcontext()
         return torch.compile(model, backend="memtrain", options=options), name, contextlib.nullcontext()
     backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
     if setup.regional:
         import memcompile
 
         memcompile.compile_blocks(model, backend=backend, loss=regional_loss)
-        return model, backend + ", regional" + ("" if regional_loss else ", loss eager"), contextlib.nullcontext()
+        return model, backend + ", regional" + ("" if regional_loss else ", head eager"), contextlib.nullcontext()
     if setup.memory_budget:
         return torch.compile(model, backend=backend), f"{backend}, budget {budget:g}", activation_memory_budget(budget)
     return torch.compile(model, backend=backend), backend, contextlib.nullcontext()

@@ -162,9 +162,11 @@ def find_linears(graph: fx.Graph, primals: dict[fx.Node, str]) -> list[Layer]:
 def _warn_about_silent_skips(config: MemtrainConfig, method: CompressionMethod, layers: list[Layer],
                              skipped: list[dict], unfit: list[str]) -> None:
     """Options that would make the pass compress nothing without a word: targets that match no layer,
-    and what the method says of the layers its ``check`` turned down (``unfit``)."""
-    if layers and sum(s["reason"] == "not targeted" for s in skipped) == len(layers):
-        names = [l.name.removesuffix(".weight") for l in layers]
+    and what the method says of the layers its ``check`` turned down (``unfit``). A graph whose only
+    layers are excluded on purpose (under ``compile_blocks``, the head's ``lm_head``) says nothing."""
+    names = [l.name.removesuffix(".weight") for l in layers]
+    if (layers and sum(s["reason"] == "not targeted" for s in skipped) == len(layers)
+            and not all(matches(name, config.exclude_patterns) for name in names)):
         warnings.warn(f"memtrain: targets={list(config.target_patterns)} (exclude={list(config.exclude_patterns)}) "
                       f"match none of the {len(names)} trainable linear layers of this graph, so nothing is "
                       f"compressed; their names look like {names[:3]}: set `targets` to match them "

@@ -285,9 +285,30 @@ def keep_loss_statistics(joint: fx.GraphModule) -> int:
             # AOTAutograd cannot save.
             kept = [d for g in node.users if g.target is operator.getitem
                     for d in g.users if d.target is torch.ops.aten.detach.default]
-            if node.target is memtrain.linear_cross_entropy_forward.default or not kept:
+            if node.target is memtrain.linear_cross_entropy_forward.default:
                 kept.append(node)
+            elif not kept:
+                kept = _statistics_copies(node)
             for target in kept:
                 must_save(target)
             marked += 1
     return marked
+
+
+def _statistics_copies(loss: fx.Node) -> list[fx.Node]:
+    """For a plain fused loss whose log-sum-exp reaches the backward without a detach (Inductor's joint
+    graph drops them): a copy of each output the backward reads, for the partitioner to keep. Marking
+    the op itself, a tuple, let the budgeted partitioner save the tuple when it had nothing else to
+    recompute (a loss compiled on its own), which Inductor cannot lower. The copy is 4 bytes a row."""
+    graph, copies = loss.graph, []
+    for g in [u for u in loss.users if u.target is operator.getitem]:
+        readers = [u for u in g.users if u.target is memtrain.cross_entropy_backward.default]
+        if not readers:
+            continue
+        with graph.inserting_after(g):
+            copy = graph.call_function(torch.ops.aten.clone.default, (g,))
+        copy.meta = {k: v for k, v in g.meta.items() if k in ("val", "tensor_meta", "stack_trace")}
+        for reader in readers:
+            reader.replace_input_with(g, copy)
+        copies.append(copy)
+    return copies

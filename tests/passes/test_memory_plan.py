@@ -276,13 +276,13 @@ def test_regional_blocks_share_the_target_exactly():
     target = blocks(free[2]) // 2
     planned = run({**BASE, "memory_target": target, "plan": {"offload": True}})
     assert 0 < blocks(planned[2]) <= target
-    assert "memory_plan" not in next(g for g in planned[2].graphs if not g.served).passes  # the loss graph
+    assert "memory_plan" not in next(g for g in planned[2].graphs if not g.served).passes  # the head's graph
     assert planned[2].passes["memory_plan"]["counters"]["target"] == target // 3  # a layer's share, not a sum
-    loss_graph = planned[2].bytes_after - blocks(planned[2])
-    assert loss_graph > 0  # the logits the compiled loss reads: counted, not planned
+    head_graph = planned[2].bytes_after - blocks(planned[2])
+    assert head_graph > 0  # what the compiled head keeps (here log_softmax's output): counted, not planned
     assert (f"memory_target {fmt_bytes(target)}: the planned graphs keep {fmt_bytes(blocks(planned[2]))}, within it;"
-            f" the compiled blocks share it; the graphs not planned (under compile_blocks, the loss) keep "
-            f"{fmt_bytes(loss_graph)}") in str(planned[2])
+            f" the compiled blocks share it; the graphs not planned (under compile_blocks, the head and loss) "
+            f"keep {fmt_bytes(head_graph)}") in str(planned[2])
     _assert_exact(planned, free)
 
 
