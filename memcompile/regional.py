@@ -55,6 +55,22 @@ class BlockBackend:
         return compiled
 
 
+class _EagerForward:
+    """A module's forward that Dynamo does not trace (``torch.compiler.disable``): set as the decoder
+    body's ``forward``, its call ends the graph of the compiled forward around it. It holds the module
+    rather than a closure, so a ``copy.deepcopy`` of the model calls its own body, and it calls a
+    forward the instance already had (an ``accelerate`` hook's) in place of the class's."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.own = module, module.__dict__.get("forward")
+
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        if self.own is not None:
+            return self.own(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
 def repeated_blocks(model: torch.nn.Module) -> dict[str, list[str]]:
     """``{ModuleList path: [child paths]}`` for every ``nn.ModuleList`` of two or more modules of one
     class (a decoder's layers), outermost first; lists inside a block are part of that block."""
@@ -94,7 +110,7 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     """Compile every repeated block of ``model`` with memtrain (one graph, reused for every layer) and,
     with ``loss``, the output head of a Hugging Face model with its loss (a second graph: the
     projection and ``loss_function``, where Dynamo resumes after the decoder body, whose ``forward`` is
-    wrapped in ``torch.compiler.disable`` so that its own code stays eager). Returns the compiled
+    set to run outside Dynamo, so that its own code stays eager). Returns the compiled
     blocks, ``{list: [layers]}``.
     ``backend`` another than ``"memtrain"`` (``"inductor"``) compiles the same regions with it, without
     memtrain's passes, for comparison.
@@ -158,5 +174,6 @@ def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modul
         return
     # Disabled, the body's call is a graph break in the owner's forward: Dynamo compiles what follows it
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
-    body.forward = torch.compiler.disable(body.forward)
+    if not isinstance(body.__dict__.get("forward"), _EagerForward):  # compile_blocks called again
+        body.forward = _EagerForward(body)
     owner.compile(backend=head_backend, dynamic=dynamic)

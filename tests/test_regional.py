@@ -1,5 +1,6 @@
 """Regional compilation: one compiled block for every layer, each layer keeping its own compression
 state, against the whole model compiled at once."""
+import copy
 import os
 import subprocess
 import sys
@@ -358,3 +359,20 @@ def test_compile_blocks_starts_no_kernel_build_workers_for_a_cpu_model(monkeypat
     monkeypatch.setattr(tc, "warm_kernel_build_pool", lambda: warmed.append(True))
     memcompile.compile_blocks(models.tiny_lora_llama(layers=2), {"activation": "velora"})
     assert warmed == []
+
+
+def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_body():
+    """The decoder body runs outside the head's graph (one graph for the blocks, one for the head), and
+    a deep copy of the model calls its own body, not the original's."""
+    model = models.tiny_lora_llama(layers=2)
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})  # twice: no change
+    ids = models.batch()
+    graphs = tc.dynamo_graph_count()
+    logits = model(input_ids=ids, labels=ids).logits
+    assert tc.dynamo_graph_count() - graphs == 2
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.base_model.model.model.norm.weight.mul_(2)
+    assert not torch.equal(twin(input_ids=ids, labels=ids).logits, logits)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).logits, logits, rtol=0, atol=0)
