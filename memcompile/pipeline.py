@@ -64,7 +64,7 @@ class CompileContext:
     """What the stages of one graph's compile share: names of its inputs, the report, options."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
-                 served: Sequence[str] = (), region: bool = False):
+                 served: Sequence[str] = (), region: str = ""):
         self.config = config
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
@@ -75,7 +75,7 @@ class CompileContext:
         self.parameter_inputs = [isinstance(x, torch.nn.Parameter) for x in self.example_inputs]
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
                                             activation=config.activation, frame_id=tc.current_frame_id())
-        self.report.served = tuple(served)
+        self.report.served, self.report.region = tuple(served), region
         self.served = tuple(served)
         self.in_block = bool(served)
         self.decompositions: dict | None = None  # Inductor's table, once Inductor partitions
@@ -165,7 +165,7 @@ def _mark_approximated(ctx: CompileContext) -> None:
 
 
 def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: int = 0,
-              region: bool = False) -> str:
+              region: str | bool = False) -> str:
     """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
     (its source and options), the partitioner's options, the layer names (targets match them), how
     many layers a compiled block serves (0: a graph of its own) and whether it is a region of a model
@@ -177,7 +177,7 @@ def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: i
             h.update(f"{p.name}/{p.stage}:{p.uuid()}".encode())
     h.update(repr((config.partitioner, config.recompute_budget, config.compiler)).encode())
     # A block's graph is planned for its share of the step's target: how many layers it serves counts.
-    h.update(repr((tuple(input_names), served, region)).encode())
+    h.update(repr((tuple(input_names), served, bool(region))).encode())
     return h.hexdigest()
 
 
@@ -273,11 +273,12 @@ def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
-                  served: Sequence[str] = (), region: bool = False) -> Callable:
+                  served: Sequence[str] = (), region: str = "") -> Callable:
     """Run every stage on one Dynamo graph and return the compiled callable. ``served``: the modules
-    the graph runs for, when one compiled block serves several (regional compilation). ``region``: the
-    graph is a region of a model's forward (``compile_blocks``), whose arguments that require grad are
-    activations (``held_inputs``)."""
+    the graph runs for, when one compiled block serves several (regional compilation). ``region``: which
+    part of a model's forward the graph is (``compile_blocks``: a block, the head; the report says it),
+    whose arguments that require grad are activations (``held_inputs``); empty for a frame the user
+    compiles."""
     if config.compiler == "inductor" and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         tc.warm_kernel_build_pool()
     ctx = CompileContext(gm, example_inputs, config, served, region)

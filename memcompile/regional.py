@@ -34,14 +34,14 @@ class BlockBackend:
     """The memtrain backend for a graph that serves several modules: one object for all of them, so
     Dynamo's cache (which checks the backend) reuses the first block's graph for the others."""
 
-    def __init__(self, config: MemtrainConfig, served: Mapping[str, torch.nn.Module]):
-        self.config, self.served = config, tuple(served)
+    def __init__(self, config: MemtrainConfig, served: Mapping[str, torch.nn.Module], region: str = "a repeated block"):
+        self.config, self.served, self.region = config, tuple(served), region
         self._modules = [weakref.ref(m) for m in served.values()]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
         from memcompile import pipeline
 
-        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served, region=True)
+        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served, region=self.region)
         # The compile saw the first block's parameters; every block it serves has the same
         # approximated gradients (Fira reads these marks to refuse them).
         report = reporting.report_of_last_compile()
@@ -165,7 +165,8 @@ def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modul
     # The head's inputs are the final hidden states and the labels: a recompute budget there could only
     # rerun the head itself, so it is compiled without one (the blocks keep theirs); the blocks share
     # memory_target among their layers, and the head's graph is not planned.
-    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {})
+    region = f"the output head and its loss: {type(owner).__name__}'s forward after its decoder body (compile_blocks)"
+    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {}, region)
                     if backend == "memtrain" else backend)
     body = _body(owner, blocks, modules)
     if body is None:

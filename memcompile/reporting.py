@@ -49,6 +49,7 @@ class GraphReport:
     num_tokens: int | None = None
     frame_id: int | None = None  # Dynamo's frame: a recompile replaces the graph of the same frame
     served: tuple[str, ...] = ()  # the modules one compiled block runs for (regional compilation)
+    region: str = ""  # which part of a model's forward the graph is, under compile_blocks
     approximated: dict[str, str] = field(default_factory=dict)  # graph input name -> method of its gradient
     # Estimated time of what the backward reruns and copies instead of keeping (``PlanConfig``'s rates).
     overhead_seconds: float = 0.0
@@ -121,6 +122,8 @@ class GraphReport:
         if self.served:
             lines.append(f"  one compiled block for {len(self.served)} modules: {_span(self.served)}"
                          " (its saved bytes count once per module in the step's totals)")
+        elif self.region:
+            lines.append(f"  {self.region}")
         if self.inference:
             lines.append("  inference graph (no_grad): no backward, nothing saved, passes not applied")
             return "\n".join(lines)

@@ -369,8 +369,11 @@ def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_b
     memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})  # twice: no change
     ids = models.batch()
     graphs = tc.dynamo_graph_count()
-    logits = model(input_ids=ids, labels=ids).logits
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    logits = out.logits.detach()
     assert tc.dynamo_graph_count() - graphs == 2
+    assert "the output head and its loss: LlamaForCausalLM's forward after its decoder body" in str(memcompile.report())
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.base_model.model.model.norm.weight.mul_(2)
