@@ -8,8 +8,8 @@ cross-entropy joins the output projection, as in a whole-model compile: the logi
 the embeddings and the final norm stay eager.
 
 The head's graph is the model's own forward from the decoder's output on: the forward is compiled with
-the decoder body (the child holding the blocks) left to run as it is, a graph break, so Dynamo
-resumes after it with the projection and the loss, and the blocks inside run their own graph.
+the decoder body (the module whose forward runs the blocks) left to run as it is, a graph break, so
+Dynamo resumes after it with the projection and the loss, and the blocks inside run their own graph.
 
 Compression state (VeLoRA's vector, CompAct's step counter and seed) lives on each layer's own
 weights (``memcompile.activation_state``), so the shared graph keeps every layer's state apart.
@@ -94,14 +94,15 @@ def _loss_owner(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def _body(owner: torch.nn.Module, blocks: Sequence[str], modules: Mapping[str, torch.nn.Module]) -> torch.nn.Module | None:
-    """The child of ``owner`` (the model with the loss) that holds the repeated blocks: the decoder body,
-    whose call separates the blocks from the head in the owner's forward."""
-    lists = {id(modules[path]) for path in blocks}
-    for child in owner.children():
-        if any(id(m) in lists for m in child.modules()):
-            return child
-    return None
+def _block_parents(owner: torch.nn.Module, blocks: Sequence[str],
+                   modules: Mapping[str, torch.nn.Module]) -> list[torch.nn.Module] | None:
+    """The modules whose forward runs the repeated blocks (each list's parent: a decoder body, an
+    encoder), when all lie strictly inside ``owner`` (the model with the loss); else ``None``. Their
+    calls separate the blocks from the head in the owner's forward, however deep they sit (Bart's
+    causal LM calls its decoder past the wrapper that holds it)."""
+    inside = {id(m) for m in owner.modules()} - {id(owner)}
+    parents = [modules[path.rpartition(".")[0]] for path in blocks]
+    return parents if all(id(p) in inside for p in parents) else None
 
 
 def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str, Any] | None = None, *,
@@ -168,13 +169,14 @@ def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modul
     region = f"the output head and its loss: {type(owner).__name__}'s forward after its decoder body (compile_blocks)"
     head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {}, region)
                     if backend == "memtrain" else backend)
-    body = _body(owner, blocks, modules)
-    if body is None:
-        log.warning("memtrain: compile_blocks found the blocks outside %s's children, so it cannot compile the head "
-                    "apart from them; the output projection and the loss stay eager", type(owner).__name__)
+    bodies = _block_parents(owner, blocks, modules)
+    if bodies is None:
+        log.warning("memtrain: compile_blocks found repeated blocks outside %s's submodules, so it cannot compile the "
+                    "head apart from them; the output projection and the loss stay eager", type(owner).__name__)
         return
-    # Disabled, the body's call is a graph break in the owner's forward: Dynamo compiles what follows it
+    # Disabled, a body's call is a graph break in the owner's forward: Dynamo compiles what follows it
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
-    if not isinstance(body.__dict__.get("forward"), _EagerForward):  # compile_blocks called again
-        body.forward = _EagerForward(body)
+    for body in bodies:
+        if not isinstance(body.__dict__.get("forward"), _EagerForward):  # compile_blocks called again
+            body.forward = _EagerForward(body)
     owner.compile(backend=head_backend, dynamic=dynamic)

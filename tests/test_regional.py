@@ -379,3 +379,21 @@ def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_b
         twin.base_model.model.model.norm.weight.mul_(2)
     assert not torch.equal(twin(input_ids=ids, labels=ids).logits, logits)
     torch.testing.assert_close(model(input_ids=ids, labels=ids).logits, logits, rtol=0, atol=0)
+
+
+def test_the_head_is_apart_when_the_model_calls_its_decoder_past_a_wrapper():
+    """Bart's causal LM holds its decoder in a wrapper module and calls the decoder itself: the module
+    left out of the head's graph is the one that runs the blocks, so the blocks keep their shared graph
+    (2 graphs, not one graph of the whole model) and the loss is eager's."""
+    from tests import architectures
+
+    model = architectures.build("bart")
+    ids = architectures.batch()
+    expected = model(input_ids=ids, labels=ids).loss.detach()
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})
+    graphs = tc.dynamo_graph_count()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert tc.dynamo_graph_count() - graphs == 2
+    assert [len(g.served) for g in memcompile.report().graphs if g.served] == [2]
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
