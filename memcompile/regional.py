@@ -94,15 +94,24 @@ def _loss_owner(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def _block_parents(owner: torch.nn.Module, blocks: Sequence[str],
-                   modules: Mapping[str, torch.nn.Module]) -> list[torch.nn.Module] | None:
-    """The modules whose forward runs the repeated blocks (each list's parent: a decoder body, an
-    encoder), when all lie strictly inside ``owner`` (the model with the loss); else ``None``. Their
-    calls separate the blocks from the head in the owner's forward, however deep they sit (Bart's
-    causal LM calls its decoder past the wrapper that holds it)."""
-    inside = {id(m) for m in owner.modules()} - {id(owner)}
-    parents = [modules[path.rpartition(".")[0]] for path in blocks]
-    return parents if all(id(p) in inside for p in parents) else None
+def _bodies(owner: torch.nn.Module, blocks: Sequence[str],
+            modules: Mapping[str, torch.nn.Module]) -> list[torch.nn.Module] | None:
+    """The modules around the repeated blocks that the head's graph leaves out, when every block list
+    lies strictly inside ``owner`` (the model with the loss); else ``None``. For each list: the module
+    whose forward runs it (its parent), and the owner's child that holds it (a BERT's ``bert``, whose
+    embeddings would otherwise join the head's compile). Both, because a model may call the first past
+    the second (Bart's causal LM calls its decoder past the wrapper that holds it)."""
+    inside = {id(m): m for m in owner.modules() if m is not owner}
+    found: dict[int, torch.nn.Module] = {}
+    for path in blocks:
+        parent = modules[path.rpartition(".")[0]]
+        if id(parent) not in inside:
+            return None
+        found[id(parent)] = parent
+        for child in owner.children():
+            if any(m is parent for m in child.modules()):
+                found[id(child)] = child
+    return list(found.values())
 
 
 def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str, Any] | None = None, *,
@@ -169,7 +178,7 @@ def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modul
     region = f"the output head and its loss: {type(owner).__name__}'s forward after its decoder body (compile_blocks)"
     head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {}, region)
                     if backend == "memtrain" else backend)
-    bodies = _block_parents(owner, blocks, modules)
+    bodies = _bodies(owner, blocks, modules)
     if bodies is None:
         log.warning("memtrain: compile_blocks found repeated blocks outside %s's submodules, so it cannot compile the "
                     "head apart from them; the output projection and the loss stay eager", type(owner).__name__)
