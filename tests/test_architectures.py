@@ -130,6 +130,30 @@ def test_torch_aot_eager_still_fails(arch):
         torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
 
 
+@pytest.mark.parametrize("arch", _TYPES)
+def test_compile_blocks_compiles_the_blocks_and_the_head_alone(arch):
+    """``compile_blocks`` on each architecture: the step's graphs are the shared block graph and the
+    head's (the output projection with the loss), nothing else (the embeddings stay eager, whatever
+    wraps the decoder), and the loss is eager's."""
+    try:
+        model = architectures.build(arch)
+    except architectures.Skip as e:
+        pytest.skip(str(e))
+    ids = architectures.batch()
+    with architectures._quiet():
+        expected = model(input_ids=ids, labels=ids).loss.detach()
+    try:
+        memcompile.compile_blocks(model, {"compiler": architectures.compiler(arch), "activation": "none"})
+    except ValueError as e:  # no list of repeated blocks (olmo_hybrid's layers are of several classes)
+        pytest.skip(str(e).split(";")[0])
+    with architectures._quiet():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    graphs = memcompile.report().graphs
+    heads = [g for g in graphs if g.region.startswith("the output head")]
+    assert len(heads) == 1 and all(g.served for g in graphs if g not in heads), [g.region for g in graphs]
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-6)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
@@ -139,7 +163,7 @@ def test_the_users_path_with_a_memory_target(arch):
     memory target the blocks meet by recomputing, which changes no bit of any step."""
     opts = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
     free, rep = architectures.train_regional(arch, opts)
-    # 92 % of what the blocks keep (the loss graph, not planned, keeps the logits it reads besides)
+    # 92 % of what the blocks keep (the head's graph, not planned, keeps what it reads besides)
     target = int(sum(g.bytes_after * rep.runs(g) for g in rep.graphs if g.served) * 0.92)
     planned, rep_planned = architectures.train_regional(arch, {**opts, "memory_target": target, "plan": {"offload": False}})
     blocks = [g for g in rep_planned.graphs if g.served]
