@@ -17,6 +17,7 @@ weights (``memcompile.activation_state``), so the shared graph keeps every layer
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import weakref
 from typing import Any, Callable, Mapping, Sequence
@@ -63,6 +64,11 @@ class _EagerForward:
 
     def __init__(self, module: torch.nn.Module):
         self.module, self.own = module, module.__dict__.get("forward")
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # The forward's own: Hugging Face and trainers read a forward's parameters to route arguments.
+        return inspect.signature(self.own if self.own is not None else type(self.module).forward.__get__(self.module))
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):

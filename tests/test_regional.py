@@ -1,6 +1,7 @@
 """Regional compilation: one compiled block for every layer, each layer keeping its own compression
 state, against the whole model compiled at once."""
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -374,6 +375,8 @@ def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_b
     logits = out.logits.detach()
     assert tc.dynamo_graph_count() - graphs == 2
     assert "the output head and its loss: LlamaForCausalLM's forward after its decoder body" in str(memcompile.report())
+    body = model.base_model.model.model
+    assert inspect.signature(body.forward) == inspect.signature(type(body).forward.__get__(body))
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.base_model.model.model.norm.weight.mul_(2)
