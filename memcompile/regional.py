@@ -107,7 +107,7 @@ def _bodies(owner: torch.nn.Module, blocks: Sequence[str],
     whose forward runs it (its parent), and the owner's child that holds it (a BERT's ``bert``, whose
     embeddings would otherwise join the head's compile). Both, because a model may call the first past
     the second (Bart's causal LM calls its decoder past the wrapper that holds it)."""
-    inside = {id(m): m for m in owner.modules() if m is not owner}
+    inside = {id(m) for m in owner.modules() if m is not owner}
     found: dict[int, torch.nn.Module] = {}
     for path in blocks:
         parent = modules[path.rpartition(".")[0]]
