@@ -165,7 +165,7 @@ def _mark_approximated(ctx: CompileContext) -> None:
 
 
 def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: int = 0,
-              region: str | bool = False) -> str:
+              region: str = "") -> str:
     """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
     (its source and options), the partitioner's options, the layer names (targets match them), how
     many layers a compiled block serves (0: a graph of its own) and whether it is a region of a model

@@ -58,23 +58,21 @@ class BlockBackend:
 
 class _EagerForward:
     """A module's forward that Dynamo does not trace (``torch.compiler.disable``): set as the decoder
-    body's ``forward``, its call ends the graph of the compiled forward around it. It holds the module
-    rather than a closure, so a ``copy.deepcopy`` of the model calls its own body, and it calls a
-    forward the instance already had (an ``accelerate`` hook's) in place of the class's."""
+    body's ``forward``, its call ends the graph of the compiled forward around it. It holds the forward
+    the module had (the class's, bound, or an instance one such as an ``accelerate`` hook's) rather than
+    a closure, so a ``copy.deepcopy`` of the model binds the copy's to its own body."""
 
     def __init__(self, module: torch.nn.Module):
-        self.module, self.own = module, module.__dict__.get("forward")
+        self.inner = module.forward
 
     @property
     def __signature__(self) -> inspect.Signature:
         # The forward's own: Hugging Face and trainers read a forward's parameters to route arguments.
-        return inspect.signature(self.own if self.own is not None else type(self.module).forward.__get__(self.module))
+        return inspect.signature(self.inner)
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
-        if self.own is not None:
-            return self.own(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return self.inner(*args, **kwargs)
 
 
 def repeated_blocks(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -178,17 +176,17 @@ def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modul
     if owner is None:
         log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the head and loss stay eager")
         return
+    bodies = _bodies(owner, blocks, modules)
+    if bodies is None:
+        log.warning("memtrain: compile_blocks found repeated blocks outside %s's submodules, so it cannot compile the "
+                    "head apart from them; the output projection and the loss stay eager", type(owner).__name__)
+        return
     # The head's inputs are the final hidden states and the labels: a recompute budget there could only
     # rerun the head itself, so it is compiled without one (the blocks keep theirs); the blocks share
     # memory_target among their layers, and the head's graph is not planned.
     region = f"the output head and its loss: {type(owner).__name__}'s forward after its decoder body (compile_blocks)"
     head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {}, region)
                     if backend == "memtrain" else backend)
-    bodies = _bodies(owner, blocks, modules)
-    if bodies is None:
-        log.warning("memtrain: compile_blocks found repeated blocks outside %s's submodules, so it cannot compile the "
-                    "head apart from them; the output projection and the loss stay eager", type(owner).__name__)
-        return
     # Disabled, a body's call is a graph break in the owner's forward: Dynamo compiles what follows it
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
     for body in bodies:
