@@ -145,6 +145,35 @@ def test_budget_never_reruns_the_fused_loss_in_the_backward(tmp_path):
     assert "linear_cross_entropy_forward.default" in forward
 
 
+def test_budget_under_inductor_keeps_a_copy_of_the_plain_losss_statistics(tmp_path):
+    """A plain fused loss (the logits pass through ops before it, so the projection cannot join) under a
+    budget and Inductor, whose joint graph has no detach: the forward saves a copy of the log-sum-exp
+    (never the op's tuple) and the backward does not rerun the loss."""
+    torch.manual_seed(0)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 128)
+
+        def forward(self, x, y):
+            logits = (self.b(self.a(x).relu().sin().cos()) * 0.5).tanh()
+            return F.cross_entropy(logits.float().view(-1, 128), y.view(-1))
+
+    model = Head().to(torch.bfloat16)
+    x, y = torch.randn(32, 64, dtype=torch.bfloat16), torch.randint(0, 128, (32,))
+    opts = {"compiler": "inductor", "activation": "none", "fused_cross_entropy": True, "recompute_budget": 0.05,
+            "dump_dir": str(tmp_path)}
+    torch.compile(model, backend="memtrain", options=opts)(x, y).backward()
+    rep = memcompile.report()
+    assert rep.passes["cross_entropy"]["counters"]["statistics_kept"] == 1
+    forward = (tmp_path / f"graph{rep.graph_id}_forward.txt").read_text()
+    saved = forward[forward.rindex("return"):]
+    assert "clone" in saved and "cross_entropy_forward," not in saved and "cross_entropy_forward)" not in saved
+    backward = (tmp_path / f"graph{rep.graph_id}_backward.txt").read_text()
+    assert "cross_entropy_forward.default" not in backward
+
+
 def test_gpt2_tied_trainable_output_projection_gets_its_gradient():
     """Full training of GPT-2, whose output projection is the (trained) token embedding: the fused op's
     weight gradient adds to the embedding's own, as torch's would."""
