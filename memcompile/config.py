@@ -175,8 +175,9 @@ class MemtrainConfig:
             tensor the forward would save, to keep, recompute, offload or store it in fp8, whichever
             meets the target at the least estimated time (``plan``: what it may use and the cost model).
             Smaller targets never keep more; one that cannot be met is refused with the smallest
-            reachable. Under ``compile_blocks`` each block's graph gets the target divided by the
-            number of layers it serves, and the head's graph (projection and loss) is not planned. Exclusive with ``recompute_budget``.
+            reachable. Under ``compile_blocks`` every layer's run of a block's graph and the head's graph
+            (projection and loss) get an equal share: the target / (layers + 1). Exclusive with
+            ``recompute_budget``.
         plan: the planner's options (``PlanConfig`` or a dict).
         recompute_budget: with ``"mincut"``, keep the saved activations (after compression) to this
             fraction (0, 1] of what the partitioner would save, recomputing the rest in the backward

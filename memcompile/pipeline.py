@@ -64,7 +64,7 @@ class CompileContext:
     """What the stages of one graph's compile share: names of its inputs, the report, options."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
-                 served: Sequence[str] = (), region: str = ""):
+                 served: Sequence[str] = (), region: str = "", shares: int = 1):
         self.config = config
         self.example_inputs = list(example_inputs)
         self.input_names = tc.dynamo_input_names(gm)
@@ -78,6 +78,7 @@ class CompileContext:
         self.report.served, self.report.region = tuple(served), region
         self.served = tuple(served)
         self.in_block = bool(served)
+        self.target_shares = shares
         self.decompositions: dict | None = None  # Inductor's table, once Inductor partitions
         self.partitioned = False  # the partitioner ran (not served by AOTAutograd's cache)
         self.cache_key: str | None = None  # of the report's entry beside AOTAutograd's cache (Inductor only)
@@ -165,19 +166,19 @@ def _mark_approximated(ctx: CompileContext) -> None:
 
 
 def cache_key(config: MemtrainConfig, input_names: Sequence[str] = (), served: int = 0,
-              region: str = "") -> str:
+              region: str = "", shares: int = 1) -> str:
     """Inductor's key for what the partitioner hook makes of a joint graph: each pass that runs
     (its source and options), the partitioner's options, the layer names (targets match them), how
-    many layers a compiled block serves (0: a graph of its own) and whether it is a region of a model
-    (what its inputs cost)."""
+    many layers a compiled block serves (0: a graph of its own), whether it is a region of a model
+    (what its inputs cost) and how many runs share ``memory_target`` (its plan's target)."""
     h = hashlib.sha256(source_digest((Path(__file__).resolve(),)).encode())
     for cls in (*PRE_AOT, *JOINT, *PARTITIONED):
         p = cls(config)
         if p.enabled():
             h.update(f"{p.name}/{p.stage}:{p.uuid()}".encode())
     h.update(repr((config.partitioner, config.recompute_budget, config.compiler)).encode())
-    # A block's graph is planned for its share of the step's target: how many layers it serves counts.
-    h.update(repr((tuple(input_names), served, bool(region))).encode())
+    # A region's graph is planned for its share of the step's target: how many runs share it counts.
+    h.update(repr((tuple(input_names), served, bool(region), shares)).encode())
     return h.hexdigest()
 
 
@@ -247,7 +248,8 @@ class _Partitioner(tc.CustomPartitionerFn):
         return partition(joint, joint_inputs, self.ctx, **kw)
 
     def uuid(self):
-        return cache_key(self.ctx.config, self.ctx.input_names, len(self.ctx.served), self.ctx.region)
+        return cache_key(self.ctx.config, self.ctx.input_names, len(self.ctx.served), self.ctx.region,
+                         self.ctx.target_shares)
 
     def __deepcopy__(self, memo):
         # Inductor deep-copies its config to build cache keys; a copy would duplicate the context,
@@ -273,15 +275,16 @@ def _python_compiler(kind: str, ctx: CompileContext) -> Callable:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MemtrainConfig,
-                  served: Sequence[str] = (), region: str = "") -> Callable:
+                  served: Sequence[str] = (), region: str = "", shares: int = 1) -> Callable:
     """Run every stage on one Dynamo graph and return the compiled callable. ``served``: the modules
     the graph runs for, when one compiled block serves several (regional compilation). ``region``: which
     part of a model's forward the graph is (``compile_blocks``: a block, the head; the report says it),
     whose arguments that require grad are activations (``held_inputs``); empty for a frame the user
-    compiles."""
+    compiles. ``shares``: how many graph runs of a step share ``memory_target`` (``compile_blocks``:
+    every compiled layer and the head), each planned for its part."""
     if config.compiler == "inductor" and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         tc.warm_kernel_build_pool()
-    ctx = CompileContext(gm, example_inputs, config, served, region)
+    ctx = CompileContext(gm, example_inputs, config, served, region, shares)
     try:
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":
@@ -305,7 +308,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
     ctx.decompositions = tc.inductor_decompositions()
-    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served), ctx.region))
+    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served), ctx.region,
+                                                              ctx.target_shares))
     hits = tc.autograd_cache_hits()
     # dump_dir asks for the graphs each stage makes: a served compile would make none.
     compiled, caught = _inductor(gm, example_inputs, ctx, cache=ctx.config.dump_dir is None)

@@ -33,16 +33,19 @@ log = logging.getLogger(__name__)
 
 class BlockBackend:
     """The memtrain backend for a graph that serves several modules: one object for all of them, so
-    Dynamo's cache (which checks the backend) reuses the first block's graph for the others."""
+    Dynamo's cache (which checks the backend) reuses the first block's graph for the others.
+    ``shares``: how many graph runs of a step share ``memory_target`` (every compiled layer, and the head)."""
 
-    def __init__(self, config: MemtrainConfig, served: Mapping[str, torch.nn.Module], region: str = "a repeated block"):
-        self.config, self.served, self.region = config, tuple(served), region
+    def __init__(self, config: MemtrainConfig, served: Mapping[str, torch.nn.Module], region: str = "a repeated block",
+                 shares: int = 1):
+        self.config, self.served, self.region, self.shares = config, tuple(served), region, shares
         self._modules = [weakref.ref(m) for m in served.values()]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
         from memcompile import pipeline
 
-        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served, region=self.region)
+        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served, region=self.region,
+                                          shares=self.shares)
         # The compile saw the first block's parameters; every block it serves has the same
         # approximated gradients (Fira reads these marks to refuse them).
         report = reporting.report_of_last_compile()
@@ -155,37 +158,46 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
 
         tc.warm_kernel_build_pool()
     modules = dict(model.named_modules())
-
-    def backend_for(served):
-        return BlockBackend(config, served) if backend == "memtrain" else backend
+    head = _head(model, blocks, modules) if loss else None
+    # memory_target is the step's: every layer's run of its block's graph, and the head's graph, plan for
+    # an equal share of it (the whole-model compile plans it as one).
+    shares = sum(len(layers) for layers in blocks.values()) + (head is not None)
 
     for layers in blocks.values():
-        block_backend = backend_for({name: modules[name] for name in layers})
+        block_backend = (BlockBackend(config, {name: modules[name] for name in layers}, shares=shares)
+                         if backend == "memtrain" else backend)
         for name in layers:
             modules[name].compile(backend=block_backend, dynamic=dynamic)
-    if loss:
-        _compile_head(model, blocks, modules, config, backend, dynamic)
+    if head is not None:
+        _compile_head(*head, config, backend, dynamic, shares)
     return blocks
 
 
-def _compile_head(model: torch.nn.Module, blocks: Mapping[str, list[str]], modules: Mapping[str, torch.nn.Module],
-                  config: MemtrainConfig, backend: str | Callable, dynamic: bool | None) -> None:
-    """Compile the forward of the model that owns the loss, less its decoder body: the output projection
-    and the loss in one graph."""
+def _head(model: torch.nn.Module, blocks: Mapping[str, list[str]],
+          modules: Mapping[str, torch.nn.Module]) -> tuple[torch.nn.Module, list[torch.nn.Module]] | None:
+    """The model that owns the loss and the decoder bodies its head's graph leaves out; ``None`` (and a
+    warning: the head and loss stay eager) where there is none."""
     owner = _loss_owner(model)
     if owner is None:
         log.warning("memtrain: compile_blocks found no Hugging Face loss_function; the head and loss stay eager")
-        return
+        return None
     bodies = _bodies(owner, blocks, modules)
     if bodies is None:
         log.warning("memtrain: compile_blocks found repeated blocks outside %s's submodules, so it cannot compile the "
                     "head apart from them; the output projection and the loss stay eager", type(owner).__name__)
-        return
+        return None
+    return owner, bodies
+
+
+def _compile_head(owner: torch.nn.Module, bodies: Sequence[torch.nn.Module], config: MemtrainConfig,
+                  backend: str | Callable, dynamic: bool | None, shares: int) -> None:
+    """Compile the forward of the model that owns the loss, less its decoder bodies: the output
+    projection and the loss in one graph."""
     # The head's inputs are the final hidden states and the labels: a recompute budget there could only
-    # rerun the head itself, so it is compiled without one (the blocks keep theirs); the blocks share
-    # memory_target among their layers, and the head's graph is not planned.
-    region = f"the output head and its loss: {type(owner).__name__}'s forward after its decoder body (compile_blocks)"
-    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None, memory_target=None), {}, region)
+    # rerun the head itself, so it is compiled without one (the blocks keep theirs). memory_target, which
+    # the planner meets by choosing per tensor, plans the head for its share like a layer.
+    region = f"the output head and its loss: {type(owner).__name__}'s forward outside its decoder body (compile_blocks)"
+    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None), {}, region, shares)
                     if backend == "memtrain" else backend)
     # Disabled, a body's call is a graph break in the owner's forward: Dynamo compiles what follows it
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.

@@ -319,14 +319,13 @@ class StepReport:
                          f"{fmt_bytes(self.predicted_saving)}, measured {fmt_bytes(before - after)}")
         planned = [g for g in self.graphs if "memory_plan" in g.passes and not g.inference]
         if planned:
-            target = max(g.passes["memory_plan"].counters["target"] * g.calls_per_step for g in planned)
+            target = max(g.passes["memory_plan"].counters.get("step_target", 0) for g in planned)
             kept = sum(g.bytes_after * self.runs(g) for g in planned)
             held = "within it" if kept <= target else "over it"
-            alone = sum(not g.served for g in planned)
+            alone = sum(not g.region for g in planned)
             how = (f"graph breaks split it into {alone} graphs, each planned against the whole target" if alone > 1
-                   else "the compiled blocks share it" if alone < len(planned) else "one planned graph")
-            rest = (f"; the graphs not planned (under compile_blocks, the head and loss) keep {fmt_bytes(after - kept)}"
-                    if after > kept else "")
+                   else "the compiled layers and the head share it" if alone < len(planned) else "one planned graph")
+            rest = f"; the graphs not planned keep {fmt_bytes(after - kept)}" if after > kept else ""
             lines.append(f"  memory_target {fmt_bytes(target)}: the planned graphs keep {fmt_bytes(kept)}, {held};"
                          f" {how}{rest}")
         for g in self.graphs:
@@ -367,7 +366,9 @@ def report() -> StepReport | None:
 
 
 def _frame(rep: GraphReport):
-    return rep.frame_id if rep.frame_id is not None else ("graph", rep.graph_id)
+    # Blocks compiled with Module.compile share one frame (nn.Module's call): what they serve tells an
+    # encoder's block graph from a decoder's, and a recompile of one block from another block.
+    return (rep.frame_id, rep.served) if rep.frame_id is not None else ("graph", rep.graph_id)
 
 
 def report_of_last_compile() -> GraphReport | None:

@@ -156,19 +156,20 @@ def test_compile_blocks_compiles_the_blocks_and_the_head_alone(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"] if _ALL else ["gpt2"])  # gpt2: Conv1D, not nn.Linear
 def test_the_users_path_with_a_memory_target(arch):
     """The path users run, beyond Llama: NF4 base with bf16 adapters, bf16, one compiled block per
     layer, Inductor, every linear compressed, the fused loss, a length that changes each step; then a
     memory target the blocks meet by recomputing, which changes no bit of any step."""
     opts = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
     free, rep = architectures.train_regional(arch, opts)
-    # 92 % of what the blocks keep (the head's graph, not planned, keeps what it reads besides)
-    target = int(sum(g.bytes_after * rep.runs(g) for g in rep.graphs if g.served) * 0.92)
+    # Every layer's run and the head's graph plan for an equal share of the target: here 92 % of what a
+    # layer keeps unplanned, each (the head keeps less)
+    target = int(max(g.bytes_after for g in rep.graphs) * 0.92) * sum(rep.runs(g) for g in rep.graphs)
     planned, rep_planned = architectures.train_regional(arch, {**opts, "memory_target": target, "plan": {"offload": False}})
-    blocks = [g for g in rep_planned.graphs if g.served]
-    assert blocks and rep_planned.passes["memory_plan"]["counters"]["recompute"] > 0
-    assert sum(g.bytes_after * rep_planned.runs(g) for g in blocks) <= target
+    assert len(rep_planned.graphs) == 2 and all("memory_plan" in g.passes for g in rep_planned.graphs)
+    assert rep_planned.passes["memory_plan"]["counters"]["recompute"] > 0
+    assert sum(g.bytes_after * rep_planned.runs(g) for g in rep_planned.graphs) <= target
     assert rep.passes["activation_compression"]["rewritten"] and rep.passes["cross_entropy"]["losses"]
     for (loss, grads), (loss_p, grads_p) in zip(free, planned):
         assert torch.isfinite(loss) and torch.equal(loss, loss_p)

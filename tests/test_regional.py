@@ -374,7 +374,7 @@ def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_b
     out.loss.backward()
     logits = out.logits.detach()
     assert tc.dynamo_graph_count() - graphs == 2
-    assert "the output head and its loss: LlamaForCausalLM's forward after its decoder body" in str(memcompile.report())
+    assert "the output head and its loss: LlamaForCausalLM's forward outside its decoder body" in str(memcompile.report())
     body = model.base_model.model.model
     assert inspect.signature(body.forward) == inspect.signature(type(body).forward.__get__(body))
     twin = copy.deepcopy(model)
@@ -400,3 +400,36 @@ def test_the_head_is_apart_when_the_model_calls_its_decoder_past_a_wrapper():
     assert tc.dynamo_graph_count() - graphs == 2
     assert [len(g.served) for g in memcompile.report().graphs if g.served] == [2]
     torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
+
+
+def test_an_encoder_decoder_counts_both_block_lists_and_they_share_the_target():
+    """A sequence-to-sequence model has two lists of blocks (Bart: 2 encoder layers, 3 decoder layers),
+    compiled as one Module.compile frame each: the step's report counts both block graphs, and under
+    memory_target every layer's run of either graph and the head's graph plan for target / 6, so the
+    step keeps at most the target, with the unplanned run's loss and gradients."""
+    import transformers
+
+    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=3,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64)
+    ids = models.batch(t=12)
+
+    def run(opts):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        torch.manual_seed(0)
+        model = transformers.BartForConditionalGeneration(config)
+        memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora", "targets": "*", **opts})
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, memcompile.report()
+
+    *free, rep = run({})
+    assert sorted(len(g.served) for g in rep.graphs if g.served) == [2, 3]
+    assert rep.bytes_after == sum(g.bytes_after * rep.runs(g) for g in rep.graphs)
+    target = int(rep.bytes_after * 0.8)
+    *planned, rep_planned = run({"memory_target": target, "plan": {"offload": True}})
+    plans = [g.passes["memory_plan"].counters for g in rep_planned.graphs if "memory_plan" in g.passes]
+    assert len(plans) == 3 and all(c["target"] == target // 6 for c in plans)
+    assert rep_planned.bytes_after <= target and sum(c["recompute"] + c["offload"] for c in plans) > 0
+    _assert_same([tuple(planned)], [tuple(free)], rtol=0, atol=0)

@@ -106,6 +106,7 @@ class PassContext(Protocol):
     decompositions: dict | None  # Inductor's table, for code a joint pass inserts
     in_block: bool  # the graph is one block that serves several modules (names relative to it)
     served: Sequence[str]  # those modules (empty for a graph of its own)
+    target_shares: int  # graph runs of a step that share memory_target (compile_blocks: its layers and head)
 
 
 class GraphPass:

@@ -99,9 +99,11 @@ class MemoryPlan(PassResult):
     listed_as = "plan"
 
     def merged(self, other: PassResult) -> PassResult:
-        # Graphs of one step each hold the same target (a block its share): the target is not a sum.
+        # Graphs of one step each hold the same target (a region its share): the target is not a sum.
         out = super().merged(other)
-        out.counters["target"] = max(self.counters["target"], other.counters["target"])
+        for key in ("target", "step_target"):
+            if key in self.counters or key in other.counters:
+                out.counters[key] = max(self.counters.get(key, 0), other.counters.get(key, 0))
         return out
 
     @property
@@ -118,7 +120,9 @@ class MemoryPlan(PassResult):
         c = self.counters
         bound = "" if "bound_before" not in c else (
             f" (at the largest sizes the graph accepts: {fmt_bytes(c['bound_before'])} -> {fmt_bytes(c['bound_after'])})")
-        lines = [f"  pass {self.name}: target {fmt_bytes(c['target'])}; saved {fmt_bytes(c['before'])} -> "
+        share = "" if c.get("step_target", c["target"]) == c["target"] else (
+            f" a run (its share of the step's {fmt_bytes(c['step_target'])})")
+        lines = [f"  pass {self.name}: target {fmt_bytes(c['target'])}{share}; saved {fmt_bytes(c['before'])} -> "
                  f"{fmt_bytes(c['after'])}{bound}; estimated cost "
                  f"{c['seconds'] * 1e3:.2f} ms a step; recompute {c['recompute']}, offload {c['offload']}, "
                  f"fp8 {c['fp8']}, kept {c['keep']}"]
@@ -524,9 +528,10 @@ def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
 
 
 def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig,
-                held: frozenset = frozenset()) -> MemoryPlan:
+                held: frozenset = frozenset(), shares: int = 1) -> MemoryPlan:
     """Plan and apply on the partitioned graphs; ``saved``: their saved tensors
-    (``reporting.saved_tensors``); ``held``: the forward's parameter inputs (free to save)."""
+    (``reporting.saved_tensors``); ``held``: the forward's parameter inputs (free to save); ``target``:
+    this graph's share of the step's target, one of ``shares`` equal ones."""
     device = _device(p.fw)
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
     choices, activations, before = ordered_choices(p, saved, cfg, offload, held)
@@ -536,7 +541,10 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig,
     k, planned = prefix(seq, before if at_bound is None else at_bound, target, scale)
     if planned > target:
         raise ValueError(
-            f"memtrain memory_target {fmt_bytes(target)} cannot be met: this graph saves "
+            f"memtrain memory_target {fmt_bytes(target * shares)}"
+            + ("" if shares == 1 else f" ({fmt_bytes(target)} for each of the step's {shares} runs of compiled "
+               "graphs: every layer's, and the head's, under compile_blocks)")
+            + " cannot be met: this graph saves "
             f"{fmt_bytes(before if at_bound is None else at_bound)}"
             f"{'' if at_bound is None else ' at the largest sizes it accepts'}, and the "
             f"smallest the planner reaches is {fmt_bytes(planned)} (recompute={cfg.recompute}, offload="
@@ -613,18 +621,21 @@ class PlanMemory(GraphPass):
         return (self.config.memory_target, self.config.plan)
 
     def __call__(self, p: Partitioned, ctx) -> MemoryPlan:
-        # A block's graph runs once per layer it serves: each run gets its share of the step's target.
-        target = self.config.memory_target // max(1, len(ctx.served))
-        if not ctx.served:
+        # Under compile_blocks a block's graph runs once per layer it serves and the head's once: each
+        # run gets an equal share of the step's target, so together they keep at most the target.
+        target = self.config.memory_target // ctx.target_shares
+        if ctx.target_shares == 1:
             _warn_if_split(ctx.report.frame_id, self.config.memory_target)
         saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_held)
-        return plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs))
+        plan = plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs), ctx.target_shares)
+        plan.counters["step_target"] = self.config.memory_target
+        return plan
 
 
 def _warn_if_split(frame_id: int | None, target: int) -> None:
     """A graph break splits a step into graphs compiled one by one, each planned against the whole
     target before the next is seen: say so once a second one comes."""
-    frames = {r.frame_id for r in reports() if NAME in r.passes and not r.served and not r.inference}
+    frames = {r.frame_id for r in reports() if NAME in r.passes and not r.region and not r.inference}
     frames.add(frame_id)
     if len(frames) > 1:
         warnings.warn(f"memtrain: memory_target holds for each compiled graph, each time it runs, and {len(frames)} "
