@@ -10,7 +10,9 @@ cost per inserted op):
 
 * **recompute**: the ops that made it rerun in the backward, from tensors that are saved anyway (and
   parameters, alive the whole step): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
-  exact. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
+  exact. A region of a model (``compile_blocks``) may also rebuild from an activation it is passed
+  (the head: log_softmax's output from the final hidden states), which it then keeps: that way frees
+  the difference. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
   dropout) or more than ``RECOMPUTE_LIMIT`` ops; through attention, priced at its matmuls' FLOPs. The
   tensors it reads may still be offloaded or recomputed in their turn, but not rounded to fp8.
 * **offload**: ``memtrain::offload`` starts a copy to pinned host memory right after it is made, and
@@ -239,7 +241,7 @@ def _nf4_args(node: fx.Node) -> NF4LinearArgs:
 
 
 def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Node, int],
-                      limit: int = RECOMPUTE_LIMIT, held: frozenset = frozenset()):
+                      limit: int = RECOMPUTE_LIMIT, held: frozenset = frozenset(), inputs: frozenset = frozenset()):
     """The forward nodes to rerun so that ``node`` is rebuilt from ``available`` (saved) tensors alone,
     in graph order, and the saved tensors they read; ``None`` when that takes a random op (dropout's
     mask is never redrawn: it is read saved; attention with dropout is one), an op outside aten, prims
@@ -248,14 +250,15 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
     projections' sketch) are pure functions of their inputs. ``order``: each node's position in the
     graph. ``held``: parameters among the graph's inputs, alive the whole step: a recompute may read one
     the backward does not get yet, which ``apply`` then saves for it at no cost (an adapter cast to
-    bf16 in the forward reads its fp32 parameter). Activations passed in are not: saving one would keep
-    it alive."""
+    bf16 in the forward reads its fp32 parameter). ``inputs``: activations passed in (a region's
+    incoming hidden states) that a recompute may read too, though saving one keeps it alive: its
+    caller (``choices_for``) prices that in."""
     state_ops = _state_ops()
     closure, frontier, todo, seen = [], set(), [node], {node}
     while todo:
         n = todo.pop()
-        if n is not node and (n in available or n in held):
-            frontier.add(n)  # saved anyway (the backward has it), or a parameter (free to save)
+        if n is not node and (n in available or n in held or n in inputs):
+            frontier.add(n)  # saved anyway (the backward has it), a parameter (free to save) or an input
             continue
         if n.op == "call_function" and n.target is operator.getitem:
             pass  # one output of a multi-output op: the op is rerun with it (its other outputs unused)
@@ -273,16 +276,23 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
 
 
 def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanConfig, offload: bool,
-                order: dict[fx.Node, int], held: frozenset = frozenset()) -> list[Choice]:
-    """Every way ``node`` (a saved tensor of ``nbytes``) may leave the device, with its estimated cost."""
+                order: dict[fx.Node, int], held: frozenset = frozenset(),
+                inputs: dict[fx.Node, int] | None = None) -> list[Choice]:
+    """Every way ``node`` (a saved tensor of ``nbytes``) may leave the device, with its estimated cost.
+    ``inputs``: the forward's activation inputs the backward does not get, with their bytes: a recompute
+    that reads one keeps it instead (the head of ``compile_blocks`` rebuilds log_softmax's fp32 output
+    from the final hidden states it is passed), which frees only the difference."""
     val = node.meta["val"]
     out: list[Choice] = []
+    inputs = inputs or {}
     if cfg.recompute:
-        found = recompute_closure(node, available, order, held=held)
+        found = recompute_closure(node, available, order, held=held, inputs=frozenset(inputs))
         if found is not None:
             closure, frontier = found
-            seconds = group_seconds(closure, cfg)
-            out.append(Choice(node, "recompute", nbytes, 0, seconds, closure, frontier))
+            kept = sum(inputs.get(f, 0) for f in frontier)
+            if kept < nbytes:
+                seconds = group_seconds(closure, cfg)
+                out.append(Choice(node, "recompute", nbytes, kept, seconds, closure, frontier))
     order = memory_order(val)
     if order is None:  # a copy of it is made dense: its readers' strides would no longer hold
         return out
@@ -299,8 +309,8 @@ def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanCo
     return out
 
 
-def ordered_choices(p, saved, cfg: PlanConfig, offload: bool,
-                    held: frozenset = frozenset()) -> tuple[list[Choice], dict, int]:
+def ordered_choices(p, saved, cfg: PlanConfig, offload: bool, held: frozenset = frozenset(),
+                    inputs: frozenset = frozenset()) -> tuple[list[Choice], dict, int]:
     """The plan's list: every way out of every saved activation, cheapest per byte first (``sequence``
     takes each tensor's first that fits). Also the saved activations by name, and their bytes."""
     nodes = {n.name: n for n in p.fw.graph.nodes}
@@ -309,12 +319,13 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool,
     activations = {t.name: t for t in saved if not t.is_input and t.alias_of is None and t.bytes > 0
                    and not t.on_host}
     order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
+    costly = {n: _nbytes(n.meta["val"]) for n in inputs - available if isinstance(n.meta.get("val"), torch.Tensor)}
     ways: list[Choice] = []
     for name, t in activations.items():
         node = nodes.get(name)
         if node is None or name in aliased or not isinstance(node.meta.get("val"), torch.Tensor):
             continue  # a storage several saved views share stays (one rewrite per view would copy it twice)
-        ways.extend(choices_for(node, t.bytes, available, cfg, offload, order, held))
+        ways.extend(choices_for(node, t.bytes, available, cfg, offload, order, held, costly))
     ways.sort(key=lambda c: (c.price, order[c.node], c.action))
     return ways, activations, sum(t.bytes for t in activations.values())
 
@@ -527,14 +538,15 @@ def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
     return env[c.node]
 
 
-def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig,
-                held: frozenset = frozenset(), shares: int = 1) -> MemoryPlan:
+def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig, held: frozenset = frozenset(),
+                shares: int = 1, inputs: frozenset = frozenset()) -> MemoryPlan:
     """Plan and apply on the partitioned graphs; ``saved``: their saved tensors
-    (``reporting.saved_tensors``); ``held``: the forward's parameter inputs (free to save); ``target``:
-    this graph's share of the step's target, one of ``shares`` equal ones."""
+    (``reporting.saved_tensors``); ``held``: the forward's parameter inputs (free to save); ``inputs``:
+    its activation inputs (saving one costs its bytes); ``target``: this graph's share of the step's
+    target, one of ``shares`` equal ones."""
     device = _device(p.fw)
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
-    choices, activations, before = ordered_choices(p, saved, cfg, offload, held)
+    choices, activations, before = ordered_choices(p, saved, cfg, offload, held, inputs)
     seq = sequence(choices)
     scale = bound_scale(p.fw, activations)
     at_bound = None if not scale else round(sum(t.bytes * scale.get(n, 1) for n, t in activations.items()))
@@ -627,7 +639,9 @@ class PlanMemory(GraphPass):
         if ctx.target_shares == 1:
             _warn_if_split(ctx.report.frame_id, self.config.memory_target)
         saved = saved_tensors(p.fw, p.num_fwd_outputs, ctx.inputs_held)
-        plan = plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs), ctx.target_shares)
+        activations_in = [not held and not param for held, param in zip(ctx.inputs_held, ctx.parameter_inputs)]
+        plan = plan_memory(p, saved, target, self.config.plan, p.held_inputs(ctx.parameter_inputs), ctx.target_shares,
+                           p.held_inputs(activations_in))
         plan.counters["step_target"] = self.config.memory_target
         return plan
 

@@ -711,3 +711,38 @@ def test_a_graph_break_is_warned_each_graph_holds_the_target():
     assert len(rep.graphs) > 1 and rep.passes["memory_plan"]["counters"]["target"] == 60_000
     held = "within it" if rep.bytes_after <= 60_000 else "over it"
     assert f"the planned graphs keep {fmt_bytes(rep.bytes_after)}, {held}; graph breaks split it into" in str(rep)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_a_region_rebuilds_a_saved_tensor_from_an_activation_it_is_passed(compiler):
+    """A region of a model (compile_blocks' head: the final hidden states in, the loss out) without host
+    copies: log_softmax's fp32 output is rebuilt in the backward from the hidden states passed in, which
+    the graph then keeps instead (2 KiB for 32 KiB), and the gradients are unchanged."""
+    from memcompile.config import to_config
+    from memcompile.regional import BlockBackend
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 256, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 256, (32,))
+
+    def loss(h):
+        return torch.nn.functional.cross_entropy(head(h).float(), labels)
+
+    def run(opts):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        h = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()  # an activation
+        config = to_config({"compiler": compiler, "activation": "none", **opts})
+        out = torch.compile(loss, backend=BlockBackend(config, {}, region="a test head"))(h)
+        out.backward()
+        return out.detach(), h.grad, memcompile.report()
+
+    free = run({})
+    planned = run({"memory_target": 8 * 1024, "plan": {"offload": False}})
+    plan = planned[2].passes["memory_plan"]
+    assert [(r["action"], r["bytes"], r["bytes_after"]) for r in plan.rewritten if r["action"] != "keep"] == [
+        ("recompute", 32 * 1024, 2 * 1024)]
+    assert planned[2].bytes_after <= 8 * 1024 < free[2].bytes_after
+    exact = {"rtol": 0, "atol": 0} if compiler == "aot_eager" else {}  # Inductor fuses the rerun apart
+    torch.testing.assert_close(planned[0], free[0], **exact)
+    torch.testing.assert_close(planned[1], free[1], **exact)
