@@ -353,7 +353,8 @@ def test_allocator_replay_finds_the_peak_and_what_is_live_there(tmp_path):
 def test_compile_time_runs_each_variant_cold_then_warm(tmp_path):
     """`python -m memcompile.bench compile-time --warm`: each variant in a fresh process with empty caches,
     then again with the caches it left; the restarted run is served by the compile cache (no joint trace)
-    and reports the same saved bytes."""
+    and reports the same saved bytes. ``--profile`` then profiles a third, cold regional run's first step
+    (not a row)."""
     import json
     import subprocess
     import sys
@@ -361,8 +362,11 @@ def test_compile_time_runs_each_variant_cold_then_warm(tmp_path):
     out = tmp_path / "ct.jsonl"
     subprocess.run([sys.executable, "-m", "memcompile.bench", "compile-time", "--model", "tiny", "--seq", "16",
                     "--compiler", "inductor", "--dtype", "fp32", "--variants", "regional", "--warm",
-                    "--json", str(out), "--timeout", "600"], check=True, capture_output=True, text=True)
+                    "--json", str(out), "--timeout", "600", "--profile", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
     cold, warm = [json.loads(line) for line in out.read_text().splitlines()]
+    profile = (tmp_path / "compile-time-profile-regional.txt").read_text()
+    assert "by cumulative" in profile and "by tottime" in profile and "compile_fx" in profile
     assert (cold["caches"], warm["caches"]) == ("cold", "warm") and "error" not in warm, warm
     assert cold["phases_s"].get("aot_trace_joint_graph", 0) > 0 and "aot_trace_joint_graph" not in warm["phases_s"]
     assert warm["report_saved_bytes"] == cold["report_saved_bytes"] > 0

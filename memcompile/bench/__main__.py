@@ -99,7 +99,11 @@ def parser() -> argparse.ArgumentParser:
                     "left, as a restarted run (rows with caches=warm)")
     ct.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
     ct.add_argument("--json", help="append one JSON line per variant here")
+    ct.add_argument("--profile", metavar="DIR", help="then run the regional variant once more, cold, under cProfile, "
+                    "and write DIR/compile-time-profile-regional.txt (where its first step goes, by function); "
+                    "that run's times are cProfile's, not a row")
     ct.add_argument("--variant", help=argparse.SUPPRESS)  # how the parent runs one variant in a child
+    ct.add_argument("--profile-to", help=argparse.SUPPRESS)  # the child's: profile its first step into this file
     m = sub.add_parser("max-context", help="the longest sequence at batch 1 whose training step fits in "
                        "--gpu-memory, by bisection on the estimate (meta device); with CUDA, confirmed by real steps")
     m.add_argument("--model", default="llama8b", help="model shape (default: llama8b, Llama-3.1-8B)")

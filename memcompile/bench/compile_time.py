@@ -14,11 +14,19 @@ Before the model, each process times a trivial compile (``startup_s``): what Ind
 process whatever it compiles (its first imports, the host's vector-ISA probes, a first kernel build,
 the Triton key). ``first_step_s`` is then the model's own; ``cold_first_step_s`` is the sum, what a
 user's first step costs in a fresh process (with the caches a row's ``caches`` says).
+
+With ``--profile DIR`` the regional variant then runs once more in a fresh process with an empty cache,
+its first step under ``cProfile``: ``DIR/compile-time-profile-regional.txt`` ranks the functions by
+cumulative and by own time, which the stage timers do not split (the rest of the first step).
 """
 from __future__ import annotations
 
+import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -120,7 +128,7 @@ def run_variant(args) -> dict:
     ids = models.random_tokens(model.config.vocab_size, args.batch, args.seq, device)
     times = []
     phases_before, graphs_before = tc.compile_phase_seconds(), len(tc.compile_phase_calls(GRAPH_COMPILE))
-    with measure.timed(device, times):
+    with measure.timed(device, times), _profiled(getattr(args, "profile_to", None)):
         forward(input_ids=ids, labels=ids).loss.backward()
     phases = phase_breakdown(phases_before, tc.compile_phase_seconds())
     graph_compiles = [round(t, 2) for t in tc.compile_phase_calls(GRAPH_COMPILE)[graphs_before:]]
@@ -138,6 +146,28 @@ def run_variant(args) -> dict:
             "graph_compiles_s": graph_compiles, "compile_threads": tc.inductor_compile_threads()}
 
 
+@contextlib.contextmanager
+def _profiled(path: str | None, top: int = 60):
+    """Profile the block with cProfile into ``path`` (functions by cumulative time, then by own time);
+    nothing without a path."""
+    if not path:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text)
+        for key in ("cumulative", "tottime"):
+            text.write(f"=== the first step's functions by {key} (cProfile's clock, slower than a timed run) ===\n")
+            stats.sort_stats(key).print_stats(top)
+        with open(path, "w") as f:
+            f.write(text.getvalue())
+
+
 def phase_breakdown(before: dict[str, float], after: dict[str, float], at_least: float = 0.01) -> dict[str, float]:
     """Seconds of each timed compile stage between two ``compile_phase_seconds()`` readings, largest
     first; stages nest (Inductor's backward compile contains its code generation), so they do not sum."""
@@ -146,6 +176,12 @@ def phase_breakdown(before: dict[str, float], after: dict[str, float], at_least:
 
 
 def main(args) -> list[dict]:
+    def cmd_for(variant: str) -> list[str]:
+        cmd = [sys.executable, "-m", "memcompile.bench", "compile-time", "--variant", variant,
+               "--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch), "--dtype", args.dtype,
+               "--compiler", args.compiler, "--activation", args.activation]
+        return cmd + (["--threads", str(args.threads)] if args.threads else [])
+
     if args.variant:
         row = run_variant(args)
         print("ROW " + json.dumps(row), flush=True)
@@ -154,11 +190,7 @@ def main(args) -> list[dict]:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-        cmd = [sys.executable, "-m", "memcompile.bench", "compile-time", "--variant", variant,
-               "--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch), "--dtype", args.dtype,
-               "--compiler", args.compiler, "--activation", args.activation]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
+        cmd = cmd_for(variant)
         print(f"[compile-time] {variant}: {VARIANTS[variant]} ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="memcompile-inductor-") as cache:
             # --warm: the same variant again with the caches the first process left, as a restarted run
@@ -168,11 +200,25 @@ def main(args) -> list[dict]:
                 print(f"[compile-time] {variant} ({caches} caches): {json.dumps(row)}", flush=True)
     for caches in ("cold", "warm"):
         _print_comparison({r["variant"]: r for r in rows if "error" not in r and r["caches"] == caches}, caches)
+    if args.profile:
+        _profile_regional(args, cmd_for("regional"))
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     return rows
+
+
+def _profile_regional(args, cmd: list[str]) -> None:
+    os.makedirs(args.profile, exist_ok=True)
+    path = os.path.join(args.profile, "compile-time-profile-regional.txt")
+    print(f"[compile-time] regional, first step under cProfile -> {path} ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="memcompile-inductor-") as cache:
+        row = _run_child([*cmd, "--profile-to", path], cache, args.timeout, "regional")
+    if "error" in row:
+        print(f"[compile-time] the profiled run failed: {row['error']}", flush=True)
+    else:
+        print(f"[compile-time] profiled first step {row['first_step_s']} s (cProfile's clock), wrote {path}", flush=True)
 
 
 def _run_child(cmd: list[str], cache: str, timeout: float, variant: str) -> dict:
