@@ -258,7 +258,7 @@ class StepReport:
 
     graphs: list[GraphReport]
     # graph_id -> runs in the step, as measured (``count_runs``); a compiled block, absent here, counts
-    # once per layer it serves.
+    # once per layer it serves (present: one of several graphs its layers run).
     runs_per_step: dict[int, int] = field(default_factory=dict)
 
     def runs(self, g: GraphReport) -> int:
@@ -356,13 +356,21 @@ def report() -> StepReport | None:
         latest[_frame(rep)] = rep
     if step == 0:
         return StepReport(sorted(latest.values(), key=lambda r: r.graph_id)) if latest else None
-    trained: dict = {}  # a block's latest training graph: an evaluation compiles the block again
+    trained: dict = {}  # a block's training graphs (an evaluation compiles the block again): those of the step
     for rep in reps:
         if rep.served and not rep.inference:
-            trained[_frame(rep)] = rep
-    blocks = {id(g) for g in trained.values()}
+            key = _frame(rep)
+            if rep.step == step:
+                trained[key] = [*(g for g in trained.get(key, []) if g.step == step), rep]
+            elif not any(g.step == step for g in trained.get(key, [])):
+                trained[key] = [rep]  # the latest, until one runs in the step
+    blocks = {id(g) for gs in trained.values() for g in gs}
     graphs = [g for g in reps if id(g) in blocks or (not g.served and g.step == step)]
-    return StepReport(graphs, {g.graph_id: g.step_runs for g in graphs if not g.served})
+    runs = {g.graph_id: g.step_runs for g in graphs if not g.served}
+    # A block whose layers differ (T5's first carries the position bias, Switch's alternate sparse and
+    # dense) runs one graph for some layers and another for the rest: each counts the runs it made.
+    runs.update({g.graph_id: min(g.step_runs, len(g.served)) for gs in trained.values() if len(gs) > 1 for g in gs})
+    return StepReport(graphs, runs)
 
 
 def _frame(rep: GraphReport):

@@ -433,3 +433,26 @@ def test_an_encoder_decoder_counts_both_block_lists_and_they_share_the_target():
     assert len(plans) == 3 and all(c["target"] == target // 6 for c in plans)
     assert rep_planned.bytes_after <= target and sum(c["recompute"] + c["offload"] for c in plans) > 0
     _assert_same([tuple(planned)], [tuple(free)], rtol=0, atol=0)
+
+
+def test_a_block_whose_layers_differ_counts_each_of_its_graphs_by_its_runs():
+    """T5's first layer of each stack computes the position bias the others are passed, so Dynamo compiles
+    the block more than once: the step's report counts every graph that ran, each as often as it ran
+    (together once per layer), not the latest graph once per layer; the loss is eager's."""
+    import transformers
+
+    config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = models.batch(t=12)
+    expected = model(input_ids=ids, labels=ids).loss.detach()
+    blocks = memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    rep = memcompile.report()
+    for layers in blocks.values():
+        graphs = [g for g in rep.graphs if g.served == tuple(layers)]
+        assert len(graphs) >= 2 and sum(rep.runs(g) for g in graphs) == len(layers), [rep.runs(g) for g in graphs]
+    assert rep.bytes_after == sum(g.bytes_after * rep.runs(g) for g in rep.graphs)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)

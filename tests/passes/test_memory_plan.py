@@ -676,7 +676,7 @@ def test_regional_inductor_bf16_variable_lengths_under_a_target():
 
     opts = {"activation": "velora", "compiler": "inductor"}
     free = run(opts)
-    planned = run({**opts, "memory_target": 20_000, "plan": {"offload": True}})
+    planned = run({**opts, "memory_target": 30_000, "plan": {"offload": True}})  # 10 kB a layer and for the head
     counters = [g.passes["memory_plan"].counters for g in memcompile.report().graphs if "memory_plan" in g.passes]
     assert counters and all(c["after"] <= c["target"] and c["recompute"] + c["offload"] > 0 for c in counters)
     for (loss, grads), (loss_free, grads_free) in zip(planned, free):
