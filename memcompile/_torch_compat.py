@@ -369,3 +369,14 @@ def partitioner_config_digest() -> str:
     functorch_items, inductor_items = _partitioner_config_copies()
     items = [*functorch_items.items(), *inductor_items.items()]
     return repr(sorted((k, t) for k, v in items if (t := text(v)) is not None))
+
+
+def raise_recompile_limit(at_least: int) -> int | None:
+    """Raise Dynamo's per-function recompile limit to ``at_least`` (never lower it); returns the old
+    limit when it was raised. Blocks compiled with ``Module.compile`` share one code object (Hugging
+    Face's layers, one ``__call__``), so every list of blocks draws on the same limit."""
+    old = torch._dynamo.config.recompile_limit
+    if old >= at_least:
+        return None
+    torch._dynamo.config.recompile_limit = at_least
+    return old

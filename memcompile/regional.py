@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from memcompile import _torch_compat as tc
 from memcompile import reporting
 from memcompile.config import MemtrainConfig, to_config
 from memcompile.marks import mark_grad_approximation
@@ -133,7 +134,8 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     memtrain's passes, for comparison.
 
     For training, as Hugging Face's own gradient checkpointing does: the KV cache is turned off
-    (``config.use_cache = False``: its per-layer index would recompile the block for every layer),
+    (``config.use_cache = False`` in every config of the model: its per-layer index would recompile the
+    block for every layer),
     and the embeddings' output requires grad (``enable_input_require_grads``), so the first layer's
     input is like every other layer's and needs no graph of its own; that adds the first layer's
     input gradient to the backward.
@@ -145,18 +147,27 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     if not blocks:
         raise ValueError("compile_blocks found no nn.ModuleList of repeated blocks in the model; compile the "
                          "whole model with torch.compile(model, backend='memtrain', options=...) instead")
-    hf_config = getattr(model, "config", None)
-    if getattr(hf_config, "use_cache", False):
+    # Every config in the model: a sequence-to-sequence model's decoder stack holds its own copy (T5),
+    # whose cache would recompile the decoder's block once per layer, past Dynamo's recompile limit.
+    caching = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if getattr(c, "use_cache", False)}
+    if caching:
         log.info("memtrain: compile_blocks sets config.use_cache = False (training needs no KV cache)")
-        hf_config.use_cache = False
+        for hf_config in caching.values():
+            hf_config.use_cache = False
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if backend in ("memtrain", "inductor") and config.compiler == "inductor" and any(
             p.is_cuda for p in model.parameters()):
         # Before the first step: the pool warms while the caller loads data and Dynamo traces.
-        from memcompile import _torch_compat as tc
-
         tc.warm_kernel_build_pool()
+    if len(blocks) > 1:
+        # Each list's block draws on the one code object's limit (an encoder's and a decoder's, each with
+        # a graph for a first layer that differs, a recompile for a changing length, an evaluation's):
+        # past it Dynamo runs the rest eager, uncompressed. Each list gets what one function would.
+        old = tc.raise_recompile_limit(8 * len(blocks))
+        if old is not None:
+            log.info("memtrain: compile_blocks raises Dynamo's recompile_limit from %d to %d for %d lists of blocks",
+                     old, 8 * len(blocks), len(blocks))
     modules = dict(model.named_modules())
     head = _head(model, blocks, modules) if loss else None
     # memory_target is the step's: every layer's run of its block's graph, and the head's graph, plan for

@@ -260,6 +260,9 @@ class StepReport:
     # graph_id -> runs in the step, as measured (``count_runs``); a compiled block, absent here, counts
     # once per layer it serves (present: one of several graphs its layers run).
     runs_per_step: dict[int, int] = field(default_factory=dict)
+    # the modules a compiled block serves -> its graphs' runs in the step, where fewer than the modules:
+    # the other layers ran without a compiled graph (past Dynamo's recompile limit, say), uncompressed.
+    short_blocks: dict[tuple[str, ...], int] = field(default_factory=dict)
 
     def runs(self, g: GraphReport) -> int:
         return self.runs_per_step.get(g.graph_id, g.calls_per_step)
@@ -313,6 +316,10 @@ class StepReport:
         if len(self.graphs) == 1 and not self.graphs[0].served:
             return str(self.graphs[0])
         lines = [f"memtrain step: {len(self.graphs)} graphs"]
+        for served, ran in self.short_blocks.items():
+            lines.append(f"  WARNING: the compiled block for {_span(served)} ran {ran} times for {len(served)} "
+                         "layers: the others ran without it, eager and uncompressed, and are not counted here "
+                         "(TORCH_LOGS=recompiles says why Dynamo gave up on them)")
         before, after = self.bytes_before, self.bytes_after
         if before is not None:
             lines.append(f"  saved activations per step: {fmt_bytes(before)} -> {fmt_bytes(after)}; predicted saving "
@@ -370,7 +377,12 @@ def report() -> StepReport | None:
     # A block whose layers differ (T5's first carries the position bias, Switch's alternate sparse and
     # dense) runs one graph for some layers and another for the rest: each counts the runs it made.
     runs.update({g.graph_id: min(g.step_runs, len(g.served)) for gs in trained.values() if len(gs) > 1 for g in gs})
-    return StepReport(graphs, runs)
+    ran: dict = {}
+    for gs in trained.values():
+        for g in gs:
+            if g.step == step:
+                ran[g.served] = ran.get(g.served, 0) + g.step_runs
+    return StepReport(graphs, runs, {served: n for served, n in ran.items() if n < len(served)})
 
 
 def _frame(rep: GraphReport):
