@@ -134,6 +134,8 @@ def main(argv=None):
                     "every layer, instead of compiling the whole model")
     ap.add_argument("--fused-loss", action="store_true", help="memtrain fused_cross_entropy: the loss on the "
                     "logits in their own dtype, without an fp32 copy")
+    ap.add_argument("--memory-target", help="memtrain memory_target, e.g. 2GiB or 300KiB: what a step keeps for the "
+                    "backward at most; the planner recomputes (exact) the rest, or offloads it on a GPU")
     args = ap.parse_args(argv)
 
     tokens = encode(args)
@@ -148,7 +150,7 @@ def main(argv=None):
     options = {"activation": args.activation, "compiler": args.compiler if args.compiler != "eager" else "aot_eager",
                "velora": {"num_groups": args.velora_groups}, "compact": {"rank": args.compact_rank},
                "dump_dir": args.dump_dir, "recompute_budget": args.recompute_budget,
-               "fused_cross_entropy": args.fused_loss}
+               "fused_cross_entropy": args.fused_loss, "memory_target": args.memory_target}
     if args.min_seq is not None and not 1 < args.min_seq <= args.seq:
         raise SystemExit(f"--min-seq must be in [2, --seq={args.seq}], got {args.min_seq}")
     if args.compiler == "eager":

@@ -10,9 +10,9 @@ cost per inserted op):
 
 * **recompute**: the ops that made it rerun in the backward, from tensors that are saved anyway (and
   parameters, alive the whole step): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
-  exact. A region of a model (``compile_blocks``) may also rebuild from an activation it is passed
-  (the head: log_softmax's output from the final hidden states), which it then keeps: that way frees
-  the difference. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
+  exact. Without host copies, a region of a model (``compile_blocks``) may also rebuild from an
+  activation it is passed (the head: log_softmax's output from the final hidden states), which it then
+  keeps: that way frees the difference. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
   dropout) or more than ``RECOMPUTE_LIMIT`` ops; through attention, priced at its matmuls' FLOPs. The
   tensors it reads may still be offloaded or recomputed in their turn, but not rounded to fp8.
 * **offload**: ``memtrain::offload`` starts a copy to pinned host memory right after it is made, and
@@ -172,6 +172,11 @@ def _flops(node: fx.Node) -> int:
     return 2 * math.prod(sa) * sb[-1]
 
 
+def _is_scalar(node: fx.Node) -> bool:
+    """A symbolic size (a variable token count) or arithmetic on sizes: no memory, recomputed freely."""
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def _is_random(node: fx.Node) -> bool:
     """Whether ``node`` draws random numbers. Attention's fused ops are tagged so for their dropout: they
     draw only with a dropout probability that is not 0."""
@@ -260,8 +265,8 @@ def recompute_closure(node: fx.Node, available: set[fx.Node], order: dict[fx.Nod
         if n is not node and (n in available or n in held or n in inputs):
             frontier.add(n)  # saved anyway (the backward has it), a parameter (free to save) or an input
             continue
-        if n.op == "call_function" and n.target is operator.getitem:
-            pass  # one output of a multi-output op: the op is rerun with it (its other outputs unused)
+        if n.op == "call_function" and (n.target is operator.getitem or _is_scalar(n)):
+            pass  # one output of a multi-output op (the op is rerun with it), or arithmetic on sizes
         elif (n.op != "call_function" or _is_random(n)
                 or getattr(n.target, "namespace", None) not in _PURE_NAMESPACES or n.target in state_ops):
             return None  # includes a graph input the backward does not get
@@ -315,11 +320,17 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool, held: frozenset = 
     takes each tensor's first that fits). Also the saved activations by name, and their bytes."""
     nodes = {n.name: n for n in p.fw.graph.nodes}
     available = {nodes[t.name] for t in saved if t.name in nodes}
+    # The sizes the backward is given (a recompute's views and expands read them under a variable length).
+    available |= {n for n in p.fw.graph.nodes if _is_scalar(n) and p.scalar_in_backward(n) is not None}
     aliased = {t.alias_of for t in saved if t.alias_of is not None}
     activations = {t.name: t for t in saved if not t.is_input and t.alias_of is None and t.bytes > 0
                    and not t.on_host}
     order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
-    costly = {n: _nbytes(n.meta["val"]) for n in inputs - available if isinstance(n.meta.get("val"), torch.Tensor)}
+    # Rebuilding from an activation passed in keeps that input, so the tensor is only partly freed; a way
+    # that keeps something would then be the tensor's only one and could bar a host copy of it that frees
+    # all (the plan's list takes one way per tensor). So only without host copies.
+    costly = {} if offload else {n: _nbytes(n.meta["val"]) for n in inputs - available
+                                 if isinstance(n.meta.get("val"), torch.Tensor)}
     ways: list[Choice] = []
     for name, t in activations.items():
         node = nodes.get(name)
@@ -410,6 +421,16 @@ class Partitioned:
     def placeholder(self, name: str) -> fx.Node | None:
         return next((n for n in self.bw.graph.nodes if n.op == "placeholder" and n.name == name), None)
 
+    def scalar_in_backward(self, node: fx.Node) -> fx.Node | None:
+        """The backward's input holding the forward's symbolic size ``node``: by name, or the same
+        expression (the partitioner saves one node per size, not every node that computes it)."""
+        found = self.placeholder(node.name)
+        if found is not None:
+            return found
+        expr = node.meta["val"].node.expr
+        return next((n for n in self.bw.graph.nodes if n.op == "placeholder" and _is_scalar(n)
+                     and n.meta["val"].node.expr == expr), None)
+
     def held_inputs(self, held: list[bool]) -> frozenset:
         """The forward's inputs flagged in ``held`` (one flag per input; none if the counts differ)."""
         inputs = [n for n in self.fw.graph.nodes if n.op == "placeholder"]
@@ -478,8 +499,8 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
         if c.action == "recompute":
             # Held inputs the closure reads and the backward does not get yet: saved in the slot freed,
             # in the same order on both sides.
-            new = sorted((f for f in c.frontier if f.op == "placeholder" and p.placeholder(f.name) is None),
-                         key=lambda f: f.name)
+            new = sorted((f for f in c.frontier if f.op == "placeholder" and not _is_scalar(f)
+                          and p.placeholder(f.name) is None), key=lambda f: f.name)
             for f in new:
                 _add_placeholder(p.bw.graph, ph, f, f.name)
             back = _copy_into_backward(p, c, _first_user(ph))
@@ -526,7 +547,7 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
 
 def _copy_into_backward(p: Partitioned, c: Choice, before: fx.Node) -> fx.Node:
     """The recompute: a copy of ``c.closure`` in the backward, reading the frontier's placeholders."""
-    env = {f: p.placeholder(f.name) for f in c.frontier}
+    env = {f: p.scalar_in_backward(f) if _is_scalar(f) else p.placeholder(f.name) for f in c.frontier}
     lost = sorted(f.name for f, ph in env.items() if ph is None)
     if lost:  # apply() copies a recompute before what it reads is rewritten
         raise AssertionError(f"{NAME}: recompute of {c.node.name} reads {lost}, no longer backward inputs")
