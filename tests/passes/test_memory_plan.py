@@ -291,6 +291,22 @@ def test_regional_blocks_share_the_target_exactly():
     _assert_exact(planned, free)
 
 
+def _train_lengths(model, forward, lengths):
+    """A step at each token count of ``lengths`` (a static graph, then a symbolic one): each step's loss
+    and gradients. Without a bound on the length, the plan holds at the traced one (warned, not shown)."""
+    steps = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="memtrain: memory_target is met at")
+        for step, t in enumerate(lengths):
+            ids = models.batch(t=t, seed=step)
+            loss = forward(input_ids=ids, labels=ids).loss
+            loss.backward()
+            steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+    return steps
+
+
 def _plan_of(model, opts, backwards=None):
     """The step under ``opts`` and the plan's choices (the planned backward graphs into ``backwards``)."""
     from memcompile.passes import memory_plan
@@ -662,17 +678,7 @@ def test_regional_inductor_bf16_variable_lengths_under_a_target():
         model = memcompile.prepare(models.tiny_llama().to(torch.bfloat16),
                                    {"lora": {"compute_dtype": "input", "dynamic": False}})
         memcompile.compile_blocks(model, options=opts)
-        steps = []
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="memtrain: memory_target is met at")
-            for step, t in enumerate((32, 48, 64)):
-                ids = models.batch(t=t, seed=step)
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.grad is not None}))
-                model.zero_grad(set_to_none=True)
-        return steps
+        return _train_lengths(model, model, (32, 48, 64))
 
     opts = {"activation": "velora", "compiler": "inductor"}
     free = run(opts)
@@ -757,17 +763,7 @@ def test_a_symbolic_length_graph_recomputes_through_its_sizes():
         memcompile.clear_reports()
         activation_state.reset()
         model = models.tiny_lora_llama()
-        compiled = torch.compile(model, backend="memtrain", options=opts)
-        steps = []
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="memtrain: memory_target is met at")
-            for step, t in enumerate((24, 32, 40)):
-                ids = models.batch(t=t, seed=step)
-                loss = compiled(input_ids=ids, labels=ids).loss
-                loss.backward()
-                steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.grad is not None}))
-                model.zero_grad(set_to_none=True)
+        steps = _train_lengths(model, torch.compile(model, backend="memtrain", options=opts), (24, 32, 40))
         # the first length's graph, then one with a symbolic length (the latest step's)
         assert len(memcompile.reports()) == 2
         return steps, memcompile.report()
