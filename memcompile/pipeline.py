@@ -84,6 +84,10 @@ class CompileContext:
         self.cache_key: str | None = None  # of the report's entry beside AOTAutograd's cache (Inductor only)
         self.dump_prefix = f"graph{self.report.graph_id}"
 
+    def partition_key(self) -> str:
+        """``cache_key`` of this compile: what its partitioner hook makes of the joint graph."""
+        return cache_key(self.config, self.input_names, len(self.served), self.region, self.target_shares)
+
     def dump(self, stage: str, gm) -> None:
         dump_graph(self.config.dump_dir, f"{self.dump_prefix}_{stage}", gm)
 
@@ -248,8 +252,7 @@ class _Partitioner(tc.CustomPartitionerFn):
         return partition(joint, joint_inputs, self.ctx, **kw)
 
     def uuid(self):
-        return cache_key(self.ctx.config, self.ctx.input_names, len(self.ctx.served), self.ctx.region,
-                         self.ctx.target_shares)
+        return self.ctx.partition_key()
 
     def __deepcopy__(self, memo):
         # Inductor deep-copies its config to build cache keys; a copy would duplicate the context,
@@ -308,8 +311,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:
     ctx.decompositions = tc.inductor_decompositions()
-    ctx.cache_key = report_cache.key(gm, cache_key(ctx.config, ctx.input_names, len(ctx.served), ctx.region,
-                                                              ctx.target_shares))
+    ctx.cache_key = report_cache.key(gm, ctx.partition_key())
     hits = tc.autograd_cache_hits()
     # dump_dir asks for the graphs each stage makes: a served compile would make none.
     compiled, caught = _inductor(gm, example_inputs, ctx, cache=ctx.config.dump_dir is None)

@@ -363,14 +363,12 @@ def report() -> StepReport | None:
         latest[_frame(rep)] = rep
     if step == 0:
         return StepReport(sorted(latest.values(), key=lambda r: r.graph_id)) if latest else None
-    trained: dict = {}  # a block's training graphs (an evaluation compiles the block again): those of the step
+    compiled: dict = {}  # a block's training graphs (an evaluation compiles the block again)
     for rep in reps:
         if rep.served and not rep.inference:
-            key = _frame(rep)
-            if rep.step == step:
-                trained[key] = [*(g for g in trained.get(key, []) if g.step == step), rep]
-            elif not any(g.step == step for g in trained.get(key, [])):
-                trained[key] = [rep]  # the latest, until one runs in the step
+            compiled.setdefault(_frame(rep), []).append(rep)
+    # those that ran in the step, else the latest
+    trained = {key: [g for g in gs if g.step == step] or gs[-1:] for key, gs in compiled.items()}
     blocks = {id(g) for gs in trained.values() for g in gs}
     graphs = [g for g in reps if id(g) in blocks or (not g.served and g.step == step)]
     runs = {g.graph_id: g.step_runs for g in graphs if not g.served}

@@ -424,12 +424,15 @@ class Partitioned:
     def scalar_in_backward(self, node: fx.Node) -> fx.Node | None:
         """The backward's input holding the forward's symbolic size ``node``: by name, or the same
         expression (the partitioner saves one node per size, not every node that computes it)."""
-        found = self.placeholder(node.name)
-        if found is not None:
-            return found
-        expr = node.meta["val"].node.expr
-        return next((n for n in self.bw.graph.nodes if n.op == "placeholder" and _is_scalar(n)
-                     and n.meta["val"].node.expr == expr), None)
+        by_name, by_expr = self._backward_scalars
+        found = by_name.get(node.name)
+        return found if found is not None else by_expr.get(node.meta["val"].node.expr)
+
+    @functools.cached_property
+    def _backward_scalars(self) -> tuple[dict, dict]:
+        # Looked up for every size node of the forward; the plan never adds a size to the backward.
+        inputs = [n for n in self.bw.graph.nodes if n.op == "placeholder" and _is_scalar(n)]
+        return {n.name: n for n in inputs}, {n.meta["val"].node.expr: n for n in reversed(inputs)}
 
     def held_inputs(self, held: list[bool]) -> frozenset:
         """The forward's inputs flagged in ``held`` (one flag per input; none if the counts differ)."""
