@@ -10,9 +10,10 @@ cost per inserted op):
 
 * **recompute**: the ops that made it rerun in the backward, from tensors that are saved anyway (and
   parameters, alive the whole step): nothing new is saved, so the bytes freed are exactly the tensor's, and the result is
-  exact. Without host copies, a region of a model (``compile_blocks``) may also rebuild from an
-  activation it is passed (the head: log_softmax's output from the final hidden states), which it then
-  keeps: that way frees the difference. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
+  exact. A region of a model (``compile_blocks``) may also rebuild from an activation it is passed
+  (the head: log_softmax's fp32 output from the final hidden states), which it then keeps: that way
+  frees the difference, and the input kept becomes a saved tensor with ways of its own (a host copy,
+  fp8), taken in their turn. Never through a random op (dropout's mask is read saved, never redrawn; attention only without
   dropout) or more than ``RECOMPUTE_LIMIT`` ops; through attention, priced at its matmuls' FLOPs. The
   tensors it reads may still be offloaded or recomputed in their turn, but not rounded to fp8.
 * **offload**: ``memtrain::offload`` starts a copy to pinned host memory right after it is made, and
@@ -27,7 +28,8 @@ cost per inserted op):
 
 Every tensor's ways go into one list, sorted by price (time per byte freed); each tensor takes its first
 way that does not conflict with an earlier choice (a recompute never reads an fp8 tensor; it may read
-one that another choice recomputes or copies, and then reads it rebuilt). The plan for a target is the shortest prefix of that sequence that brings the saved
+one that another choice recomputes or copies, and then reads it rebuilt). An input's ways count only
+once a recompute keeps it: then at once, if their place in the list has passed. The plan for a target is the shortest prefix of that sequence that brings the saved
 bytes under it. The sequence does not depend on the target, so a smaller target takes a longer prefix
 and never keeps more: monotonic by construction, and each choice frees exactly its bytes. A target
 below what the whole sequence reaches is refused with that minimum.
@@ -39,6 +41,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -54,7 +57,7 @@ from memcompile.ops import memtrain
 from memcompile.quant.nf4.nf4_linear import NF4LinearArgs
 from memcompile.reporting import fmt_bytes, reports, saved_tensors
 
-from ._graph import VIEW_OPS, hinted_shape, insert_traced, memory_order, view_base
+from ._graph import VIEW_OPS, first_non_placeholder, hinted_shape, insert_traced, memory_order, view_base
 from .base import GraphPass, PassResult
 
 NAME = "memory_plan"
@@ -87,6 +90,9 @@ class Choice:
     seconds: float  # estimated cost added to the step
     closure: tuple[fx.Node, ...] = ()  # recompute: the nodes rerun in the backward, ``node`` last
     frontier: frozenset = frozenset()  # recompute: the saved tensors they read
+    # recompute: the activation inputs it keeps, with their bytes (``bytes_after`` counts those that no
+    # earlier choice keeps); a host copy or fp8 of such an input: ``((node, bytes),)``, valid once kept
+    keeps: tuple[tuple[fx.Node, int], ...] = ()
 
     @property
     def freed(self) -> int:
@@ -290,14 +296,15 @@ def choices_for(node: fx.Node, nbytes: int, available: set[fx.Node], cfg: PlanCo
     val = node.meta["val"]
     out: list[Choice] = []
     inputs = inputs or {}
-    if cfg.recompute:
+    if cfg.recompute and node.op != "placeholder":
         found = recompute_closure(node, available, order, held=held, inputs=frozenset(inputs))
         if found is not None:
             closure, frontier = found
-            kept = sum(inputs.get(f, 0) for f in frontier)
+            keeps = tuple(sorted(((f, inputs[f]) for f in frontier if f in inputs), key=lambda k: order[k[0]]))
+            kept = sum(b for _, b in keeps)
             if kept < nbytes:
                 seconds = group_seconds(closure, cfg)
-                out.append(Choice(node, "recompute", nbytes, kept, seconds, closure, frontier))
+                out.append(Choice(node, "recompute", nbytes, kept, seconds, closure, frontier, keeps))
     order = memory_order(val)
     if order is None:  # a copy of it is made dense: its readers' strides would no longer hold
         return out
@@ -326,17 +333,20 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool, held: frozenset = 
     activations = {t.name: t for t in saved if not t.is_input and t.alias_of is None and t.bytes > 0
                    and not t.on_host}
     order = {n: i for i, n in enumerate(p.fw.graph.nodes)}
-    # Rebuilding from an activation passed in keeps that input, so the tensor is only partly freed; a way
-    # that keeps something would then be the tensor's only one and could bar a host copy of it that frees
-    # all (the plan's list takes one way per tensor). So only without host copies.
-    costly = {} if offload else {n: _nbytes(n.meta["val"]) for n in inputs - available
-                                 if isinstance(n.meta.get("val"), torch.Tensor)}
+    # Rebuilding from an activation passed in keeps that input, so the tensor is only partly freed; the
+    # input then has ways of its own. With host copies, only from an input that can take one: else the
+    # tensor's one way (the plan's list takes one per tensor) could bar its own copy, which frees all.
+    costly = {n: _nbytes(n.meta["val"]) for n in inputs - available if isinstance(n.meta.get("val"), torch.Tensor)
+              and (not offload or memory_order(n.meta["val"]) is not None)}
     ways: list[Choice] = []
     for name, t in activations.items():
         node = nodes.get(name)
         if node is None or name in aliased or not isinstance(node.meta.get("val"), torch.Tensor):
             continue  # a storage several saved views share stays (one rewrite per view would copy it twice)
         ways.extend(choices_for(node, t.bytes, available, cfg, offload, order, held, costly))
+    for node, nbytes in costly.items():  # valid once a recompute keeps the input (``sequence``)
+        ways.extend(dataclasses.replace(c, keeps=((node, nbytes),))
+                    for c in choices_for(node, nbytes, available, cfg, offload, order))
     ways.sort(key=lambda c: (c.price, order[c.node], c.action))
     return ways, activations, sum(t.bytes for t in activations.values())
 
@@ -347,15 +357,27 @@ def sequence(choices: list[Choice]) -> list[Choice]:
     would make the recompute lossy. A tensor whose way conflicts takes its next way, at that way's place
     in the order. A recompute may read a tensor that another choice recomputes or copies (exact): it
     then reads it rebuilt or reloaded, since ``apply`` rewrites readers first and each rewrite replaces
-    every backward use of its tensor. Independent of the target."""
-    seq, pinned, decided, rounded = [], set(), set(), set()
-    for c in choices:
+    every backward use of its tensor. An input's own ways wait until a recompute keeps it, then come at
+    once (their place in the list may have passed: cheaper than what is left); a recompute keeping an
+    input an earlier one keeps frees its whole tensor. Independent of the target."""
+    seq, pinned, decided, rounded, kept, waiting = [], set(), set(), set(), set(), {}
+    todo = list(reversed(choices))
+    while todo:
+        c = todo.pop()
         if c.node in decided:
             continue  # decided by a cheaper way
+        if c.action != "recompute" and c.keeps and c.node not in kept:
+            waiting.setdefault(c.node, []).append(c)
+            continue
         # The frontier itself, or the storage it views: a saved view is a backward input of its own.
         reads = set(c.frontier) | {view_base(f) for f in c.frontier}
         if (c.action == "recompute" and reads & rounded) or (c.action == "fp8" and c.node in pinned):
             continue
+        if c.action == "recompute" and c.keeps:
+            new = [(n, b) for n, b in c.keeps if n not in kept]
+            c = dataclasses.replace(c, bytes_after=sum(b for _, b in new))
+            kept.update(n for n, _ in new)
+            todo.extend(reversed([w for n, _ in new for w in waiting.pop(n, [])]))
         seq.append(c)
         decided.add(c.node)
         if c.action == "recompute":
@@ -376,7 +398,7 @@ def prefix(seq: list[Choice], estimate: int, target: int, scale: dict | None = N
     return k, estimate
 
 
-def bound_scale(fw: fx.GraphModule, activations: dict) -> dict[str, float] | None:
+def bound_scale(fw: fx.GraphModule, activations) -> dict[str, float] | None:
     """For a graph with symbolic sizes (a variable token count), each saved activation's bytes at the
     largest sizes the graph accepts over its bytes at the traced ones, by name: the plan then holds the
     target for the longest batch. ``None`` (and a warning) where a symbolic size has no upper bound:
@@ -516,12 +538,14 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
         order = memory_order(node.meta["val"])
         undo = tuple(sorted(range(len(order)), key=order.__getitem__))
         use = _first_user(ph)
-        # Right after the tensor is made, so the device copy is freed after its last forward use.
+        # Right after the tensor is made (an input: after the inputs), so the device copy is freed after
+        # its last forward use.
+        made = first_non_placeholder(p.fw.graph) if node.op == "placeholder" else node.next
         if c.action == "offload":
             device = node.meta["val"].device
             copy = c.bytes / cfg.host_bytes_per_s
             host = insert_traced(p.fw.graph, lambda x: memtrain.offload(x.permute(order)), [node],
-                                 before=node.next, tag=None, name=NAME)
+                                 before=made, tag=None, name=NAME)
             insert_traced(p.fw.graph, lambda h, x: memtrain.offload_wait(h, x), [host, node],
                           before=_after_compute(host, copy, cfg), tag=None, name=NAME)
             new_ph = _add_placeholder(p.bw.graph, ph, host, f"{node.name}_on_host")
@@ -532,7 +556,7 @@ def apply(p: Partitioned, chosen: list[Choice], cfg: PlanConfig) -> None:
         else:
             dtype = node.meta["val"].dtype
             q, scale = insert_traced(p.fw.graph, lambda x: memtrain.fp8_quantize(x.permute(order)), [node],
-                                     before=node.next, tag=None, name=NAME)
+                                     before=made, tag=None, name=NAME)
             q_ph = _add_placeholder(p.bw.graph, ph, q, f"{node.name}_fp8")
             s_ph = _add_placeholder(p.bw.graph, ph, scale, f"{node.name}_fp8_scale")
             y = insert_traced(p.bw.graph, lambda a, b: memtrain.fp8_dequantize(a, b, dtype), [q_ph, s_ph],
@@ -572,7 +596,7 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig, held: froze
     offload = cfg.offload if cfg.offload is not None else device in ("cuda", "meta")
     choices, activations, before = ordered_choices(p, saved, cfg, offload, held, inputs)
     seq = sequence(choices)
-    scale = bound_scale(p.fw, activations)
+    scale = bound_scale(p.fw, [*activations, *(c.node.name for c in seq if c.node.name not in activations)])
     at_bound = None if not scale else round(sum(t.bytes * scale.get(n, 1) for n, t in activations.items()))
     k, planned = prefix(seq, before if at_bound is None else at_bound, target, scale)
     if planned > target:
@@ -603,6 +627,13 @@ def _result(activations: dict, chosen: list[Choice], target: int, before: int, p
         records.append({"tensor": name, "shape": tuple(t.shape), "dtype": t.dtype, "bytes": t.bytes,
                         "action": action, "bytes_after": c.bytes_after if c else t.bytes,
                         "seconds": c.seconds if c else 0.0})
+    for c in chosen:  # an input a recompute keeps, then copied to the host or stored in fp8
+        if c.node.name not in activations:
+            val = c.node.meta["val"]
+            counts[c.action] += 1
+            records.append({"tensor": c.node.name, "shape": tuple(hinted_shape(val)),
+                            "dtype": str(val.dtype).removeprefix("torch."), "bytes": c.bytes, "action": c.action,
+                            "bytes_after": c.bytes_after, "seconds": c.seconds})
     counters = {"target": target, "before": before, "after": planned,
                 "seconds": sum(c.seconds for c in chosen), **counts}
     return MemoryPlan(NAME, records, [], counters)

@@ -476,6 +476,27 @@ def test_a_recompute_may_read_what_another_choice_moves_but_not_fp8():
     assert sequence([second, fp8_v, copy_v]) == [second, copy_v]  # read by a recompute: never fp8
 
 
+def test_an_inputs_ways_wait_until_a_recompute_keeps_it():
+    """An activation passed in (``x``) is not saved until a recompute reads it: its host copy waits in
+    the list until then and comes right after, and a second recompute keeping it frees its whole
+    tensor (the first already counts ``x``). A copy whose input no recompute keeps is never taken."""
+    from memcompile.passes.memory_plan import Choice, sequence
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    b = graph.call_function(torch.ops.aten.mul.Tensor, (x, 3.0))
+    graph.output((a, b))
+    keep_a = Choice(a, "recompute", 64, 16, 1e-6, (a,), frozenset({x}), ((x, 16),))
+    keep_b = Choice(b, "recompute", 64, 16, 2e-6, (b,), frozenset({x}), ((x, 16),))
+    copy_x = Choice(x, "offload", 16, 0, 1e-8, keeps=((x, 16),))
+    fp8_x = Choice(x, "fp8", 16, 8, 1e-9, keeps=((x, 16),))
+    assert sequence([copy_x]) == []
+    seq = sequence([fp8_x, copy_x, keep_a, keep_b])
+    assert [(c.node, c.action, c.freed) for c in seq] == [
+        (a, "recompute", 48), (x, "offload", 16), (b, "recompute", 64)]  # read by a recompute: never fp8
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_chained_recomputes_are_exact(compiler):
     """A recompute that reads a tensor another, cheaper recompute rebuilds: both run in the backward,
@@ -752,6 +773,46 @@ def test_a_region_rebuilds_a_saved_tensor_from_an_activation_it_is_passed(compil
     exact = {"rtol": 0, "atol": 0} if compiler == "aot_eager" else {}  # Inductor fuses the rerun apart
     torch.testing.assert_close(planned[0], free[0], **exact)
     torch.testing.assert_close(planned[1], free[1], **exact)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_with_host_copies_a_region_rebuilds_and_then_copies_the_input_it_keeps(compiler):
+    """With host copies, the head's cheapest way out for log_softmax's fp32 output is still the rebuild
+    from the hidden states passed in (a matmul, against copying 16x its bytes over the host link); the
+    hidden states it then keeps are a saved tensor with a host copy of their own, taken when the target
+    needs it. Before, host copies barred the rebuild and the output itself went to the host."""
+    from memcompile.config import to_config
+    from memcompile.regional import BlockBackend
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 256, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 256, (32,))
+
+    def loss(h):
+        return torch.nn.functional.cross_entropy(head(h).float(), labels)
+
+    def run(opts):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        h = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        config = to_config({"compiler": compiler, "activation": "none", **opts})
+        out = torch.compile(loss, backend=BlockBackend(config, {}, region="a test head"))(h)
+        out.backward()
+        return out.detach(), h.grad, memcompile.report()
+
+    def actions(rep):
+        plan = rep.passes["memory_plan"]
+        return [(r["action"], r["bytes"], r["bytes_after"]) for r in plan.rewritten if r["action"] != "keep"]
+
+    free = run({})
+    exact = {"rtol": 0, "atol": 0} if compiler == "aot_eager" else {}
+    for target, plan in [(8 * 1024, [("recompute", 32 * 1024, 2 * 1024)]),
+                         (1024, [("recompute", 32 * 1024, 2 * 1024), ("offload", 2 * 1024, 0)])]:
+        planned = run({"memory_target": target, "plan": {"offload": True}})
+        assert actions(planned[2]) == plan
+        assert planned[2].bytes_after <= target < free[2].bytes_after
+        torch.testing.assert_close(planned[0], free[0], **exact)
+        torch.testing.assert_close(planned[1], free[1], **exact)
 
 
 def test_a_symbolic_length_graph_recomputes_through_its_sizes():
