@@ -38,15 +38,25 @@ class BlockBackend:
     ``shares``: how many graph runs of a step share ``memory_target`` (every compiled layer, and the head)."""
 
     def __init__(self, config: MemtrainConfig, served: Mapping[str, torch.nn.Module], region: str = "a repeated block",
-                 shares: int = 1):
+                 shares: int = 1, head: tuple[torch.Tensor, str] | None = None):
         self.config, self.served, self.region, self.shares = config, tuple(served), region, shares
         self._modules = [weakref.ref(m) for m in served.values()]
+        # The head's backend also gets what the owner's forward runs before (or between) its decoder
+        # bodies (a sequence-to-sequence model's shifted labels): a graph that does not read the output
+        # projection's weight is labelled so, not as the head.
+        self._head = None if head is None else (weakref.ref(head[0]), head[1])
+
+    def _region(self, example_inputs: Sequence[Any]) -> str:
+        if self._head is None:
+            return self.region
+        weight, other = self._head[0](), self._head[1]
+        return self.region if weight is None or any(x is weight for x in example_inputs) else other
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
         from memcompile import pipeline
 
-        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served, region=self.region,
-                                          shares=self.shares)
+        compiled = pipeline.compile_graph(gm, example_inputs, self.config, served=self.served,
+                                          region=self._region(example_inputs), shares=self.shares)
         # The compile saw the first block's parameters; every block it serves has the same
         # approximated gradients (Fira reads these marks to refuse them).
         report = reporting.report_of_last_compile()
@@ -208,8 +218,13 @@ def _compile_head(owner: torch.nn.Module, bodies: Sequence[torch.nn.Module], con
     # The head's inputs are the final hidden states and the labels: a recompute budget there could only
     # rerun the head itself, so it is compiled without one (the blocks keep theirs). memory_target, which
     # the planner meets by choosing per tensor, plans the head for its share like a layer.
-    region = f"the output head and its loss: {type(owner).__name__}'s forward outside its decoder body (compile_blocks)"
-    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None), {}, region, shares)
+    name = type(owner).__name__
+    region = f"the output head and its loss: {name}'s forward outside its decoder body (compile_blocks)"
+    outside = f"{name}'s forward outside its decoder bodies, not the output head (compile_blocks)"
+    projection = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+    weight = getattr(projection, "weight", None)
+    head_backend = (BlockBackend(dataclasses.replace(config, recompute_budget=None), {}, region, shares,
+                                 None if not isinstance(weight, torch.Tensor) else (weight, outside))
                     if backend == "memtrain" else backend)
     # Disabled, a body's call is a graph break in the owner's forward: Dynamo compiles what follows it
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
