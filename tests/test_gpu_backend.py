@@ -168,6 +168,38 @@ def test_memory_target_offload_and_recompute_are_exact_on_cuda(compiler):
         assert same(grads_p[name], grads_f[name]), name
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_blocks_head_rebuilds_from_its_input_then_copies_it_on_cuda(compiler, device=CUDA):
+    """Under compile_blocks the head's graph (output projection and Hugging Face's loss, no fused loss)
+    on CUDA, where host copies are on: its fp32 softmax side is rebuilt in the backward from the final
+    hidden states it is passed (a slow host link here makes the copy of it the dearer way), and those
+    hidden states, which it then keeps, go to the host to meet its share; the step is unchanged."""
+
+    def run(opts):
+        torch.compiler.reset()
+        memcompile.clear_reports()
+        activation_state.reset()
+        model = models.tiny_lora_llama().to(device)
+        memcompile.compile_blocks(model, {"activation": "none", "compiler": compiler, **opts})
+        ids = models.batch().to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), _grads(model), memcompile.report()
+
+    loss_f, grads_f, rep = run({})
+    head = next(g for g in rep.graphs if not g.served)
+    target = head.bytes_after // 5 * sum(rep.runs(g) for g in rep.graphs)  # a fifth of the head's, a share
+    loss_p, grads_p, rep_p = run({"memory_target": target, "plan": {"offload": True, "host_bytes_per_s": 1e9}})
+    plan = next(g for g in rep_p.graphs if not g.served).passes["memory_plan"]
+    rebuilt = [r for r in plan.rewritten if r["action"] == "recompute" and r["bytes_after"] > 0]
+    copied = {r["tensor"] for r in plan.rewritten if r["action"] == "offload"}
+    assert rebuilt and copied and rep_p.bytes_after <= target
+    same = torch.equal if compiler == "aot_eager" else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert same(loss_p, loss_f)
+    for name in grads_f:
+        assert same(grads_p[name], grads_f[name]), name
+
+
 def test_memory_target_fp8_is_within_its_bound_on_cuda():
     model, ids = models.tiny_lora_llama().to(CUDA), models.batch().to(CUDA)
     opts = {"activation": "none", "compiler": "inductor"}
