@@ -740,11 +740,10 @@ def test_a_graph_break_is_warned_each_graph_holds_the_target():
     assert f"the planned graphs keep {fmt_bytes(rep.bytes_after)}, {held}; graph breaks split it into" in str(rep)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_a_region_rebuilds_a_saved_tensor_from_an_activation_it_is_passed(compiler):
-    """A region of a model (compile_blocks' head: the final hidden states in, the loss out) without host
-    copies: log_softmax's fp32 output is rebuilt in the backward from the hidden states passed in, which
-    the graph then keeps instead (2 KiB for 32 KiB), and the gradients are unchanged."""
+def _head_region(compiler: str, opts: dict):
+    """A region of a model as compile_blocks compiles the head (the final hidden states in, the loss
+    out): an fp32 loss over a frozen projection of a 2 KiB activation, 32 KiB of log_softmax output.
+    The loss, the hidden states' gradient and the report."""
     from memcompile.config import to_config
     from memcompile.regional import BlockBackend
 
@@ -755,20 +754,28 @@ def test_a_region_rebuilds_a_saved_tensor_from_an_activation_it_is_passed(compil
     def loss(h):
         return torch.nn.functional.cross_entropy(head(h).float(), labels)
 
-    def run(opts):
-        torch.compiler.reset()
-        memcompile.clear_reports()
-        h = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()  # an activation
-        config = to_config({"compiler": compiler, "activation": "none", **opts})
-        out = torch.compile(loss, backend=BlockBackend(config, {}, region="a test head"))(h)
-        out.backward()
-        return out.detach(), h.grad, memcompile.report()
+    torch.compiler.reset()
+    memcompile.clear_reports()
+    h = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()  # an activation
+    config = to_config({"compiler": compiler, "activation": "none", **opts})
+    out = torch.compile(loss, backend=BlockBackend(config, {}, region="a test head"))(h)
+    out.backward()
+    return out.detach(), h.grad, memcompile.report()
 
-    free = run({})
-    planned = run({"memory_target": 8 * 1024, "plan": {"offload": False}})
-    plan = planned[2].passes["memory_plan"]
-    assert [(r["action"], r["bytes"], r["bytes_after"]) for r in plan.rewritten if r["action"] != "keep"] == [
-        ("recompute", 32 * 1024, 2 * 1024)]
+
+def _plan_actions(rep) -> list[tuple]:
+    return [(r["action"], r["bytes"], r["bytes_after"]) for r in rep.passes["memory_plan"].rewritten
+            if r["action"] != "keep"]
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_a_region_rebuilds_a_saved_tensor_from_an_activation_it_is_passed(compiler):
+    """A region of a model (compile_blocks' head) without host copies: log_softmax's fp32 output is
+    rebuilt in the backward from the hidden states passed in, which the graph then keeps instead (2 KiB
+    for 32 KiB), and the gradients are unchanged."""
+    free = _head_region(compiler, {})
+    planned = _head_region(compiler, {"memory_target": 8 * 1024, "plan": {"offload": False}})
+    assert _plan_actions(planned[2]) == [("recompute", 32 * 1024, 2 * 1024)]
     assert planned[2].bytes_after <= 8 * 1024 < free[2].bytes_after
     exact = {"rtol": 0, "atol": 0} if compiler == "aot_eager" else {}  # Inductor fuses the rerun apart
     torch.testing.assert_close(planned[0], free[0], **exact)
@@ -781,35 +788,12 @@ def test_with_host_copies_a_region_rebuilds_and_then_copies_the_input_it_keeps(c
     from the hidden states passed in (a matmul, against copying 16x its bytes over the host link); the
     hidden states it then keeps are a saved tensor with a host copy of their own, taken when the target
     needs it. Before, host copies barred the rebuild and the output itself went to the host."""
-    from memcompile.config import to_config
-    from memcompile.regional import BlockBackend
-
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 256, bias=False).requires_grad_(False)
-    labels = torch.randint(0, 256, (32,))
-
-    def loss(h):
-        return torch.nn.functional.cross_entropy(head(h).float(), labels)
-
-    def run(opts):
-        torch.compiler.reset()
-        memcompile.clear_reports()
-        h = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        config = to_config({"compiler": compiler, "activation": "none", **opts})
-        out = torch.compile(loss, backend=BlockBackend(config, {}, region="a test head"))(h)
-        out.backward()
-        return out.detach(), h.grad, memcompile.report()
-
-    def actions(rep):
-        plan = rep.passes["memory_plan"]
-        return [(r["action"], r["bytes"], r["bytes_after"]) for r in plan.rewritten if r["action"] != "keep"]
-
-    free = run({})
+    free = _head_region(compiler, {})
     exact = {"rtol": 0, "atol": 0} if compiler == "aot_eager" else {}
     for target, plan in [(8 * 1024, [("recompute", 32 * 1024, 2 * 1024)]),
                          (1024, [("recompute", 32 * 1024, 2 * 1024), ("offload", 2 * 1024, 0)])]:
-        planned = run({"memory_target": target, "plan": {"offload": True}})
-        assert actions(planned[2]) == plan
+        planned = _head_region(compiler, {"memory_target": target, "plan": {"offload": True}})
+        assert _plan_actions(planned[2]) == plan
         assert planned[2].bytes_after <= target < free[2].bytes_after
         torch.testing.assert_close(planned[0], free[0], **exact)
         torch.testing.assert_close(planned[1], free[1], **exact)
