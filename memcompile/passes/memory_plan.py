@@ -619,21 +619,17 @@ def plan_memory(p: Partitioned, saved, target: int, cfg: PlanConfig, held: froze
 
 def _result(activations: dict, chosen: list[Choice], target: int, before: int, planned: int) -> MemoryPlan:
     by_name = {c.node.name: c for c in chosen}
+    rows = [(name, tuple(t.shape), t.dtype, t.bytes) for name, t in activations.items()]
+    # an input a recompute keeps, then copied to the host or stored in fp8
+    rows += [(c.node.name, tuple(hinted_shape(c.node.meta["val"])), str(c.node.meta["val"].dtype).removeprefix("torch."),
+              c.bytes) for c in chosen if c.node.name not in activations]
     records, counts = [], {"recompute": 0, "offload": 0, "fp8": 0, "keep": 0}
-    for name, t in activations.items():
+    for name, shape, dtype, nbytes in rows:
         c = by_name.get(name)
         action = c.action if c else "keep"
         counts[action] += 1
-        records.append({"tensor": name, "shape": tuple(t.shape), "dtype": t.dtype, "bytes": t.bytes,
-                        "action": action, "bytes_after": c.bytes_after if c else t.bytes,
-                        "seconds": c.seconds if c else 0.0})
-    for c in chosen:  # an input a recompute keeps, then copied to the host or stored in fp8
-        if c.node.name not in activations:
-            val = c.node.meta["val"]
-            counts[c.action] += 1
-            records.append({"tensor": c.node.name, "shape": tuple(hinted_shape(val)),
-                            "dtype": str(val.dtype).removeprefix("torch."), "bytes": c.bytes, "action": c.action,
-                            "bytes_after": c.bytes_after, "seconds": c.seconds})
+        records.append({"tensor": name, "shape": shape, "dtype": dtype, "bytes": nbytes, "action": action,
+                        "bytes_after": c.bytes_after if c else nbytes, "seconds": c.seconds if c else 0.0})
     counters = {"target": target, "before": before, "after": planned,
                 "seconds": sum(c.seconds for c in chosen), **counts}
     return MemoryPlan(NAME, records, [], counters)
