@@ -295,7 +295,7 @@ def test_the_train_table_shows_the_peak_after_the_first_step_where_recorded():
     """The first step also compiles; a run that recorded the later steps' peak shows it beside the peak."""
     row = {"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 9.41, "peak_later_gib": 8.9,
            "tok_per_s": 45259.0, "compile_s": 15.6, "model": "tinyllama", "seq": 2048, "batch": 4}
-    run = {"train": [row], "estimate": [{"setup": "memtrain_all", "status": "ok", "peak_gib": 8.81}]}
+    run = {"train": [row], "estimate": [{"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 8.81}]}
     table = gpu_report.train_table(run)
     assert "| peak GiB | after the 1st step GiB | est. peak GiB |" in table[0]
     assert table[2].startswith("| memtrain_all_regional | ok | 9.41 | 8.90 | 8.81 | -6 % | 45,259 | 15.6 |")

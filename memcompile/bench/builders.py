@@ -151,8 +151,7 @@ def _optimizer(setup: Setup, model: nn.Module, params: list, lr: float, device: 
 
 
 def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float = 0.3,
-                    extra: dict | None = None,
-                    regional_loss: bool = True) -> tuple[Callable, str, contextlib.AbstractContextManager]:
+                    extra: dict | None = None) -> tuple[Callable, str, contextlib.AbstractContextManager]:
     """The forward the setup trains through, the name of what compiles it, and the context the training
     loop must hold (AOTAutograd's ``activation_memory_budget`` for setups with ``memory_budget``;
     compiles happen at the first call, inside it).
@@ -163,7 +162,6 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float
     partitions with Inductor's decompositions and min-cut partitioner, so saved activations match
     Inductor's. ``compiler="aot_eager_decomp"`` (the estimate's) gives memtrain setups the same:
     Inductor's graphs and partition, and so Inductor's memory plan, run in Python.
-    ``regional_loss=False``: a regional setup leaves the output head and loss eager (the estimate's, on meta).
     """
     if setup.compile == "none":
         return model, "eager", contextlib.nullcontext()
@@ -181,15 +179,15 @@ def compile_forward(setup: Setup, model: nn.Module, compiler: str, budget: float
 
             # compile_blocks compiles the decoder layers (and the head with its loss) in place; the model's own forward
             # calls them, so the model is what trains.
-            memcompile.compile_blocks(model, options=options, loss=regional_loss)
-            return model, name + ", regional" + ("" if regional_loss else ", head eager"), contextlib.nullcontext()
+            memcompile.compile_blocks(model, options=options)
+            return model, name + ", regional", contextlib.nullcontext()
         return torch.compile(model, backend="memtrain", options=options), name, contextlib.nullcontext()
     backend = "inductor" if compiler == "inductor" else "aot_eager_decomp_partition"
     if setup.regional:
         import memcompile
 
-        memcompile.compile_blocks(model, backend=backend, loss=regional_loss)
-        return model, backend + ", regional" + ("" if regional_loss else ", head eager"), contextlib.nullcontext()
+        memcompile.compile_blocks(model, backend=backend)
+        return model, backend + ", regional", contextlib.nullcontext()
     if setup.memory_budget:
         return torch.compile(model, backend=backend), f"{backend}, budget {budget:g}", activation_memory_budget(budget)
     return torch.compile(model, backend=backend), backend, contextlib.nullcontext()

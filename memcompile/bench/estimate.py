@@ -18,8 +18,9 @@ What the meta device cannot know is modelled on CUDA and said here:
   decompositions and partitioner), so the saved tensors are Inductor's but temporaries are counted
   unfused, which overstates Inductor's temporaries (yet under an activation budget the estimate has
   come out below the anchors' measurement: it is not a bound);
-- a regional setup's loss is compiled only where memtrain fuses it: torch.compile of ``nll_loss`` on
-  meta inputs returns a loss without grad, so a plain loss runs eager there;
+- Hugging Face's causal-LM loss is computed by ``causal_lm_loss``: the same aten ops, in a form whose
+  backward survives a compile on meta (tracing ``F.cross_entropy`` there loses it); a setup with
+  memtrain's fused loss keeps Hugging Face's, which the fused loss replaces;
 - bitsandbytes setups cannot be built on meta and are skipped (their measured anchors are listed);
   ``memcompile.prepare``'s NF4 model: its first decoder layer is quantised on the CPU from constant
   weights and moved to meta, and every other layer gets copies of those adapted linears (same shapes,
@@ -61,6 +62,23 @@ def cuda_fused_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 def _no_mask(*args, **kwargs):
     return None  # the kernel applies the causal mask itself
+
+
+def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                   shift_labels=None, **kwargs) -> torch.Tensor:
+    """Hugging Face's causal-LM loss (``ForCausalLMLoss``) through the two aten ops ``F.cross_entropy``
+    reaches on every device, ``_log_softmax`` and ``nll_loss_forward``: the same forward and backward
+    ops, so the same saved tensors and temporaries. On meta, tracing ``F.cross_entropy`` for a compile
+    loses the loss's backward (torch 2.13: a meta kernel registered for ``aten::nll_loss`` takes the
+    place of its decomposition under the Python dispatcher, so autograd sees an op without a formula
+    and passes no gradient; the graph then trains from a zero gradient of the logits)."""
+    logits = logits.float()
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+    logits, shift_labels = logits.view(-1, vocab_size), shift_labels.view(-1).to(logits.device)
+    reduction = 1 if num_items_in_batch is None else 2  # at::Reduction::Mean, Sum
+    loss = torch.ops.aten.nll_loss_forward(logits.log_softmax(-1), shift_labels, None, reduction, ignore_index)[0]
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 def register_attention() -> None:
@@ -116,6 +134,9 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
         raise Unavailable("the estimate covers AdamW fine-tuning on the whole batch")
     register_attention()
     model = models.meta_model(opts.model, dtype)
+    fused = {**setup.memtrain, **(opts.memtrain or {})}.get("fused_cross_entropy", False)
+    if not fused:  # the fused loss replaces F.cross_entropy with memtrain's op, which traces on meta
+        model.loss_function = causal_lm_loss
     if setup.adapter == "prepare":
         prepare_on_meta(model, setup.memtrain)
     model.set_attn_implementation(ATTENTION)
@@ -125,13 +146,9 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
             model.enable_input_require_grads()
     if setup.adapter == "peft":
         model = _peft_lora(model)
-    # A compiled nll_loss on meta inputs returns a loss that does not require grad (torch 2.13), so a
-    # regional setup's loss stays eager unless memtrain fuses it (its own op, which compiles fine).
-    fused = {**setup.memtrain, **(opts.memtrain or {})}.get("fused_cross_entropy", False)
     # Inductor's graphs (its decompositions, joint passes and partition), run in Python: the saved
     # tensors and the memory plan are the ones a GPU's compile gets.
-    forward, compiler, context = compile_forward(setup, model, "aot_eager_decomp", opts.budget, opts.memtrain,
-                                                 regional_loss=bool(fused))
+    forward, compiler, context = compile_forward(setup, model, "aot_eager_decomp", opts.budget, opts.memtrain)
     return model, forward, compiler, context
 
 

@@ -140,8 +140,7 @@ def train_table(run: dict, key: str = "train") -> list[str]:
     rows = ["| " + " | ".join(head) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]
     for r in run[key]:
         ok = r.get("status") == "ok"
-        # A regional setup is estimated by its whole-model twin (the meta device cannot run it yet).
-        est = estimates.get(r["setup"], estimates.get(r["setup"].removesuffix("_regional"), {})).get("peak_gib")
+        est = estimates.get(r["setup"], {}).get("peak_gib")
         a = anchors.lookup(r["setup"], r.get("model"), r.get("seq"), r.get("batch")) if ok else None
         a = a or {}
         peak, tok = (r.get("peak_gib"), r.get("tok_per_s")) if ok else (None, None)
@@ -274,8 +273,7 @@ def section(run: dict | None) -> str:
                  if first.get("model") else "the anchors' setup")
         lines += [f"Training step ({shape}; LoRA r=16 on all 7 linears, AdamW; peak = "
                   "`torch.cuda.max_memory_allocated`; tok/s = median of the timed steps). Estimate: "
-                  "`python -m memcompile.bench estimate` of the same setup on the meta device (a regional setup's: "
-                  "its whole-model twin's). A difference over "
+                  "`python -m memcompile.bench estimate` of the same setup on the meta device. A difference over "
                   "10 % from the anchors' H100 figures is marked **.", "", *train_table(run), ""]
     for p, when in ((run["pytest"], ""), (run["rerun_pytest"], " (after the check, on the same machine)")):
         if p is not None:
