@@ -384,6 +384,28 @@ def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_b
     torch.testing.assert_close(model(input_ids=ids, labels=ids).logits, logits, rtol=0, atol=0)
 
 
+def test_without_the_loss_only_the_blocks_compile_and_the_head_stays_eager():
+    """``loss=False``: one graph for every layer, the head and its loss run eager (the model's own
+    forward, untouched), and loss and gradients are the whole-model compile's."""
+    opts = {"compiler": "aot_eager", "activation": "velora"}
+    model = models.tiny_lora_llama(layers=2)
+    whole = _train(model, torch.compile(model, backend="memtrain", options=opts), 2)
+    torch.compiler.reset()
+    activation_state.reset()
+    memcompile.clear_reports()
+    model = models.tiny_lora_llama(layers=2)
+    body = model.base_model.model.model
+    memcompile.compile_blocks(model, opts, loss=False)
+    # With the loss, the body's forward is wrapped to run eager and its owner is compiled: neither here.
+    assert "forward" not in vars(body) and getattr(model.base_model.model, "_compiled_call_impl", None) is None
+    graphs = tc.dynamo_graph_count()
+    regional = _train(model, model, 2)
+    assert tc.dynamo_graph_count() - graphs == 1
+    report = str(memcompile.report())
+    assert "one compiled block for 2 modules" in report and "the output head" not in report
+    _assert_same(whole, regional)
+
+
 def test_the_head_is_apart_when_the_model_calls_its_decoder_past_a_wrapper():
     """Bart's causal LM holds its decoder in a wrapper module and calls the decoder itself: the module
     left out of the head's graph is the one that runs the blocks, so the blocks keep their shared graph
