@@ -127,6 +127,25 @@ def test_causal_lm_loss_is_hugging_faces():
         assert torch.equal(*(torch.autograd.grad(loss, logits)[0] for loss in (ours, theirs)))
 
 
+def test_a_step_that_loses_part_of_its_backward_on_meta_fails_naming_the_op():
+    """``F.cross_entropy`` compiled on meta loses its backward (the reason for ``causal_lm_loss``): the
+    estimate's count refuses such a step rather than count it without that backward."""
+    from memcompile.bench.estimate import whole_backward
+
+    h = torch.empty(16, 8, device="meta", requires_grad=True)
+    w = torch.empty(32, 8, device="meta", requires_grad=True)
+    t = torch.zeros(16, dtype=torch.long, device="meta")
+    loss = torch.compile(lambda h, w, t: torch.nn.functional.cross_entropy((h @ w.t()).float(), t), backend="aot_eager")
+    torch.compiler.reset()
+    with pytest.raises(RuntimeError, match="no formula for aten::nll_loss in this step"):
+        with whole_backward():
+            loss(h, w, t).backward()
+    torch.compiler.reset()
+    with whole_backward():  # eager on meta keeps it
+        torch.nn.functional.cross_entropy((h @ w.t()).float(), t).backward()
+    assert h.grad is not None
+
+
 def test_anchor_lookup():
     assert anchors.lookup("lora", "tinyllama", 2048, 4)["peak_gib"] == pytest.approx(27.769)
     assert anchors.lookup("lora", "tinyllama", 1024, 4) is None

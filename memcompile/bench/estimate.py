@@ -20,7 +20,8 @@ What the meta device cannot know is modelled on CUDA and said here:
   come out below the anchors' measurement: it is not a bound);
 - Hugging Face's causal-LM loss is computed by ``causal_lm_loss``: the same aten ops, in a form whose
   backward survives a compile on meta (tracing ``F.cross_entropy`` there loses it); a setup with
-  memtrain's fused loss keeps Hugging Face's, which the fused loss replaces;
+  memtrain's fused loss keeps Hugging Face's, which the fused loss replaces. A step that would still
+  lose part of its backward there (another op without a formula on meta) fails, naming the op;
 - bitsandbytes setups cannot be built on meta and are skipped (their measured anchors are listed);
   ``memcompile.prepare``'s NF4 model: its first decoder layer is quantised on the CPU from constant
   weights and moved to meta, and every other layer gets copies of those adapted linears (same shapes,
@@ -31,7 +32,10 @@ The table puts the anchors' measured H100 figures beside the estimates where the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
+import warnings
 from typing import Callable
 
 import torch
@@ -152,6 +156,26 @@ def build_meta(setup, opts: Options, dtype: torch.dtype):
     return model, forward, compiler, context
 
 
+_NO_FORMULA = "an autograd kernel was not registered"
+
+
+@contextlib.contextmanager
+def whole_backward():
+    """Make a step that would lose part of its backward on meta fail, naming the op: autograd passes no
+    gradient through an op it has no formula for there (the one warning it gives, an error here), and
+    the count would leave out everything before it in the backward (see ``causal_lm_loss``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=f".*{_NO_FORMULA}")
+        try:
+            yield
+        except Exception as e:  # the warning itself, or the compile failure wrapping it
+            if _NO_FORMULA not in str(e):
+                raise
+            op = re.search(r"(\w+::\w+(?:\.\w+)?): " + _NO_FORMULA, str(e))
+            raise RuntimeError(f"on the meta device autograd has no formula for {op[1] if op else 'an op'} in this "
+                               "step, so the count would leave out part of its backward") from e
+
+
 def count_step(setup, model, forward, context, batch: int, seq: int) -> dict:
     """One step of ``batch`` x ``seq`` tokens on meta (after a compiling one for compiled setups), counted:
     saved activations, resident bytes and the step's peak. The model can be counted again at another
@@ -166,7 +190,7 @@ def count_step(setup, model, forward, context, batch: int, seq: int) -> dict:
     def step():
         return forward(input_ids=ids, attention_mask=mask, labels=ids)
 
-    with context:
+    with context, whole_backward():
         if setup.compiled:
             step().loss.backward()
             model.zero_grad(set_to_none=True)
