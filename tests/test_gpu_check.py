@@ -294,11 +294,15 @@ def test_the_compile_stage_table_splits_each_first_step():
 def test_the_train_table_shows_the_peak_after_the_first_step_where_recorded():
     """The first step also compiles; a run that recorded the later steps' peak shows it beside the peak."""
     row = {"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 9.41, "peak_later_gib": 8.9,
-           "tok_per_s": 45259.0, "compile_s": 15.6, "model": "tinyllama", "seq": 2048, "batch": 4}
-    run = {"train": [row], "estimate": [{"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 8.81}]}
+           "tok_per_s": 45259.0, "compile_s": 15.6, "model": "tinyllama", "seq": 2048, "batch": 4,
+           "saved_bytes_hooks": 7 * 2**30}
+    run = {"train": [row], "estimate": [{"setup": "memtrain_all_regional", "status": "ok", "peak_gib": 8.81,
+                                         "saved_gib": 6.98}]}
     table = gpu_report.train_table(run)
     assert "| peak GiB | after the 1st step GiB | est. peak GiB |" in table[0]
+    assert table[0].endswith("| saved GiB | est. saved GiB |")
     assert table[2].startswith("| memtrain_all_regional | ok | 9.41 | 8.90 | 8.81 | -6 % | 45,259 | 15.6 |")
+    assert table[2].endswith("| 7.00 | 6.98 |")
     assert len({line.count("|") for line in table}) == 1
     without = gpu_report.train_table({"train": [{**row, "peak_later_gib": None}], "estimate": run["estimate"]})
     assert "after the 1st step" not in without[0] and without[2].startswith("| memtrain_all_regional | ok | 9.41 | 8.81 |")

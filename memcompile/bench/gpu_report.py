@@ -136,11 +136,14 @@ def train_table(run: dict, key: str = "train") -> list[str]:
     later = any(r.get("peak_later_gib") is not None for r in run[key])
     head = ["setup", "status", "peak GiB", *(["after the 1st step GiB"] if later else []), "est. peak GiB",
             "estimate vs measured", "tok/s", "1st step s", "H100 anchor GiB", "H100 anchor tok/s", "peak vs anchor",
-            "speed vs anchor"]
+            "speed vs anchor", "saved GiB", "est. saved GiB"]
     rows = ["| " + " | ".join(head) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]
     for r in run[key]:
         ok = r.get("status") == "ok"
         est = estimates.get(r["setup"], {}).get("peak_gib")
+        # What autograd's hooks counted, against the estimate's count of the same: the peak's gap beside it
+        # is then what the step holds besides its saved tensors.
+        saved = r.get("saved_bytes_hooks") if ok else None
         a = anchors.lookup(r["setup"], r.get("model"), r.get("seq"), r.get("batch")) if ok else None
         a = a or {}
         peak, tok = (r.get("peak_gib"), r.get("tok_per_s")) if ok else (None, None)
@@ -148,7 +151,8 @@ def train_table(run: dict, key: str = "train") -> list[str]:
         cells = [r["setup"], status, _num(peak), *([_num(r.get("peak_later_gib") if ok else None)] if later else []),
                  _num(est), _pct(est, peak), _num(tok, 0), _num(r.get("compile_s") if ok else None, 1),
                  _num(a.get("peak_gib")), _num(a.get("tok_per_s"), 0), _pct(peak, a.get("peak_gib")),
-                 _pct(tok, a.get("tok_per_s"))]
+                 _pct(tok, a.get("tok_per_s")), _num(None if saved is None else saved / 2**30),
+                 _num(estimates.get(r["setup"], {}).get("saved_gib"))]
         rows.append("| " + " | ".join(cells) + " |")
     measured = {r["setup"] for r in run[key]}
     for name, e in estimates.items() if key == "train" else ():  # estimated beside the run, not measured in it
@@ -274,7 +278,8 @@ def section(run: dict | None) -> str:
         lines += [f"Training step ({shape}; LoRA r=16 on all 7 linears, AdamW; peak = "
                   "`torch.cuda.max_memory_allocated`; tok/s = median of the timed steps). Estimate: "
                   "`python -m memcompile.bench estimate` of the same setup on the meta device. A difference over "
-                  "10 % from the anchors' H100 figures is marked **.", "", *train_table(run), ""]
+                  "10 % from the anchors' H100 figures is marked **. Saved: what autograd's saved-tensor hooks "
+                  "counted in a step, beside the estimate's count of the same.", "", *train_table(run), ""]
     for p, when in ((run["pytest"], ""), (run["rerun_pytest"], " (after the check, on the same machine)")):
         if p is not None:
             if p.get("stopped"):
