@@ -125,6 +125,9 @@ def test_causal_lm_loss_is_hugging_faces():
         ours, theirs = causal_lm_loss(logits, labels, 11, items), ForCausalLMLoss(logits, labels, 11, items)
         assert torch.equal(ours, theirs)
         assert torch.equal(*(torch.autograd.grad(loss, logits)[0] for loss in (ours, theirs)))
+    shifted = torch.roll(labels, -1, 1)  # a caller's own shift (packed sequences)
+    ours, theirs = (f(logits, None, 11, shift_labels=shifted) for f in (causal_lm_loss, ForCausalLMLoss))
+    assert torch.equal(ours, theirs)
 
 
 def test_a_step_that_loses_part_of_its_backward_on_meta_fails_naming_the_op():
