@@ -196,6 +196,33 @@ def test_estimate_rows(estimate_rows):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_hugging_face_config_is_estimated_as_its_shape(estimate_rows, tmp_path):
+    """``--model`` takes a config.json (or its folder): the tiny shape's own config gives the tiny rows
+    exactly; another Llama-family architecture (Qwen2: biased q/k/v) is estimated too."""
+    from transformers import Qwen2Config
+
+    from memcompile.bench.__main__ import main
+
+    models.model_config("tiny").to_json_file(str(tmp_path / "config.json"))
+    qwen = tmp_path / "qwen2"
+    Qwen2Config(**models.MODELS["tiny"]).save_pretrained(str(qwen))
+    setups = ["lora", "memtrain_velora"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = main(["estimate", "--model", str(tmp_path / "config.json"), "--seq", "64", "--batch", "2",
+                     "--setups", ",".join(setups)])
+        qwen_rows = main(["estimate", "--model", str(qwen), "--seq", "64", "--batch", "2", "--setups", setups[1]])
+    named = {r["setup"]: r for r in estimate_rows[0]}
+    keys = ("saved_bytes", "weights_bytes", "optimizer_bytes", "step_peak_bytes", "trainable")
+    for r in rows:
+        assert r["status"] == "ok" and {k: r[k] for k in keys} == {k: named[r["setup"]][k] for k in keys}
+    for r, twin in zip(qwen_rows, rows[1:]):
+        assert r["status"] == "ok", r
+        assert r["weights_bytes"] > twin["weights_bytes"]  # q/k/v biases
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()):
+            main(["estimate", "--model", str(tmp_path / "missing.json")])
+
+
 def test_prepare_on_meta_builds_what_prepare_on_real_weights_builds():
     """The estimate quantises one decoder layer and copies it: every parameter and buffer has the name,
     shape, dtype and trainability that preparing the whole model on real weights gives."""

@@ -24,9 +24,17 @@ from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, TRAIN_DEFAULT
 
 
 def _common(p: argparse.ArgumentParser, default_setups: tuple[str, ...]) -> None:
-    from memcompile.bench.models import MODELS
+    from memcompile.bench.models import MODELS, model_name
 
-    p.add_argument("--model", choices=list(MODELS), help="model shape (default: tinyllama on CUDA, tiny on CPU)")
+    def model(name: str) -> str:
+        try:
+            return model_name(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--model", type=model, help=f"model shape: {', '.join(MODELS)}, or a Hugging Face config.json "
+                   "(or its folder) of a causal LM with Llama's linear names (Mistral, Qwen2, ...), random weights "
+                   "at its sizes (default: tinyllama on CUDA, tiny on CPU)")
     p.add_argument("--seq", type=int, help="sequence length")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--steps", type=int, help="timed (train) or total (converge) steps")

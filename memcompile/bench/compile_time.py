@@ -76,14 +76,13 @@ VARIANTS = {
 
 def _build(model_name: str, dtype: torch.dtype, device: torch.device):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
     from memcompile.bench import models
     from memcompile.config import LLAMA_LINEARS
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(models.model_config(model_name)).to(dtype)
+        model = models.build(models.model_config(model_name)).to(dtype)
     model.config.use_cache = False
     model.train()
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,

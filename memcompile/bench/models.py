@@ -1,4 +1,5 @@
-"""Models by name: Llama shapes with random weights, identical in every setup's process.
+"""Models by name: Llama shapes (or a Hugging Face config's) with random weights, identical in every
+setup's process.
 
 Each shape is written once to a checkpoint in the temp directory and every setup loads that file, so
 the quantised setups go through the path users take (``from_pretrained`` with a
@@ -32,12 +33,30 @@ MODELS: dict[str, dict] = {
 }
 
 
-def model_config(name: str):
-    from transformers import LlamaConfig
+def model_name(name: str) -> str:
+    """``name`` if it is a shape of ``MODELS`` or a path to a Hugging Face config; else a ``ValueError``."""
+    if name in MODELS or os.path.exists(name):
+        return name
+    raise ValueError(f"unknown model {name!r}: a shape ({', '.join(MODELS)}) or a Hugging Face config.json "
+                     "(or the folder holding one)")
 
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return LlamaConfig(**{"max_position_embeddings": 4096, **MODELS[name]}, bos_token_id=1, eos_token_id=2)
+
+def model_config(name: str):
+    """The config of a shape of ``MODELS`` (a Llama), or of a Hugging Face ``config.json`` (or the folder
+    holding one): a causal LM whose linears carry Llama's names for the LoRA setups (Llama, Mistral,
+    Qwen2, Qwen3, ...), at its own sizes, with random weights."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if model_name(name) in MODELS:
+        return LlamaConfig(**{"max_position_embeddings": 4096, **MODELS[name]}, bos_token_id=1, eos_token_id=2)
+    return AutoConfig.from_pretrained(name)
+
+
+def build(config):
+    """A causal LM of ``config``'s architecture (on the current default device)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -46,17 +65,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def checkpoint(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> str:
     """Directory of the random-weight checkpoint of ``name`` (written on first use)."""
-    from transformers import LlamaForCausalLM
-
-    # The shape's hash in the name: editing a shape above must not reuse the old checkpoint.
-    shape = hashlib.sha1(json.dumps(MODELS[name], sort_keys=True).encode()).hexdigest()[:8]
-    path = os.path.join(tempfile.gettempdir(), f"memcompile-bench-{name}-{shape}-{_dtype_name(dtype)}-seed{seed}")
+    config = model_config(name)
+    # The config's hash in the name: editing a shape above (or the config file) must not reuse the old checkpoint.
+    shape = hashlib.sha1(config.to_json_string(use_diff=False).encode()).hexdigest()[:8]
+    label = name if name in MODELS else "config"
+    path = os.path.join(tempfile.gettempdir(), f"memcompile-bench-{label}-{shape}-{_dtype_name(dtype)}-seed{seed}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     torch.manual_seed(seed)
     # Built on the device: initialising a 7B model on the CPU takes minutes.
     with torch.device(device):
-        model = LlamaForCausalLM(model_config(name)).to(dtype)
+        model = build(config).to(dtype)
     # Written beside the final path and renamed, so a run killed mid-write leaves no half checkpoint.
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
     model.save_pretrained(tmp)
@@ -70,7 +89,7 @@ def checkpoint(name: str, dtype: torch.dtype, device: torch.device, seed: int = 
 
 def load(name: str, dtype: torch.dtype, device: torch.device, quant: bool = False, seed: int = 0):
     """The model in training mode, KV cache off; ``quant`` loads the base in bitsandbytes NF4 (double quant)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     kw = dict(dtype=dtype, device_map={"": device.index if device.type == "cuda" else device.type},
               attn_implementation="sdpa")
@@ -80,7 +99,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device, quant: bool = Fals
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    model = LlamaForCausalLM.from_pretrained(checkpoint(name, dtype, device, seed), **kw)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(name, dtype, device, seed), **kw)
     model.config.use_cache = False
     model.train()
     return model
@@ -128,10 +147,8 @@ def meta_model(name: str, dtype: torch.dtype, device: str = "meta"):
     """``name``'s model without its weights: on the meta device (shapes and dtypes only, nothing
     allocated), or with ``device="cpu"`` allocated and filled with a constant, for code that must read
     values (quantisation) before the model moves to the meta device. Training mode, KV cache off."""
-    from transformers import LlamaForCausalLM
-
     with torch.device("meta"):
-        model = LlamaForCausalLM(model_config(name)).to(dtype)
+        model = build(model_config(name)).to(dtype)
     if device != "meta":
         model = model.to_empty(device=device)
         with torch.no_grad():
