@@ -8,7 +8,6 @@ the quantised setups go through the path users take (``from_pretrained`` with a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
