@@ -53,6 +53,20 @@ def test_fields_are_measured_numbers(train_run):
     assert by["lora"]["loss_first"] == pytest.approx(by["memtrain_velora"]["loss_first"], rel=1e-5)
 
 
+def test_a_hugging_face_config_trains_as_its_shape(train_run, tmp_path):
+    """``--model`` with the tiny shape's own config.json: the same random weights, so the same first loss."""
+    from memcompile.bench import models
+    from memcompile.bench.__main__ import main
+
+    models.model_config("tiny").to_json_file(str(tmp_path / "config.json"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        (row,) = main(["train", "--model", str(tmp_path / "config.json"), "--seq", "64", "--batch", "2", "--warmup",
+                       "0", "--steps", "1", "--setups", "lora", "--baseline", "lora", "--compiler", "aot_eager"])
+    named = {r["setup"]: r for r in train_run[0]}["lora"]
+    assert row["status"] == "ok" and row["loss_first"] == named["loss_first"]
+    assert row["saved_bytes"] == named["saved_bytes"]
+
+
 def test_memtrain_saves_less_than_eager_lora(train_run):
     rows, _, _ = train_run
     by = {r["setup"]: r for r in rows}
