@@ -146,6 +146,9 @@ def test_every_mode_runs_a_module_with_main():
     sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(MODES)
     assert all(callable(importlib.import_module(f"memcompile.bench.{m}").main) for m in MODES.values())
+    for mode, module in MODES.items():  # ``<mode> --help`` explains the mode with its module's docstring
+        doc = importlib.import_module(f"memcompile.bench.{module}").__doc__
+        assert doc and doc.strip().splitlines()[0] in sub.choices[mode].format_help(), mode
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")

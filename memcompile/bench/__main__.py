@@ -18,7 +18,9 @@ Defaults on CPU: the tiny model, seq 64, batch 2, 1 warm-up + 3 timed steps.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 
 from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, TRAIN_DEFAULT
 
@@ -147,7 +149,17 @@ def parser() -> argparse.ArgumentParser:
                    "interpreter at tiny sizes (checks they run; the times mean nothing)")
     k.add_argument("--json", help="write one JSON line per kernel and implementation here")
     k.add_argument("--rows-to", help=argparse.SUPPRESS)  # how the interpreter's process hands back its rows
+    for mode, mode_parser in sub.choices.items():  # ``<mode> --help`` explains the mode: its module's docstring
+        mode_parser.description = _module_doc(MODES[mode])
+        mode_parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return ap
+
+
+def _module_doc(name: str) -> str | None:
+    """The docstring of ``memcompile.bench.<name>``, read without importing it (it imports torch's heavy parts)."""
+    spec = importlib.util.find_spec(f"memcompile.bench.{name}")
+    with open(spec.origin) as f:
+        return ast.get_docstring(ast.parse(f.read()))
 
 
 # The module of memcompile.bench that runs each mode, imported on use (most import transformers or triton).
