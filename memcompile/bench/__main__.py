@@ -25,18 +25,25 @@ import importlib.util
 from memcompile.bench.setups import CONVERGE_DEFAULT, SETUPS, TRAIN_DEFAULT
 
 
+def _model(name: str) -> str:
+    """``--model``'s type: a shape of ``models.MODELS`` or a Hugging Face config's path, else argparse's error."""
+    from memcompile.bench.models import model_name
+
+    try:
+        return model_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_help(default: str) -> str:
+    from memcompile.bench.models import MODELS
+
+    return (f"model shape: {', '.join(MODELS)}, or a Hugging Face config.json (or its folder) of a causal LM with "
+            f"Llama's linear names (Mistral, Qwen2, ...), random weights at its sizes (default: {default})")
+
+
 def _common(p: argparse.ArgumentParser, default_setups: tuple[str, ...]) -> None:
-    from memcompile.bench.models import MODELS, model_name
-
-    def model(name: str) -> str:
-        try:
-            return model_name(name)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    p.add_argument("--model", type=model, help=f"model shape: {', '.join(MODELS)}, or a Hugging Face config.json "
-                   "(or its folder) of a causal LM with Llama's linear names (Mistral, Qwen2, ...), random weights "
-                   "at its sizes (default: tinyllama on CUDA, tiny on CPU)")
+    p.add_argument("--model", type=_model, help=_model_help("tinyllama on CUDA, tiny on CPU"))
     p.add_argument("--seq", type=int, help="sequence length")
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--steps", type=int, help="timed (train) or total (converge) steps")
@@ -97,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
     ct = sub.add_parser("compile-time", help="time to the first step: the whole model compiled against one "
                         "compiled block reused for every layer (memcompile.compile_blocks)")
-    ct.add_argument("--model", default="tinyllama", help="model shape (default: tinyllama)")
+    ct.add_argument("--model", type=_model, default="tinyllama", help=_model_help("tinyllama"))
     ct.add_argument("--seq", type=int, default=128)
     ct.add_argument("--batch", type=int, default=1)
     ct.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -116,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     ct.add_argument("--profile-to", help=argparse.SUPPRESS)  # the child's: profile its first step into this file
     m = sub.add_parser("max-context", help="the longest sequence at batch 1 whose training step fits in "
                        "--gpu-memory, by bisection on the estimate (meta device); with CUDA, confirmed by real steps")
-    m.add_argument("--model", default="llama8b", help="model shape (default: llama8b, Llama-3.1-8B)")
+    m.add_argument("--model", type=_model, default="llama8b", help=_model_help("llama8b, Llama-3.1-8B"))
     m.add_argument("--gpu-memory", default="80GiB", help="memory the step must fit in: 80GiB, 80GB (10^9 bytes), ...")
     m.add_argument("--setups", help="comma list (default: lora_gc,nf4_gc,memtrain_all_budget)")
     m.add_argument("--batch", type=int, default=1)
