@@ -140,7 +140,8 @@ def train_table(run: dict, key: str = "train") -> list[str]:
     rows = ["| " + " | ".join(head) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]
     for r in run[key]:
         ok = r.get("status") == "ok"
-        est = estimates.get(r["setup"], {}).get("peak_gib")
+        estimated = estimates.get(r["setup"], {})
+        est = estimated.get("peak_gib")
         # What autograd's hooks counted, against the estimate's count of the same: the peak's gap beside it
         # is then what the step holds besides its saved tensors.
         saved = r.get("saved_bytes_hooks") if ok else None
@@ -152,7 +153,7 @@ def train_table(run: dict, key: str = "train") -> list[str]:
                  _num(est), _pct(est, peak), _num(tok, 0), _num(r.get("compile_s") if ok else None, 1),
                  _num(a.get("peak_gib")), _num(a.get("tok_per_s"), 0), _pct(peak, a.get("peak_gib")),
                  _pct(tok, a.get("tok_per_s")), _num(None if saved is None else saved / 2**30),
-                 _num(estimates.get(r["setup"], {}).get("saved_gib"))]
+                 _num(estimated.get("saved_gib"))]
         rows.append("| " + " | ".join(cells) + " |")
     measured = {r["setup"] for r in run[key]}
     for name, e in estimates.items() if key == "train" else ():  # estimated beside the run, not measured in it
