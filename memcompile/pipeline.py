@@ -14,6 +14,10 @@ Ordering constraints, each stated where it binds:
   so inserted nodes are traced with Inductor's decomposition table.
 * Partitioning runs last on the joint graph: min-cut then sees the compressed tensors as the cheap
   thing to save and recomputes cheap pointwise ops around them.
+* Returning the logits detached (no zero gradient for them in the backward) runs on Dynamo's graph,
+  where the outputs are the model's, and first there: it matches the output projection's ``F.linear``,
+  which the fused loss then takes over. Its result wraps the compiled callable, which restores the
+  graph's outputs.
 * The fused cross-entropy rewrite runs on Dynamo's graph, where the loss is still one
   ``F.cross_entropy`` call; in the joint graph it is a dozen decomposed ops, forward and backward.
   The "before" report therefore already includes it: its saving shows in the estimate's peak.
@@ -40,14 +44,19 @@ from memcompile import quant, report_cache
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
-from memcompile.passes import activation_compression, block_boundaries, broadcast_recompute, cross_entropy, memory_plan
+from memcompile.passes import (activation_compression, block_boundaries, broadcast_recompute, cross_entropy, memory_plan,
+                               returned_logits)
 from memcompile.passes._graph import dump_graph
-from memcompile.passes.base import GraphPass, source_digest
+from memcompile.passes.base import GraphPass, PassResult, source_digest
 
 log = logging.getLogger(__name__)
 
 # Dynamo's graph: the loss is still one ``F.cross_entropy`` call here (a dozen aten ops in the joint).
-PRE_AOT: tuple[type[GraphPass], ...] = (cross_entropy.FuseCrossEntropy,)
+PRE_AOT: tuple[type[GraphPass], ...] = (
+    # Before the loss is fused: it matches the returned logits' F.linear, which the fusion replaces.
+    returned_logits.ReturnedLogits,
+    cross_entropy.FuseCrossEntropy,
+)
 JOINT: tuple[type[GraphPass], ...] = (
     activation_compression.CompressActivations,
     # After compression, which reads checkpointing's recompute tags and must not see these.
@@ -83,6 +92,14 @@ class CompileContext:
         self.partitioned = False  # the partitioner ran (not served by AOTAutograd's cache)
         self.cache_key: str | None = None  # of the report's entry beside AOTAutograd's cache (Inductor only)
         self.dump_prefix = f"graph{self.report.graph_id}"
+        self.pre_aot_results: list[PassResult] = []  # their ``wrap`` restores the graph's outputs
+
+    def wrap(self, compiled: Callable) -> Callable:
+        """The compiled graph, run and counted by the report, returning what the caller's graph returned."""
+        compiled = report_mod.count_runs(compiled, self.report)
+        for result in reversed(self.pre_aot_results):
+            compiled = result.wrap(compiled)
+        return compiled
 
     def partition_key(self) -> str:
         """``cache_key`` of this compile: what its partitioner hook makes of the joint graph."""
@@ -112,21 +129,21 @@ def pre_aot(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ctx.dump("dynamo", gm)
     with tc.compile_phase("memtrain.pre_aot"):
         ctx.report.quantized_layers = quantized_layers_in(gm, ctx.input_names)
-        ran = _run(PRE_AOT, gm, ctx)
-    if ran:
+        ctx.pre_aot_results = _run(PRE_AOT, gm, ctx)
+    if ctx.pre_aot_results:
         ctx.dump("dynamo_after", gm)
     return gm
 
 
-def _run(passes: Sequence[type[GraphPass]], gm: fx.GraphModule, ctx: CompileContext) -> int:
-    """Run the enabled ``passes`` in order, each result into the report; returns how many ran."""
-    ran = 0
+def _run(passes: Sequence[type[GraphPass]], gm: fx.GraphModule, ctx: CompileContext) -> list[PassResult]:
+    """Run the enabled ``passes`` in order, each result into the report; returns their results."""
+    results = []
     for cls in passes:
         p = cls(ctx.config)
         if p.enabled():
-            ctx.report.record(p(gm, ctx))
-            ran += 1
-    return ran
+            results.append(p(gm, ctx))
+            ctx.report.record(results[-1])
+    return results
 
 
 def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[dict]:
@@ -291,7 +308,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
     try:
         gm = pre_aot(gm, ctx)
         if config.compiler == "inductor":
-            return report_mod.count_runs(_compile_inductor(gm, example_inputs, ctx), ctx.report)
+            return ctx.wrap(_compile_inductor(gm, example_inputs, ctx))
         extra = {}
         if config.compiler == "aot_eager_decomp":  # Inductor's graphs, run in Python
             ctx.decompositions = tc.inductor_decompositions()
@@ -301,7 +318,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
             part = lambda joint, ji, **kw: partition(joint, ji, ctx, **kw)  # noqa: E731
         backend = tc.aot_autograd(fw_compiler=_python_compiler("fw", ctx), bw_compiler=_python_compiler("bw", ctx),
                                   inference_compiler=_python_compiler("inference", ctx), partition_fn=part, **extra)
-        return report_mod.count_runs(backend(gm, example_inputs), ctx.report)
+        return ctx.wrap(backend(gm, example_inputs))
     except BaseException:
         # Dynamo restarts a compile it abandons (with dynamic shapes, to turn a scalar into a tensor):
         # the abandoned attempt's report describes no graph that runs.

@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -60,6 +60,11 @@ class PassResult(Mapping):
     def predicted_saving(self) -> int:
         """Bytes of saved activations the rewrites should free, by the pass's own arithmetic."""
         return 0
+
+    def wrap(self, compiled: Callable) -> Callable:
+        """The graph's compiled callable as its caller must see it. A pre-AOT pass that changed the
+        graph's outputs restores them here; other passes change nothing."""
+        return compiled
 
     def render(self) -> list[str]:
         """The report's lines for this pass."""

@@ -1,0 +1,145 @@
+"""Returning the logits detached: on a Dynamo graph on its own, and through the backend on a bf16 Llama
+(Inductor, whole model and compile_blocks, a length that changes)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import memcompile
+from memcompile import _torch_compat as tc
+from memcompile import pipeline
+from memcompile.passes.returned_logits import returned_logits
+from tests import models
+
+H, V = 8, 40
+
+
+class Zeros(TorchDispatchMode):
+    """The shapes of the zero-filled tensors made while it is on (autograd's fill for an unused output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.new_zeros.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+class Head(torch.nn.Module):
+    def __init__(self, bias: bool, train_w: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(H, H)
+        self.proj = torch.nn.Linear(H, V, bias=bias)
+        self.proj.requires_grad_(train_w)
+
+    def forward(self, x, labels):
+        logits = self.proj(torch.tanh(self.body(x)))
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1)), logits
+
+
+def _compile(module, seen):
+    def backend(gm, example_inputs):
+        result = returned_logits(gm)
+        seen.append(result)
+        boxed = lambda g, _: tc.make_boxed_func(g.forward)  # noqa: E731
+        return result.wrap(tc.aot_autograd(fw_compiler=boxed, bw_compiler=boxed)(gm, example_inputs))
+
+    return torch.compile(module, backend=backend, fullgraph=True)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2, 6, H, generator=gen), torch.randint(0, V, (2, 6), generator=gen)
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bias,train_w", [(False, False), (True, True), (False, True)])
+def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train_w):
+    x, labels = _data()
+    eager, module, seen = Head(bias, train_w), Head(bias, train_w), []
+    compiled = _compile(module, seen)
+
+    loss, logits = compiled(x, labels)
+    assert seen[0]["counters"] == {"rewritten": 1, "skipped": 0}
+    assert logits.requires_grad
+    with Zeros() as zeros:
+        loss.backward()
+    assert (2, 6, V) not in zeros.shapes and (2, 6, H) in zeros.shapes  # the projection's input instead
+    expected_loss, _ = eager(x, labels)
+    expected_loss.backward()
+    assert torch.equal(loss, expected_loss)
+    expected, got = _grads(eager), _grads(module)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    # A loss on the returned logits (changed in place first) reaches the body and the projection.
+    eager.zero_grad(), module.zero_grad()
+    loss, logits = compiled(x, labels)
+    logits.mul_(2)
+    (loss + logits.square().mean()).backward()
+    expected_loss, expected_logits = eager(x, labels)
+    (expected_loss + (2 * expected_logits).square().mean()).backward()
+    expected, got = _grads(eager), _grads(module)
+    assert expected.keys() == got.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_projection_no_larger_than_its_input_is_left_alone_and_reported():
+    module, seen = torch.nn.Linear(H, H // 2), []
+    x = torch.randn(3, H, requires_grad=True)
+    out = _compile(module, seen)(x)
+    assert seen[0]["counters"] == {"rewritten": 0, "skipped": 1}
+    assert seen[0]["skipped"][0]["reason"] == "not larger than the projection's input"
+    with Zeros() as zeros:
+        out.sum().backward()
+    torch.testing.assert_close(x.grad, module.weight.sum(0).expand(3, H))
+
+
+def _llama_step(compile_mode, fused, monkeypatch, pass_on):
+    torch.compiler.reset()
+    if not pass_on:
+        monkeypatch.setattr(pipeline, "PRE_AOT", tuple(p for p in pipeline.PRE_AOT if p.name != "returned_logits"))
+    model = models.tiny_lora_llama().to(torch.bfloat16)
+    model.config.use_cache = False
+    options = {"activation": "velora", "fused_cross_entropy": fused}
+    if compile_mode == "regional":
+        memcompile.compile_blocks(model, options)
+        forward = model
+    else:
+        forward = torch.compile(model, backend="memtrain", options=options)
+    losses, grads, zeros_seen = [], [], []
+    for t in (12, 16):  # the second length compiles the graphs again, for a symbolic length
+        ids = models.batch(t=t)
+        out = forward(input_ids=ids, labels=ids)
+        with Zeros() as zeros:
+            out.loss.backward()
+        zeros_seen.append((tuple(out.logits.shape), zeros.shapes))
+        losses.append(out.loss.detach())
+        grads.append(_grads(model))
+        model.zero_grad()
+    rewritten = memcompile.report().passes.get("returned_logits", {}).get("counters", {}).get("rewritten", 0)
+    return losses, grads, zeros_seen, rewritten
+
+
+@pytest.mark.parametrize("compile_mode,fused", [("whole", True), ("regional", False)])
+def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, monkeypatch):
+    """Inductor, bf16, VeLoRA: the loss's gradients are bit for bit those of the same compile without
+    the pass, and the backward no longer fills the logits' size with zeros."""
+    on = _llama_step(compile_mode, fused, monkeypatch, pass_on=True)
+    off = _llama_step(compile_mode, fused, monkeypatch, pass_on=False)
+    assert on[3] >= 1 and off[3] == 0
+    for logits_shape, shapes in on[2]:
+        assert logits_shape not in shapes
+    for logits_shape, shapes in off[2]:
+        assert logits_shape in shapes  # what the pass removes: fails if it does not fire
+    for a, b in zip(on[0], off[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(on[1], off[1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
