@@ -56,10 +56,6 @@ class ReturnedLogitsResult(PassResult):
                 f"{_bytes(record['gradient_bytes'])} of zeros for them (it fills {_bytes(record['anchor_bytes'])} "
                 f"for the projection's input, which carries a gradient asked of them)")
 
-    def merged(self, other: PassResult) -> PassResult:
-        # Plans are one graph's positions: a merged result (a report over several graphs) only reports.
-        return PassResult.merged(PassResult(self.name, self.rewritten, self.skipped, self.counters), other)
-
     def wrap(self, compiled: Callable) -> Callable:
         """``compiled`` (the rewritten graph's compile) returning the graph's own outputs, the logits
         differentiable again through ``_ProjectionGrad``."""
@@ -72,7 +68,8 @@ class ReturnedLogitsResult(PassResult):
             out = list(raw)
             for p in plans:
                 bias = args[p.bias] if p.bias is not None else None
-                out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias)
+                # Detached: a compiled graph may return a view, which the Function could not mark dirty.
+                out[p.output] = _ProjectionGrad.apply(out[p.output].detach(), out[p.anchor], args[p.weight], bias)
             del out[outputs:]
             return tuple(out) if isinstance(raw, tuple) else out
 
