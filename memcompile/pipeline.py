@@ -44,8 +44,14 @@ from memcompile import quant, report_cache
 from memcompile import reporting as report_mod
 from memcompile.config import MemtrainConfig
 from memcompile.marks import mark_grad_approximation
-from memcompile.passes import (activation_compression, block_boundaries, broadcast_recompute, cross_entropy, memory_plan,
-                               returned_logits)
+from memcompile.passes import (
+    activation_compression,
+    block_boundaries,
+    broadcast_recompute,
+    cross_entropy,
+    memory_plan,
+    returned_logits,
+)
 from memcompile.passes._graph import dump_graph
 from memcompile.passes.base import GraphPass, PassResult, source_digest
 

@@ -11,7 +11,8 @@ than ``h`` (an output projection), the graph returns it detached, so nothing is 
 ``h`` too (the smaller tensor autograd fills instead). The result's ``wrap`` then gives the returned logits the
 projection's gradient outside the compiled graph: a loss the user adds on the logits reaches ``h``,
 ``W`` and ``b`` as it would have. The loss's own gradients do not change, bit for bit; a gradient
-through the returned logits is the same sum in another order (fp round-off).
+through the returned logits is the same sum in another order (fp round-off). The returned logits are
+a view made by an autograd Function, which autograd does not let anything change in place.
 
 The pass runs before the fused cross-entropy rewrite, which then reads the logits' projection as before.
 
@@ -68,8 +69,7 @@ class ReturnedLogitsResult(PassResult):
             out = list(raw)
             for p in plans:
                 bias = args[p.bias] if p.bias is not None else None
-                # Detached: a compiled graph may return a view, which the Function could not mark dirty.
-                out[p.output] = _ProjectionGrad.apply(out[p.output].detach(), out[p.anchor], args[p.weight], bias)
+                out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias)
             del out[outputs:]
             return tuple(out) if isinstance(raw, tuple) else out
 
@@ -81,9 +81,11 @@ class _ProjectionGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, h, w, bias):
-        ctx.mark_dirty(logits)  # the same tensor, now differentiable; not a view, so in-place ops stay allowed
         ctx.save_for_backward(h if w.requires_grad else None, w)
-        return logits
+        # A view: it shares the version counter of what the graph saved from the same storage (min-cut
+        # may keep the 16-bit logits), so changing it in place is refused, never silently read back.
+        # Marking the input dirty instead would bump that counter and fail the graph's own backward.
+        return logits.view_as(logits)
 
     @staticmethod
     def backward(ctx, grad):

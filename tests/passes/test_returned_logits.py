@@ -83,10 +83,13 @@ def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train
     expected, got = _grads(eager), _grads(module)
     assert expected.keys() == got.keys() and all(same(expected[k], got[k]) for k in expected)
 
-    # A loss on the returned logits (changed in place first) reaches the body and the projection.
+    # A loss on the returned logits reaches the body and the projection. Changing them in place is
+    # refused (the graph may have saved their storage), never read back silently.
     eager.zero_grad(), module.zero_grad()
     loss, logits = compiled(x, labels)
-    logits.mul_(2)
+    with pytest.raises(RuntimeError, match="view"):
+        logits.mul_(2)
+    logits = logits * 2
     (loss + logits.square().mean()).backward()
     expected_loss, expected_logits = eager(x, labels)
     (expected_loss + (2 * expected_logits).square().mean()).backward()
@@ -102,18 +105,17 @@ def test_a_projection_no_larger_than_its_input_is_left_alone_and_reported():
     out = _compile(module, seen)(x)
     assert seen[0]["counters"] == {"rewritten": 0, "skipped": 1}
     assert seen[0]["skipped"][0]["reason"] == "not larger than the projection's input"
-    with Zeros() as zeros:
-        out.sum().backward()
+    out.sum().backward()
     torch.testing.assert_close(x.grad, module.weight.sum(0).expand(3, H))
 
 
-def _llama_step(compile_mode, fused, monkeypatch, pass_on):
+def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on):
     torch.compiler.reset()
     if not pass_on:
         monkeypatch.setattr(pipeline, "PRE_AOT", tuple(p for p in pipeline.PRE_AOT if p.name != "returned_logits"))
     model = models.tiny_lora_llama().to(torch.bfloat16)
     model.config.use_cache = False
-    options = {"activation": "velora", "fused_cross_entropy": fused}
+    options = {"activation": "velora", "fused_cross_entropy": fused, "compiler": compiler}
     if compile_mode == "regional":
         memcompile.compile_blocks(model, options)
         forward = model
@@ -133,12 +135,15 @@ def _llama_step(compile_mode, fused, monkeypatch, pass_on):
     return losses, grads, zeros_seen, rewritten
 
 
-@pytest.mark.parametrize("compile_mode,fused", [("whole", True), ("regional", False)])
-def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, monkeypatch):
-    """Inductor, bf16, VeLoRA: the loss's gradients are bit for bit those of the same compile without
-    the pass, and the backward no longer fills the logits' size with zeros."""
-    on = _llama_step(compile_mode, fused, monkeypatch, pass_on=True)
-    off = _llama_step(compile_mode, fused, monkeypatch, pass_on=False)
+@pytest.mark.parametrize("compile_mode,fused,compiler", [
+    ("whole", True, "inductor"), ("regional", False, "inductor"),
+    ("whole", False, "aot_eager_decomp"),  # the estimate's: min-cut saves the bf16 logits the model returns
+])
+def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, compiler, monkeypatch):
+    """bf16, VeLoRA: the loss's gradients are bit for bit those of the same compile without the pass,
+    and the backward no longer fills the logits' size with zeros."""
+    on = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=True)
+    off = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=False)
     assert on[3] >= 1 and off[3] == 0
     for logits_shape, shapes in on[2]:
         assert logits_shape not in shapes
