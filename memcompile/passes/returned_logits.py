@@ -16,9 +16,13 @@ a view made by an autograd Function, which autograd does not let anything change
 
 The pass runs before the fused cross-entropy rewrite, which then reads the logits' projection as before.
 
+The report also counts the other returned tensors that require grad (a graph that serves decoder
+blocks aside, whose outputs the next block reads): a backward that does not read one gets zeros of
+its size too. A Hugging Face model returns its KV cache that way unless ``config.use_cache=False``.
+
 Example::
 
-    result = ReturnedLogits(config)(dynamo_gm, ctx)   # result["counters"] == {"rewritten": 1, "skipped": 0}
+    result = ReturnedLogits(config)(dynamo_gm, ctx)   # result["counters"]["rewritten"] == 1
     compiled = result.wrap(compiled)                  # what the compile of dynamo_gm returned
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from memcompile._torch_compat import LINEAR_FUNCTIONS
+from memcompile.reporting import fmt_bytes
 
 from ._graph import hinted_shape, linear_args
 from .base import GraphPass, PassContext, PassResult
@@ -54,8 +59,16 @@ class ReturnedLogitsResult(PassResult):
 
     def describe(self, record: dict) -> str:
         return (f"logits {record['shape']} {record['dtype']} returned detached: the backward fills no "
-                f"{_bytes(record['gradient_bytes'])} of zeros for them (it fills {_bytes(record['anchor_bytes'])} "
+                f"{fmt_bytes(record['gradient_bytes'])} of zeros for them (it fills {fmt_bytes(record['anchor_bytes'])} "
                 f"for the projection's input, which carries a gradient asked of them)")
+
+    def render(self) -> list[str]:
+        lines = super().render()
+        if self.counters.get("other_outputs"):
+            lines.append(f"    {self.counters['other_outputs']} more returned tensors require grad "
+                         f"({fmt_bytes(self.counters['other_bytes'])}): a backward that does not read them gets zeros "
+                         "of their size (a Hugging Face model returns its KV cache unless config.use_cache=False)")
+        return lines
 
     def wrap(self, compiled: Callable) -> Callable:
         """``compiled`` (the rewritten graph's compile) returning the graph's own outputs, the logits
@@ -97,10 +110,6 @@ class _ProjectionGrad(torch.autograd.Function):
         return None, grad_h, grad_w, grad_b
 
 
-def _bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**29 else f"{n / 2**20:.1f} MiB"
-
-
 def _val(node):
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
@@ -130,7 +139,7 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
     inputs = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
     output = next(n for n in graph.nodes if n.op == "output")
     outs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else None
-    result = ReturnedLogitsResult(NAME, counters={"rewritten": 0, "skipped": 0})
+    result = ReturnedLogitsResult(NAME)
     if outs is None:
         return result
     result.outputs = len(outs)
@@ -155,11 +164,25 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
         result.rewritten.append({"output": y.name, "shape": hinted_shape(val),
                                  "dtype": str(val.dtype).removeprefix("torch."),
                                  "gradient_bytes": _numel_bytes(val), "anchor_bytes": _numel_bytes(_val(h))})
+    others = [] if ctx is not None and ctx.in_block else _other_outputs(outs[:result.outputs])
     if result.plans:
         output.args = (type(output.args[0])(outs),)
         gm.recompile()
-    result.counters = {"rewritten": len(result.plans), "skipped": len(result.skipped)}
+    result.counters = {"rewritten": len(result.plans), "skipped": len(result.skipped), "other_outputs": len(others),
+                       "other_bytes": sum(others)}
     return result
+
+
+def _other_outputs(outs: list) -> list[int]:
+    """Bytes of each returned tensor left differentiable, the loss (one element) aside."""
+    found = []
+    for node in dict.fromkeys(n for n in outs if isinstance(n, fx.Node)):
+        val = _val(node)
+        if isinstance(val, torch.Tensor) and val.requires_grad:
+            size = _numel_bytes(val)
+            if size is not None and size > val.element_size():
+                found.append(size)
+    return found
 
 
 class ReturnedLogits(GraphPass):

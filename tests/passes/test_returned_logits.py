@@ -70,7 +70,7 @@ def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train
     compiled = _compile(module, seen, decompose)
 
     loss, logits = compiled(x, labels)
-    assert seen[0]["counters"] == {"rewritten": 1, "skipped": 0}
+    assert seen[0]["counters"] == {"rewritten": 1, "skipped": 0, "other_outputs": 0, "other_bytes": 0}
     assert logits.requires_grad
     with Zeros() as zeros:
         loss.backward()
@@ -103,7 +103,7 @@ def test_a_projection_no_larger_than_its_input_is_left_alone_and_reported():
     module, seen = torch.nn.Linear(H, H // 2), []
     x = torch.randn(3, H, requires_grad=True)
     out = _compile(module, seen)(x)
-    assert seen[0]["counters"] == {"rewritten": 0, "skipped": 1}
+    assert seen[0]["counters"]["rewritten"] == 0 and seen[0]["counters"]["skipped"] == 1
     assert seen[0]["skipped"][0]["reason"] == "not larger than the projection's input"
     out.sum().backward()
     torch.testing.assert_close(x.grad, module.weight.sum(0).expand(3, H))
@@ -153,3 +153,25 @@ def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mod
         assert torch.equal(a, b)
     for a, b in zip(on[1], off[1]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_report_counts_the_kv_cache_a_whole_model_returns(use_cache):
+    """A Hugging Face model returns its keys and values in training unless use_cache=False: the backward
+    gets zeros of their size when the loss alone is backpropagated. The report says so."""
+    torch.compiler.reset()
+    model = models.tiny_lora_llama()
+    model.config.use_cache = use_cache
+    ids = models.batch(t=12)
+    out = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager", "activation": "none"})(
+        input_ids=ids, labels=ids)
+    with Zeros() as zeros:
+        out.loss.backward()
+    rep = memcompile.report()
+    counters = rep.passes["returned_logits"]["counters"]
+    layers, kv_shape = model.config.num_hidden_layers, (2, 4, 12, 16)  # batch, KV heads, tokens, head dim
+    assert counters["rewritten"] == 1
+    assert counters["other_outputs"] == (2 * layers if use_cache else 0)
+    assert zeros.shapes.count(kv_shape) == counters["other_outputs"]
+    assert counters["other_bytes"] == counters["other_outputs"] * 2 * 4 * 12 * 16 * 4
+    assert ("config.use_cache=False" in str(rep)) == use_cache
