@@ -7,10 +7,12 @@ the backward graph, which adds it to the loss's gradient of the logits: a full-s
 start of the backward, where the saved activations peak, that changes nothing.
 
 When a returned tensor is ``F.linear(h, W[, b])`` with ``W`` (and ``b``) graph inputs and more elements
-than ``h`` (an output projection), the graph returns it detached, so nothing is filled, and returns
-``h`` too (the smaller tensor autograd fills instead). The result's ``wrap`` then gives the returned logits the
-projection's gradient outside the compiled graph: a loss the user adds on the logits reaches ``h``,
-``W`` and ``b`` as it would have. The loss's own gradients do not change, bit for bit; a gradient
+than ``h`` (an output projection), or such a projection through elementwise ops with constants
+(Gemma's soft-capping ``tanh(y / c) * c``, Cohere's and Granite's scaling), the graph returns it
+detached, so nothing is filled, and returns ``h`` too (the smaller tensor autograd fills instead). The
+result's ``wrap`` then gives the returned logits the projection's gradient outside the compiled graph
+(through the elementwise ops it reruns them from ``h``): a loss the user adds on the logits reaches
+``h``, ``W`` and ``b`` as it would have. The loss's own gradients do not change, bit for bit; a gradient
 through the returned logits is the same sum in another order (fp round-off). The returned logits are
 a view made by an autograd Function, which autograd does not let anything change in place.
 
@@ -27,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -42,12 +45,36 @@ from .base import GraphPass, PassContext, PassResult
 NAME = "returned_logits"
 
 
+# Elementwise ops a returned projection may pass through, with constants for their other arguments.
+_ELEMENTWISE_FUNCTIONS = frozenset({operator.mul, operator.truediv, operator.add, operator.sub, operator.neg,
+                                    torch.mul, torch.div, torch.add, torch.sub, torch.tanh})
+_ELEMENTWISE_METHODS = frozenset({"mul", "div", "add", "sub", "tanh", "float", "to"})
+_PREV = "<the previous tensor>"  # where a chain step reads the tensor before it
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One elementwise op after the projection: ``target(*args, **kwargs)`` with ``_PREV`` for its tensor."""
+
+    method: bool
+    target: object
+    args: tuple
+    kwargs: tuple
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        args = [x if a is _PREV else a for a in self.args]
+        if self.method:
+            return getattr(args[0], self.target)(*args[1:], **dict(self.kwargs))
+        return self.target(*args, **dict(self.kwargs))
+
+
 @dataclass(frozen=True)
 class _Plan:
     output: int  # position of the logits among the graph's outputs
     anchor: int  # position of the projection's input among them (added at the end where it was not one)
     weight: int  # position of the weight among the graph's inputs
     bias: int | None  # and of the bias
+    chain: tuple[_Step, ...] = ()  # the elementwise ops from the projection to the returned tensor
 
 
 @dataclass
@@ -82,7 +109,7 @@ class ReturnedLogitsResult(PassResult):
             out = list(raw)
             for p in plans:
                 bias = args[p.bias] if p.bias is not None else None
-                out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias)
+                out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias, p.chain)
             del out[outputs:]
             return tuple(out) if isinstance(raw, tuple) else out
 
@@ -90,11 +117,12 @@ class ReturnedLogitsResult(PassResult):
 
 
 class _ProjectionGrad(torch.autograd.Function):
-    """The returned logits ``y = F.linear(h, W, b)``, computed in the graph, given F.linear's backward."""
+    """The returned logits ``y = chain(F.linear(h, W, b))``, computed in the graph, given their backward."""
 
     @staticmethod
-    def forward(ctx, logits, h, w, bias):
-        ctx.save_for_backward(h if w.requires_grad else None, w)
+    def forward(ctx, logits, h, w, bias, chain):
+        ctx.chain = chain
+        ctx.save_for_backward(h if w.requires_grad or chain else None, w, bias)
         # A view: it shares the version counter of what the graph saved from the same storage (min-cut
         # may keep the 16-bit logits), so changing it in place is refused, never silently read back.
         # Marking the input dirty instead would bump that counter and fail the graph's own backward.
@@ -102,12 +130,27 @@ class _ProjectionGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        h, w = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[1:]
+        h, w, bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        if ctx.chain:
+            return None, *_chain_grads(ctx.chain, grad, h, w, bias, (need_h, need_w, need_b)), None
         grad_h = grad @ w if need_h else None
         grad_w = grad.reshape(-1, grad.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_w else None
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
-        return None, grad_h, grad_w, grad_b
+        return None, grad_h, grad_w, grad_b, None
+
+
+def _chain_grads(chain, grad, h, w, bias, needs) -> list:
+    """Gradients of ``h``, ``W``, ``b`` through the projection and its elementwise ops, rerun from ``h``
+    (only when a loss reads the returned logits)."""
+    inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((h, w, bias), needs)]
+    with torch.enable_grad():
+        y = torch.nn.functional.linear(*inputs)
+        for step in chain:
+            y = step(y)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(y, wanted, grad))
+    return [next(grads) if need else None for need in needs]
 
 
 def _val(node):
@@ -119,15 +162,39 @@ def _numel_bytes(val: torch.Tensor) -> int | None:
     return None if shape is None else int(torch.Size(shape).numel()) * val.element_size()
 
 
-def _unsupported(h, w, bias, y, inputs: dict) -> str | None:
+def _projection(y: object) -> tuple[fx.Node, list[fx.Node]] | None:
+    """``(linear, chain)`` when ``y`` is an ``F.linear`` call, or one through elementwise ops whose other
+    arguments are constants (``chain``: those ops, first to last); else ``None``."""
+    chain = []
+    while isinstance(y, fx.Node) and y.op in ("call_function", "call_method"):
+        if y.op == "call_function" and y.target in LINEAR_FUNCTIONS:
+            return y, chain[::-1]
+        elementwise = y.target in (_ELEMENTWISE_METHODS if y.op == "call_method" else _ELEMENTWISE_FUNCTIONS)
+        tensors = [a for a in (*y.args, *y.kwargs.values()) if isinstance(a, fx.Node)]
+        if not elementwise or len(tensors) != 1:
+            return None
+        if y.op == "call_method" and y.args[0] is not tensors[0]:  # a method of a constant
+            return None
+        chain.append(y)
+        y = tensors[0]
+    return None
+
+
+def _step(node: fx.Node) -> _Step:
+    (prev,) = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    args = tuple(_PREV if a is prev else a for a in node.args)
+    return _Step(node.op == "call_method", node.target, args, tuple(node.kwargs.items()))
+
+
+def _unsupported(h, w, bias, linear, y, inputs: dict) -> str | None:
     if w not in inputs or (bias is not None and bias not in inputs):
         return "weight or bias is not a graph input"
-    vals = [_val(n) for n in (h, w, y)] + ([_val(bias)] if bias is not None else [])
-    if not all(isinstance(v, torch.Tensor) for v in vals):
+    vals = [_val(n) for n in (h, w, linear)] + ([_val(bias)] if bias is not None else [])
+    if not all(isinstance(v, torch.Tensor) for v in vals) or not isinstance(_val(y), torch.Tensor):
         return "no example values"
     if len({v.dtype for v in vals}) != 1:
         return "dtypes differ (autocast)"
-    y_bytes, h_bytes = _numel_bytes(vals[2]), _numel_bytes(vals[0])
+    y_bytes, h_bytes = _numel_bytes(_val(y)), _numel_bytes(vals[0])
     if y_bytes is None or h_bytes is None or y_bytes <= h_bytes:
         return "not larger than the projection's input"
     return None
@@ -144,13 +211,15 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
         return result
     result.outputs = len(outs)
     for i, y in enumerate(list(outs)):
-        if not isinstance(y, fx.Node) or y.op != "call_function" or y.target not in LINEAR_FUNCTIONS:
+        found = _projection(y)
+        if found is None:
             continue
+        linear, chain = found
         val = _val(y)
         if not isinstance(val, torch.Tensor) or not val.requires_grad or outs.count(y) != 1:
             continue
-        h, w, bias = linear_args(y)
-        reason = _unsupported(h, w, bias, y, inputs) if isinstance(h, fx.Node) else "input is not a tensor"
+        h, w, bias = linear_args(linear)
+        reason = _unsupported(h, w, bias, linear, y, inputs) if isinstance(h, fx.Node) else "input is not a tensor"
         if reason is not None:
             result.skipped.append({"layer": y.name, "reason": reason})
             continue
@@ -160,7 +229,8 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
         outs[i] = detached
         if h not in outs:
             outs.append(h)
-        result.plans.append(_Plan(i, outs.index(h), inputs[w], inputs[bias] if bias is not None else None))
+        result.plans.append(_Plan(i, outs.index(h), inputs[w], inputs[bias] if bias is not None else None,
+                                  tuple(_step(n) for n in chain)))
         result.rewritten.append({"output": y.name, "shape": hinted_shape(val),
                                  "dtype": str(val.dtype).removeprefix("torch."),
                                  "gradient_bytes": _numel_bytes(val), "anchor_bytes": _numel_bytes(_val(h))})

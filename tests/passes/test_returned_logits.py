@@ -29,15 +29,18 @@ class Zeros(TorchDispatchMode):
 
 
 class Head(torch.nn.Module):
-    def __init__(self, bias: bool, train_w: bool):
+    def __init__(self, bias: bool, train_w: bool, softcap: float | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.body = torch.nn.Linear(H, H)
         self.proj = torch.nn.Linear(H, V, bias=bias)
         self.proj.requires_grad_(train_w)
+        self.softcap = softcap
 
     def forward(self, x, labels):
         logits = self.proj(torch.tanh(self.body(x)))
+        if self.softcap is not None:  # Gemma 2's final soft-capping
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.cross_entropy(logits.view(-1, V), labels.view(-1)), logits
 
 
@@ -63,10 +66,13 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("bias,train_w,decompose", [(False, False, False), (True, True, False), (False, True, True)])
-def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train_w, decompose):
+@pytest.mark.parametrize("bias,train_w,decompose,softcap", [
+    (False, False, False, None), (True, True, False, None), (False, True, True, None),
+    (False, False, False, 3.0), (True, True, True, 3.0),
+])
+def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train_w, decompose, softcap):
     x, labels = _data()
-    eager, module, seen = Head(bias, train_w), Head(bias, train_w), []
+    eager, module, seen = Head(bias, train_w, softcap), Head(bias, train_w, softcap), []
     compiled = _compile(module, seen, decompose)
 
     loss, logits = compiled(x, labels)
@@ -175,3 +181,39 @@ def test_report_counts_the_kv_cache_a_whole_model_returns(use_cache):
     assert zeros.shapes.count(kv_shape) == counters["other_outputs"]
     assert counters["other_bytes"] == counters["other_outputs"] * 2 * 4 * 12 * 16 * 4
     assert ("config.use_cache=False" in str(rep)) == use_cache
+
+
+def _gemma2_step(monkeypatch, pass_on):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.compiler.reset()
+    if not pass_on:
+        monkeypatch.setattr(pipeline, "PRE_AOT", tuple(p for p in pipeline.PRE_AOT if p.name != "returned_logits"))
+    torch.manual_seed(0)
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=128, final_logit_softcapping=3.0,
+                          max_position_embeddings=64, use_cache=False, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config)
+    ids = models.batch(t=12)
+    forward = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager", "activation": "none"})
+    out = forward(input_ids=ids, labels=ids)
+    with Zeros() as zeros:
+        out.loss.backward()
+    loss_only = _grads(model)
+    model.zero_grad()
+    out = forward(input_ids=ids, labels=ids)
+    (out.loss + out.logits.square().mean()).backward()
+    counters = memcompile.report().passes.get("returned_logits", {}).get("counters", {})
+    return out.loss.detach(), loss_only, _grads(model), zeros.shapes, tuple(out.logits.shape), counters
+
+
+def test_gemma2_soft_capped_logits_come_back_detached(monkeypatch):
+    """Gemma 2 returns tanh(logits / c) * c: the pass follows the soft-capping back to the projection."""
+    on = _gemma2_step(monkeypatch, pass_on=True)
+    off = _gemma2_step(monkeypatch, pass_on=False)
+    assert on[5]["rewritten"] == 1
+    assert on[4] not in on[3] and off[4] in off[3]
+    assert torch.equal(on[0], off[0])
+    assert on[1].keys() == off[1].keys() and all(torch.equal(on[1][k], off[1][k]) for k in on[1])
+    for k in off[2]:  # through the logits too: the same sums, in another order
+        torch.testing.assert_close(on[2][k], off[2][k], rtol=1e-5, atol=1e-6)
