@@ -86,8 +86,8 @@ class ReturnedLogitsResult(PassResult):
 
     def describe(self, record: dict) -> str:
         return (f"logits {record['shape']} {record['dtype']} returned detached: the backward fills no "
-                f"{fmt_bytes(record['gradient_bytes'])} of zeros for them (it fills {fmt_bytes(record['anchor_bytes'])} "
-                f"for the projection's input, which carries a gradient asked of them)")
+                f"{fmt_bytes(record['gradient_bytes'])} of zeros for them, {fmt_bytes(record['anchor_bytes'])} for "
+                "the projection's input instead (which carries any gradient a loss puts on them)")
 
     def render(self) -> list[str]:
         lines = super().render()
