@@ -1,5 +1,5 @@
 """Returning the logits detached: on a Dynamo graph on its own, and through the backend on a bf16 Llama
-(Inductor, whole model and compile_blocks, a length that changes)."""
+(Inductor, whole model and compile_blocks, a length that changes) and a Gemma 2 (soft-capped logits)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ def test_a_projection_no_larger_than_its_input_is_left_alone_and_reported():
     torch.testing.assert_close(x.grad, module.weight.sum(0).expand(3, H))
 
 
-def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on):
+def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on, lengths):
     torch.compiler.reset()
     if not pass_on:
         monkeypatch.setattr(pipeline, "PRE_AOT", tuple(p for p in pipeline.PRE_AOT if p.name != "returned_logits"))
@@ -128,7 +128,7 @@ def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on):
     else:
         forward = torch.compile(model, backend="memtrain", options=options)
     losses, grads, zeros_seen = [], [], []
-    for t in (12, 16):  # the second length compiles the graphs again, for a symbolic length
+    for t in lengths:  # a second length compiles the graphs again, for a symbolic length
         ids = models.batch(t=t)
         out = forward(input_ids=ids, labels=ids)
         with Zeros() as zeros:
@@ -141,15 +141,16 @@ def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on):
     return losses, grads, zeros_seen, rewritten
 
 
-@pytest.mark.parametrize("compile_mode,fused,compiler", [
-    ("whole", True, "inductor"), ("regional", False, "inductor"),
-    ("whole", False, "aot_eager_decomp"),  # the estimate's: min-cut saves the bf16 logits the model returns
+@pytest.mark.parametrize("compile_mode,fused,compiler,lengths", [
+    ("whole", True, "inductor", (12,)), ("regional", False, "inductor", (12, 16)),
+    ("whole", False, "aot_eager_decomp", (12,)),  # the estimate's: min-cut saves the bf16 logits the model returns
 ])
-def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, compiler, monkeypatch):
+def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, compiler, lengths,
+                                                                       monkeypatch):
     """bf16, VeLoRA: the loss's gradients are bit for bit those of the same compile without the pass,
     and the backward no longer fills the logits' size with zeros."""
-    on = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=True)
-    off = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=False)
+    on = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=True, lengths=lengths)
+    off = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=False, lengths=lengths)
     assert on[3] >= 1 and off[3] == 0
     for logits_shape, shapes in on[2]:
         assert logits_shape not in shapes
