@@ -52,7 +52,7 @@ from memcompile.passes import (
     memory_plan,
     returned_logits,
 )
-from memcompile.passes._graph import dump_graph
+from memcompile.passes._graph import dump_graph, example_value
 from memcompile.passes.base import GraphPass, PassResult, source_digest
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ def quantized_layers_in(gm: fx.GraphModule, input_names: Sequence[str]) -> list[
         if scheme is None:
             continue
         x, state, shape = scheme.call(n.args)
-        vals = [a.meta.get("example_value", a.meta.get("val")) for a in state if isinstance(a, fx.Node)]
-        xval = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+        vals = [example_value(a) for a in state if isinstance(a, fx.Node)]
+        xval = example_value(x)
         dense_elem = xval.element_size() if isinstance(xval, torch.Tensor) else 2
         name = placeholders.get(state[0], str(state[0]))
         layers.append({"name": name.removesuffix(".weight"), "shape": tuple(shape),

@@ -1,6 +1,7 @@
 """Small graph utilities shared by the passes: inlining traced code, view chains, linear calls, dumps."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -29,6 +30,18 @@ def hinted_shape(val) -> tuple[int, ...] | None:
         return None
     sizes = tuple(size_hint(s) for s in val.shape)
     return None if None in sizes else sizes
+
+
+def hinted_bytes(val) -> int | None:
+    """A tensor's bytes at the example Dynamo traced with (``hinted_shape``); ``None`` where that is unknown."""
+    shape = hinted_shape(val)
+    return None if shape is None else math.prod(shape) * val.element_size()
+
+
+def example_value(node: object) -> object:
+    """The value a graph node had when traced: Dynamo's ``example_value``, else the ``val`` AOTAutograd
+    and make_fx record; ``None`` for a non-node."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def memory_order(val) -> tuple[int, ...] | None:

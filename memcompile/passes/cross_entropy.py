@@ -36,17 +36,13 @@ from memcompile.kernels import cross_entropy as kernel
 from memcompile.kernels import linear_cross_entropy as linear_kernel
 from memcompile.ops import memtrain
 
-from ._graph import hinted_shape, linear_args
+from ._graph import example_value, hinted_shape, linear_args
 from .base import GraphPass, PassResult
 
 NAME = "cross_entropy"
 _SIGNATURE = inspect.signature(F.cross_entropy)
 _VIEWS = ("view", "reshape")
 _LOW = (torch.bfloat16, torch.float16)
-
-
-def _val(node) -> object:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def _is_upcast(node: fx.Node) -> bool:
@@ -102,7 +98,7 @@ def _unsupported(args: dict, x, t) -> str | None:
 
 def _fake_call(fn, *args, **kwargs):
     """``fn`` on the example values of ``args`` (under their fake mode), for the new node's metadata."""
-    vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]
+    vals = [example_value(a) if isinstance(a, fx.Node) else a for a in args]
     fakes = [v for v in vals if isinstance(v, FakeTensor)]
     if not fakes:
         return None
@@ -161,7 +157,7 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> FusedLosses:
         bound = _SIGNATURE.bind(*node.args, **node.kwargs)
         bound.apply_defaults()
         args = dict(bound.arguments)
-        reason = _unsupported(args, _val(args["input"]), _val(args["target"]))
+        reason = _unsupported(args, example_value(args["input"]), example_value(args["target"]))
         if reason is not None:
             skipped.append({"layer": node.name, "reason": f"not fused: {reason}"})
             continue
@@ -169,7 +165,7 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> FusedLosses:
         kwargs = {"ignore_index": args["ignore_index"], "reduction": args["reduction"]}
         if _fuse_linear(graph, node, args, kwargs, base, views, upcast, losses):
             continue
-        bval = _val(base)
+        bval = example_value(base)
         use_base = upcast is not None and isinstance(bval, torch.Tensor) and bval.dtype in _LOW
         with graph.inserting_before(node):
             x = args["input"]
@@ -183,7 +179,7 @@ def fuse_cross_entropy(gm: fx.GraphModule) -> FusedLosses:
             fused = graph.call_function(kernel.cross_entropy, (x, args["target"]), kwargs)
             fused.meta["example_value"] = _fake_call(kernel.cross_entropy, x, args["target"], **kwargs)
         dropped = _replace_loss(node, fused, args["input"]) and use_base
-        losses.append(_record(fused, _val(x), dropped, linear=False))
+        losses.append(_record(fused, example_value(x), dropped, linear=False))
     if losses:
         graph.lint()
         gm.recompile()
@@ -225,7 +221,7 @@ def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, kwargs: dict, logit
     order = {n: i for i, n in enumerate(graph.nodes)}
     if any(order[u] < order[node] for u in logits.users if u is not into_loss):
         return False
-    lval, hval = _val(logits), _val(linear[0])
+    lval, hval = example_value(logits), example_value(linear[0])
     if lval is None or hval is None or lval.dim() < 2 or hval.shape[:-1] != lval.shape[:-1]:
         return False
     h, w = linear
@@ -248,7 +244,7 @@ def _fuse_linear(graph: fx.Graph, node: fx.Node, args: dict, kwargs: dict, logit
 
 def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     """``node.to(dtype)`` where its dtype differs (inserted at the graph's insertion point)."""
-    val = _val(node)
+    val = example_value(node)
     if not isinstance(val, torch.Tensor) or val.dtype == dtype:
         return node
     cast = graph.call_method("to", (node, dtype))

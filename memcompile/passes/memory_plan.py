@@ -57,7 +57,7 @@ from memcompile.ops import memtrain
 from memcompile.quant.nf4.nf4_linear import NF4LinearArgs
 from memcompile.reporting import fmt_bytes, reports, saved_tensors
 
-from ._graph import VIEW_OPS, first_non_placeholder, hinted_shape, insert_traced, memory_order, view_base
+from ._graph import VIEW_OPS, first_non_placeholder, hinted_bytes, hinted_shape, insert_traced, memory_order, view_base
 from .base import GraphPass, PassResult
 
 NAME = "memory_plan"
@@ -141,11 +141,6 @@ class MemoryPlan(PassResult):
         return lines
 
 
-def _nbytes(val) -> int:
-    shape = hinted_shape(val)
-    return 0 if shape is None else math.prod(shape) * val.element_size()
-
-
 def _arg(node: fx.Node, index: int, name: str, default):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
@@ -214,9 +209,9 @@ def group_seconds(nodes, cfg: PlanConfig) -> float:
     for n in nodes:
         if n.op != "call_function" or _free(n):
             continue
-        moved = sum(_nbytes(a.meta.get("val")) for a in n.all_input_nodes if view_base(a) not in fused)
+        moved = sum(hinted_bytes(a.meta.get("val")) or 0 for a in n.all_input_nodes if view_base(a) not in fused)
         if n not in fused:
-            moved += _nbytes(n.meta.get("val")) + _scratch_bytes(n)
+            moved += (hinted_bytes(n.meta.get("val")) or 0) + _scratch_bytes(n)
             seconds += cfg.op_seconds
         seconds += _flops(n) / cfg.flops_per_s + moved / cfg.memory_bytes_per_s
     return seconds
@@ -336,7 +331,7 @@ def ordered_choices(p, saved, cfg: PlanConfig, offload: bool, held: frozenset = 
     # Rebuilding from an activation passed in keeps that input, so the tensor is only partly freed; the
     # input then has ways of its own. With host copies, only from an input that can take one: else the
     # tensor's one way (the plan's list takes one per tensor) could bar its own copy, which frees all.
-    costly = {n: _nbytes(n.meta["val"]) for n in inputs - available if isinstance(n.meta.get("val"), torch.Tensor)
+    costly = {n: hinted_bytes(n.meta["val"]) or 0 for n in inputs - available if isinstance(n.meta.get("val"), torch.Tensor)
               and (not offload or memory_order(n.meta["val"]) is not None)}
     ways: list[Choice] = []
     for name, t in activations.items():

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -39,7 +39,7 @@ import torch.fx as fx
 from memcompile._torch_compat import LINEAR_FUNCTIONS
 from memcompile.reporting import fmt_bytes
 
-from ._graph import hinted_shape, linear_args
+from ._graph import example_value, hinted_bytes, hinted_shape, linear_args
 from .base import GraphPass, PassContext, PassResult
 
 NAME = "returned_logits"
@@ -81,8 +81,6 @@ class _Plan:
 class ReturnedLogitsResult(PassResult):
     plans: list[_Plan] = field(default_factory=list)
     outputs: int = 0  # the graph's outputs before the pass added any
-
-    listed_as: ClassVar[str] = "rewritten"
 
     def describe(self, record: dict) -> str:
         return (f"logits {record['shape']} {record['dtype']} returned detached: the backward fills no "
@@ -153,15 +151,6 @@ def _chain_grads(chain, grad, h, w, bias, needs) -> list:
     return [next(grads) if need else None for need in needs]
 
 
-def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
-def _numel_bytes(val: torch.Tensor) -> int | None:
-    shape = hinted_shape(val)
-    return None if shape is None else int(torch.Size(shape).numel()) * val.element_size()
-
-
 def _projection(y: object) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(linear, chain)`` when ``y`` is an ``F.linear`` call, or one through elementwise ops whose other
     arguments are constants (``chain``: those ops, first to last); else ``None``."""
@@ -189,12 +178,12 @@ def _step(node: fx.Node) -> _Step:
 def _unsupported(h, w, bias, linear, y, inputs: dict) -> str | None:
     if w not in inputs or (bias is not None and bias not in inputs):
         return "weight or bias is not a graph input"
-    vals = [_val(n) for n in (h, w, linear)] + ([_val(bias)] if bias is not None else [])
-    if not all(isinstance(v, torch.Tensor) for v in vals) or not isinstance(_val(y), torch.Tensor):
+    vals = [example_value(n) for n in (h, w, linear)] + ([example_value(bias)] if bias is not None else [])
+    if not all(isinstance(v, torch.Tensor) for v in vals) or not isinstance(example_value(y), torch.Tensor):
         return "no example values"
     if len({v.dtype for v in vals}) != 1:
         return "dtypes differ (autocast)"
-    y_bytes, h_bytes = _numel_bytes(_val(y)), _numel_bytes(vals[0])
+    y_bytes, h_bytes = hinted_bytes(example_value(y)), hinted_bytes(vals[0])
     if y_bytes is None or h_bytes is None or y_bytes <= h_bytes:
         return "not larger than the projection's input"
     return None
@@ -215,7 +204,7 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
         if found is None:
             continue
         linear, chain = found
-        val = _val(y)
+        val = example_value(y)
         if not isinstance(val, torch.Tensor) or not val.requires_grad or outs.count(y) != 1:
             continue
         h, w, bias = linear_args(linear)
@@ -233,7 +222,7 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
                                   tuple(_step(n) for n in chain)))
         result.rewritten.append({"output": y.name, "shape": hinted_shape(val),
                                  "dtype": str(val.dtype).removeprefix("torch."),
-                                 "gradient_bytes": _numel_bytes(val), "anchor_bytes": _numel_bytes(_val(h))})
+                                 "gradient_bytes": hinted_bytes(val), "anchor_bytes": hinted_bytes(example_value(h))})
     others = [] if ctx is not None and ctx.in_block else _other_outputs(outs[:result.outputs])
     if result.plans:
         output.args = (type(output.args[0])(outs),)
@@ -247,9 +236,9 @@ def _other_outputs(outs: list) -> list[int]:
     """Bytes of each returned tensor left differentiable, the loss (one element) aside."""
     found = []
     for node in dict.fromkeys(n for n in outs if isinstance(n, fx.Node)):
-        val = _val(node)
+        val = example_value(node)
         if isinstance(val, torch.Tensor) and val.requires_grad:
-            size = _numel_bytes(val)
+            size = hinted_bytes(val)
             if size is not None and size > val.element_size():
                 found.append(size)
     return found
