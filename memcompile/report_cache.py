@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from memcompile import _torch_compat as tc
+from memcompile._warn import warn
 from memcompile.reporting import GraphReport
 
 log = logging.getLogger(__name__)
@@ -113,5 +114,5 @@ def load(k: str, rep: GraphReport) -> bool:
     rep.saved_before = entry.get("saved_before")  # None if the run that compiled it never read it
     rep.from_cache = True
     for message, category in entry["warnings"]:
-        warnings.warn(message, category, stacklevel=2)
+        warn(message, category)
     return True

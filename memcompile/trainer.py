@@ -22,7 +22,6 @@ after a resume equal those of the run that was not interrupted.
 from __future__ import annotations
 
 import os
-import warnings
 import weakref
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from memcompile import activation_state
+from memcompile._warn import warn
 
 STATE_FILE = "memtrain_state.pt"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
@@ -90,10 +90,10 @@ class MemtrainCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         check_training_args(args)
         if _is_wrapper(model):
-            warnings.warn("memtrain: the Trainer got the wrapper torch.compile returns; its checkpoints name every "
-                          "weight '_orig_mod.*' and a PEFT model's adapter is not saved as one. Compile in place "
-                          "instead: model.compile(backend='memtrain', options=...) or "
-                          "memcompile.compile_blocks(model, options)", stacklevel=2)
+            warn("memtrain: the Trainer got the wrapper torch.compile returns; its checkpoints name every "
+                 "weight '_orig_mod.*' and a PEFT model's adapter is not saved as one. Compile in place "
+                 "instead: model.compile(backend='memtrain', options=...) or "
+                 "memcompile.compile_blocks(model, options)")
         if getattr(args, "torch_compile", False):
             raise ValueError("TrainingArguments(torch_compile=True) compiles the model again, with accelerate's "
                              "backend, around memtrain's graphs. Leave torch_compile False and " + ROUTE)

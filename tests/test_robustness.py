@@ -123,6 +123,7 @@ def test_gradient_checkpointing_leaves_checkpointed_layers_exact_and_says_why():
         compiled(input_ids=ids, labels=ids).loss.backward()
     checkpoint_warnings = [w for w in caught if "activation-checkpointed" in str(w.message)]
     assert len(checkpoint_warnings) == 1
+    assert checkpoint_warnings[0].filename == __file__  # the line that ran the model, not the pass's
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()

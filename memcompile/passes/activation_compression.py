@@ -25,7 +25,6 @@ Use it on its own on any AOTAutograd joint graph (``partitioner_tag`` metadata p
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,6 +33,7 @@ import torch.fx as fx
 
 from memcompile._targets import matches
 from memcompile._torch_compat import BACKWARD_TAG, FORWARD_TAG, is_checkpointed, must_save, partitioner_tag, size_hint
+from memcompile._warn import warn
 from memcompile.config import MemtrainConfig
 
 from ._graph import TRANSPOSE_OPS, VIEW_OPS, first_non_placeholder, insert_traced, is_call, view_base, view_family
@@ -167,20 +167,19 @@ def _warn_about_silent_skips(config: MemtrainConfig, method: CompressionMethod, 
     names = [l.name.removesuffix(".weight") for l in layers]
     if (layers and sum(s["reason"] == "not targeted" for s in skipped) == len(layers)
             and not all(matches(name, config.exclude_patterns) for name in names)):
-        warnings.warn(f"memtrain: targets={list(config.target_patterns)} (exclude={list(config.exclude_patterns)}) "
-                      f"match none of the {len(names)} trainable linear layers of this graph, so nothing is "
-                      f"compressed; their names look like {names[:3]}: set `targets` to match them "
-                      "(patterns match a path, a dotted suffix or a path component)", stacklevel=2)
+        warn(f"memtrain: targets={list(config.target_patterns)} (exclude={list(config.exclude_patterns)}) "
+             f"match none of the {len(names)} trainable linear layers of this graph, so nothing is "
+             f"compressed; their names look like {names[:3]}: set `targets` to match them "
+             "(patterns match a path, a dotted suffix or a path component)")
     if any(s["reason"] == CHECKPOINTED for s in skipped):
-        warnings.warn("memtrain: activation compression leaves the layers inside activation-checkpointed "
-                      "regions exact (gradient checkpointing recomputes their inputs instead of saving them, so "
-                      "compressing them saves nothing); memcompile.report() lists them. To compress them, turn "
-                      "checkpointing off (model.gradient_checkpointing_disable()) and set memory_target to bound what "
-                      "the step keeps",
-                      stacklevel=2)
+        warn("memtrain: activation compression leaves the layers inside activation-checkpointed "
+             "regions exact (gradient checkpointing recomputes their inputs instead of saving them, so "
+             "compressing them saves nothing); memcompile.report() lists them. To compress them, turn "
+             "checkpointing off (model.gradient_checkpointing_disable()) and set memory_target to bound what "
+             "the step keeps")
     message = method.skip_warning(getattr(config, method.name), unfit) if unfit and method.skip_warning else None
     if message:
-        warnings.warn(message, stacklevel=2)
+        warn(message)
 
 
 def _static_2d(node: fx.Node) -> tuple[int, int] | None:

@@ -45,13 +45,13 @@ import dataclasses
 import functools
 import math
 import operator
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from memcompile._torch_compat import partitioner_tag, size_bound, size_hint
+from memcompile._warn import warn
 from memcompile.config import PlanConfig
 from memcompile.ops import memtrain
 from memcompile.quant.nf4.nf4_linear import NF4LinearArgs
@@ -412,10 +412,9 @@ def bound_scale(fw: fx.GraphModule, activations) -> dict[str, float] | None:
         scale[name] = math.prod(bounds) / max(1, math.prod(hinted_shape(val)))
     if unbounded:
         sizes = ", ".join(f"{k} = {v}" for k, v in sorted(unbounded.items()))
-        warnings.warn(f"memtrain: memory_target is met at this graph's traced sizes ({sizes}); the graph also "
-                      "runs larger batches, which save more, in proportion. Pad batches to one length, or bound "
-                      "the size with torch._dynamo.mark_dynamic(tensor, dim, max=N) to plan for the largest.",
-                      stacklevel=2)
+        warn(f"memtrain: memory_target is met at this graph's traced sizes ({sizes}); the graph also "
+             "runs larger batches, which save more, in proportion. Pad batches to one length, or bound "
+             "the size with torch._dynamo.mark_dynamic(tensor, dim, max=N) to plan for the largest.")
         return None
     return scale
 
@@ -698,9 +697,9 @@ def _warn_if_split(frame_id: int | None, target: int) -> None:
     frames = {r.frame_id for r in reports() if NAME in r.passes and not r.region and not r.inference}
     frames.add(frame_id)
     if len(frames) > 1:
-        warnings.warn(f"memtrain: memory_target holds for each compiled graph, each time it runs, and {len(frames)} "
-                      f"graphs have been planned since memcompile.clear_reports() (graph breaks split the model: "
-                      f"torch._dynamo.explain lists them; a break inside a repeated layer has one graph run once "
-                      f"per layer), so together they may keep {len(frames)} or more times {fmt_bytes(target)}. "
-                      "Remove the breaks, or compile the layers with memcompile.compile_blocks, which shares the "
-                      "target among them.", stacklevel=2)
+        warn(f"memtrain: memory_target holds for each compiled graph, each time it runs, and {len(frames)} "
+             f"graphs have been planned since memcompile.clear_reports() (graph breaks split the model: "
+             f"torch._dynamo.explain lists them; a break inside a repeated layer has one graph run once "
+             f"per layer), so together they may keep {len(frames)} or more times {fmt_bytes(target)}. "
+             "Remove the breaks, or compile the layers with memcompile.compile_blocks, which shares the "
+             "target among them.")

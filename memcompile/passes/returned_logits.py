@@ -20,7 +20,10 @@ The pass runs before the fused cross-entropy rewrite, which then reads the logit
 
 The report also counts the other returned tensors that require grad (a graph that serves decoder
 blocks aside, whose outputs the next block reads): a backward that does not read one gets zeros of
-its size too. A Hugging Face model returns its KV cache that way unless ``config.use_cache=False``.
+its size too. They stay differentiable, since a loss may read them (hidden states a distillation loss
+matches); after the first backward that leaves them without a gradient, the next call warns with the
+bytes of zeros. A
+Hugging Face model returns its KV cache that way unless ``config.use_cache=False``.
 
 Example::
 
@@ -37,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from memcompile._torch_compat import LINEAR_FUNCTIONS
+from memcompile._warn import warn
 from memcompile.reporting import fmt_bytes
 
 from ._graph import example_value, hinted_bytes, hinted_shape, linear_args
@@ -81,6 +85,9 @@ class _Plan:
 class ReturnedLogitsResult(PassResult):
     plans: list[_Plan] = field(default_factory=list)
     outputs: int = 0  # the graph's outputs before the pass added any
+    watch: bool = False  # other returned tensors require grad: warn when a backward leaves them without one
+    warned: bool = False
+    zeros: tuple[int, int] | None = None  # (bytes, tensors) a backward filled, warned at the next call
 
     def describe(self, record: dict) -> str:
         return (f"logits {record['shape']} {record['dtype']} returned detached: the backward fills no "
@@ -98,20 +105,60 @@ class ReturnedLogitsResult(PassResult):
     def wrap(self, compiled: Callable) -> Callable:
         """``compiled`` (the rewritten graph's compile) returning the graph's own outputs, the logits
         differentiable again through ``_ProjectionGrad``."""
-        if not self.plans:
+        if not self.plans and not self.watch:
             return compiled
         plans, outputs = tuple(self.plans), self.outputs
 
         def run(*args):
+            if self.zeros is not None and not self.warned:
+                self._warn_zeros(*self.zeros)
             raw = compiled(*args)
             out = list(raw)
             for p in plans:
                 bias = args[p.bias] if p.bias is not None else None
                 out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias, p.chain)
             del out[outputs:]
+            if self.watch and not self.warned and torch.is_grad_enabled():
+                _watch_missing_grads(out, self._found_zeros)
             return tuple(out) if isinstance(raw, tuple) else out
 
         return run
+
+
+    def _found_zeros(self, nbytes: int, count: int) -> None:
+        # Kept for the next call, which runs on the user's thread (a GPU's backward runs on autograd's own).
+        if nbytes >= WARN_ZEROS_BYTES:
+            self.zeros = (nbytes, count)
+
+    def _warn_zeros(self, nbytes: int, count: int) -> None:
+        self.warned = True
+        warn(f"memtrain: the backward got no gradient for {count} tensors the compiled model returned, so autograd "
+             f"filled {fmt_bytes(nbytes)} of zeros for them, at the start of the backward, where memory peaks. A "
+             "Hugging Face model returns its KV cache so in training: set model.config.use_cache = False "
+             "(memcompile.compile_blocks does)")
+
+
+WARN_ZEROS_BYTES = 1 << 20  # zeros below this cost nothing worth a warning
+
+
+def _watch_missing_grads(outs: list, on_missing: Callable[[int, int], None]) -> None:
+    """Call ``on_missing(bytes, count)`` when a backward reaches the compiled function without a gradient
+    for some of ``outs`` (before autograd fills them with zeros). A returned view counts as its base, the
+    output the compiled function made."""
+    tensors = [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
+    nodes = {t.grad_fn for t in tensors if t._base is None and t.grad_fn is not None}
+    sizes: dict = {}
+    for t in tensors:
+        src = t if t._base is None else t._base
+        if src.grad_fn in nodes and src.numel() > 1:  # a one-element output is a loss
+            sizes.setdefault(src.grad_fn, {})[src.output_nr] = src.numel() * src.element_size()
+    for node, by_output in sizes.items():
+        def prehook(grads, by_output=by_output):
+            missing = [n for i, n in by_output.items() if i < len(grads) and grads[i] is None]
+            if missing:
+                on_missing(sum(missing), len(missing))
+
+        node.register_prehook(prehook)
 
 
 class _ProjectionGrad(torch.autograd.Function):
@@ -227,6 +274,7 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
     if result.plans:
         output.args = (type(output.args[0])(outs),)
         gm.recompile()
+    result.watch = bool(others)
     result.counters = {"rewritten": len(result.plans), "skipped": len(result.skipped), "other_outputs": len(others),
                        "other_bytes": sum(others)}
     return result

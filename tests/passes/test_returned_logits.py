@@ -1,5 +1,7 @@
 """Returning the logits detached: on a Dynamo graph on its own, and through the backend on a bf16 Llama
 (Inductor, whole model and compile_blocks, a length that changes) and a Gemma 2 (soft-capped logits)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import memcompile
 from memcompile import _torch_compat as tc
 from memcompile import pipeline
+from memcompile.passes import returned_logits as returned_logits_pass
 from memcompile.passes.returned_logits import returned_logits
+from memcompile.reporting import fmt_bytes
 from tests import models
 
 H, V = 8, 40
@@ -163,24 +167,42 @@ def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mod
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_report_counts_the_kv_cache_a_whole_model_returns(use_cache):
+def test_report_counts_the_kv_cache_a_whole_model_returns(use_cache, monkeypatch):
     """A Hugging Face model returns its keys and values in training unless use_cache=False: the backward
-    gets zeros of their size when the loss alone is backpropagated. The report says so."""
+    gets zeros of their size when the loss alone is backpropagated. The report counts them; the call
+    after a backward that left them without a gradient warns, at the user's line; a backward that reads
+    them does not."""
+    monkeypatch.setattr(returned_logits_pass, "WARN_ZEROS_BYTES", 0)  # the tiny model's cache is KiBs
     torch.compiler.reset()
     model = models.tiny_lora_llama()
     model.config.use_cache = use_cache
+    compiled = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager", "activation": "none"})
     ids = models.batch(t=12)
-    out = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager", "activation": "none"})(
-        input_ids=ids, labels=ids)
-    with Zeros() as zeros:
-        out.loss.backward()
+    layers, kv_shape = model.config.num_hidden_layers, (2, 4, 12, 16)  # batch, KV heads, tokens, head dim
+    kv_bytes = 2 * layers * 2 * 4 * 12 * 16 * 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(input_ids=ids, labels=ids)
+        if use_cache:  # a loss on every key and value: nothing is filled, nothing to warn about
+            cache = out.past_key_values.layers
+            (out.loss + sum(c.keys.sum() + c.values.sum() for c in cache)).backward()
+            out = compiled(input_ids=ids, labels=ids)
+        assert not [w for w in caught if "use_cache = False" in str(w.message)]
+        with Zeros() as zeros:
+            out.loss.backward()
+        compiled(input_ids=ids, labels=ids)
+    warned = [w for w in caught if "use_cache = False" in str(w.message)]
+    assert len(warned) == use_cache
+    if use_cache:
+        assert warned[0].filename == __file__  # the line that ran the model, not inside the library
+        assert f"no gradient for {2 * layers} tensors" in str(warned[0].message)
+        assert fmt_bytes(kv_bytes) in str(warned[0].message)
     rep = memcompile.report()
     counters = rep.passes["returned_logits"]["counters"]
-    layers, kv_shape = model.config.num_hidden_layers, (2, 4, 12, 16)  # batch, KV heads, tokens, head dim
     assert counters["rewritten"] == 1
     assert counters["other_outputs"] == (2 * layers if use_cache else 0)
     assert zeros.shapes.count(kv_shape) == counters["other_outputs"]
-    assert counters["other_bytes"] == counters["other_outputs"] * 2 * 4 * 12 * 16 * 4
+    assert counters["other_bytes"] == (kv_bytes if use_cache else 0)
     assert ("config.use_cache=False" in str(rep)) == use_cache
 
 

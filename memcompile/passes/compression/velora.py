@@ -8,12 +8,12 @@ vector. The backward evaluates the weight gradient ``grad_W = grad_out^T @ x_hat
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from memcompile import _options, activation_state
+from memcompile._warn import warn
 
 from .method import DEFAULT_EXCLUDE, Compression, CompressionMethod, Group, register
 
@@ -86,8 +86,8 @@ def velora_vector(x: torch.Tensor, owner: torch.Tensor, num_groups: int, key: st
             if bool(torch.isfinite(v).all()):
                 state.velora_v = v
             elif once:
-                warnings.warn(f"memtrain: VeLoRA's vector for {key} was estimated from a batch with NaN or "
-                              "inf values; it is estimated again from the next finite batch", stacklevel=2)
+                warn(f"memtrain: VeLoRA's vector for {key} was estimated from a batch with NaN or "
+                     "inf values; it is estimated again from the next finite batch")
         elif v.device != x.device:
             v = state.velora_v = v.to(x.device)
     return v.clone()
