@@ -43,7 +43,10 @@ STAGES = (
                            "memtrain.partitioned_passes")),
     ("partition (min-cut)", ("memtrain.partition",)),
     ("Inductor's lowering and code generation", ("GraphLowering.run", "Scheduler.__init__", "GraphLowering.codegen")),
-    ("waiting for kernel builds", ("async_compile.wait",)),
+    # On a GPU, Triton kernels are built in the compiling process, one after another, until Inductor's
+    # build workers are up ("precompile"), then in them while the compile goes on ("wait").
+    ("kernel builds (waiting for workers, or in the compiling process)", ("async_compile.wait",
+                                                                         "async_compile.precompile")),
     ("autotuning at the first run", ("CachingAutotuner.benchmark_all_configs",)),
 )
 
