@@ -6,8 +6,9 @@ with zeros of their size (0.49 GiB at 8192 tokens and a 32k vocabulary, bf16; 2.
 the backward graph, which adds it to the loss's gradient of the logits: a full-size tensor at the
 start of the backward, where the saved activations peak, that changes nothing.
 
-When a returned tensor is ``F.linear(h, W[, b])`` with ``W`` (and ``b``) graph inputs and more elements
-than ``h`` (an output projection), or such a projection through elementwise ops with constants
+When a returned tensor is ``F.linear(h, W[, b])`` with ``W`` (and ``b``) graph inputs and more bytes
+than ``h`` (an output projection; under autocast run in its dtype, as Hugging Face's Trainer with
+``bf16=True`` runs fp32 weights), or such a projection through elementwise ops with constants
 (Gemma's soft-capping ``tanh(y / c) * c``, Cohere's and Granite's scaling), the graph returns it
 detached, so nothing is filled, and returns ``h`` too (the smaller tensor autograd fills instead). The
 result's ``wrap`` then gives the returned logits the projection's gradient outside the compiled graph
@@ -21,9 +22,9 @@ The pass runs before the fused cross-entropy rewrite, which then reads the logit
 The report also counts the other returned tensors that require grad (a graph that serves decoder
 blocks aside, whose outputs the next block reads): a backward that does not read one gets zeros of
 its size too. They stay differentiable, since a loss may read them (hidden states a distillation loss
-matches); after the first backward that leaves them without a gradient, the next call warns with the
-bytes of zeros. A
-Hugging Face model returns its KV cache that way unless ``config.use_cache=False``.
+matches); after the first backward that leaves 1 MiB or more of them without a gradient, the next call
+warns with the bytes of zeros. A Hugging Face model returns its KV cache that way unless
+``config.use_cache=False``.
 
 Example::
 
@@ -79,6 +80,7 @@ class _Plan:
     weight: int  # position of the weight among the graph's inputs
     bias: int | None  # and of the bias
     chain: tuple[_Step, ...] = ()  # the elementwise ops from the projection to the returned tensor
+    cast: torch.dtype | None = None  # autocast's: the projection ran in it, on its inputs cast to it
 
 
 @dataclass
@@ -116,14 +118,14 @@ class ReturnedLogitsResult(PassResult):
             out = list(raw)
             for p in plans:
                 bias = args[p.bias] if p.bias is not None else None
-                out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias, p.chain)
+                out[p.output] = _ProjectionGrad.apply(out[p.output], out[p.anchor], args[p.weight], bias, p.chain,
+                                                      p.cast)
             del out[outputs:]
             if self.watch and not self.warned and torch.is_grad_enabled():
                 _watch_missing_grads(out, self._found_zeros)
             return tuple(out) if isinstance(raw, tuple) else out
 
         return run
-
 
     def _found_zeros(self, nbytes: int, count: int) -> None:
         # Kept for the next call, which runs on the user's thread (a GPU's backward runs on autograd's own).
@@ -134,8 +136,8 @@ class ReturnedLogitsResult(PassResult):
         self.warned = True
         warn(f"memtrain: the backward got no gradient for {count} tensors the compiled model returned, so autograd "
              f"filled {fmt_bytes(nbytes)} of zeros for them, at the start of the backward, where memory peaks. A "
-             "Hugging Face model returns its KV cache so in training: set model.config.use_cache = False "
-             "(memcompile.compile_blocks does)")
+             "Hugging Face model returns its KV cache so in training: if these are its keys and values, set "
+             "model.config.use_cache = False (memcompile.compile_blocks does)")
 
 
 WARN_ZEROS_BYTES = 1 << 20  # zeros below this cost nothing worth a warning
@@ -162,12 +164,13 @@ def _watch_missing_grads(outs: list, on_missing: Callable[[int, int], None]) -> 
 
 
 class _ProjectionGrad(torch.autograd.Function):
-    """The returned logits ``y = chain(F.linear(h, W, b))``, computed in the graph, given their backward."""
+    """The returned logits ``y = chain(F.linear(h, W, b))`` (under autocast, of the inputs cast to ``cast``),
+    computed in the graph, given their backward."""
 
     @staticmethod
-    def forward(ctx, logits, h, w, bias, chain):
-        ctx.chain = chain
-        ctx.save_for_backward(h if w.requires_grad or chain else None, w, bias)
+    def forward(ctx, logits, h, w, bias, chain, cast):
+        ctx.chain, ctx.cast = chain, cast
+        ctx.save_for_backward(h if w.requires_grad or chain or cast else None, w, bias)
         # A view: it shares the version counter of what the graph saved from the same storage (min-cut
         # may keep the 16-bit logits), so changing it in place is refused, never silently read back.
         # Marking the input dirty instead would bump that counter and fail the graph's own backward.
@@ -177,20 +180,20 @@ class _ProjectionGrad(torch.autograd.Function):
     def backward(ctx, grad):
         h, w, bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[1:4]
-        if ctx.chain:
-            return None, *_chain_grads(ctx.chain, grad, h, w, bias, (need_h, need_w, need_b)), None
+        if ctx.chain or ctx.cast:
+            return None, *_rerun_grads(ctx.chain, ctx.cast, grad, h, w, bias, (need_h, need_w, need_b)), None, None
         grad_h = grad @ w if need_h else None
         grad_w = grad.reshape(-1, grad.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_w else None
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
-        return None, grad_h, grad_w, grad_b, None
+        return None, grad_h, grad_w, grad_b, None, None
 
 
-def _chain_grads(chain, grad, h, w, bias, needs) -> list:
-    """Gradients of ``h``, ``W``, ``b`` through the projection and its elementwise ops, rerun from ``h``
-    (only when a loss reads the returned logits)."""
+def _rerun_grads(chain, cast, grad, h, w, bias, needs) -> list:
+    """Gradients of ``h``, ``W``, ``b`` through the projection (in ``cast`` under autocast, as autocast
+    casts its inputs) and its elementwise ops, rerun from ``h`` (only when a loss reads the returned logits)."""
     inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((h, w, bias), needs)]
     with torch.enable_grad():
-        y = torch.nn.functional.linear(*inputs)
+        y = torch.nn.functional.linear(*(t if t is None or cast is None else t.to(cast) for t in inputs))
         for step in chain:
             y = step(y)
     wanted = [t for t, need in zip(inputs, needs) if need]
@@ -222,14 +225,22 @@ def _step(node: fx.Node) -> _Step:
     return _Step(node.op == "call_method", node.target, args, tuple(node.kwargs.items()))
 
 
+def _cast(linear: fx.Node) -> torch.dtype | None:
+    """The dtype autocast ran ``linear`` in: its output's, where an input (or the weight) has another
+    (fp32 weights under bf16 autocast); else ``None``."""
+    out = example_value(linear).dtype
+    args = [example_value(a) for a in linear_args(linear) if isinstance(a, fx.Node)]
+    return out if any(a.dtype != out for a in args) else None
+
+
 def _unsupported(h, w, bias, linear, y, inputs: dict) -> str | None:
     if w not in inputs or (bias is not None and bias not in inputs):
         return "weight or bias is not a graph input"
     vals = [example_value(n) for n in (h, w, linear)] + ([example_value(bias)] if bias is not None else [])
     if not all(isinstance(v, torch.Tensor) for v in vals) or not isinstance(example_value(y), torch.Tensor):
         return "no example values"
-    if len({v.dtype for v in vals}) != 1:
-        return "dtypes differ (autocast)"
+    if _cast(linear) not in (None, torch.float16, torch.bfloat16):
+        return f"the projection's output is {vals[2].dtype}, its inputs {', '.join(str(v.dtype) for v in vals)}"
     y_bytes, h_bytes = hinted_bytes(example_value(y)), hinted_bytes(vals[0])
     if y_bytes is None or h_bytes is None or y_bytes <= h_bytes:
         return "not larger than the projection's input"
@@ -266,7 +277,7 @@ def returned_logits(gm: fx.GraphModule, ctx: PassContext | None = None) -> Retur
         if h not in outs:
             outs.append(h)
         result.plans.append(_Plan(i, outs.index(h), inputs[w], inputs[bias] if bias is not None else None,
-                                  tuple(_step(n) for n in chain)))
+                                  tuple(_step(n) for n in chain), _cast(linear)))
         result.rewritten.append({"output": y.name, "shape": hinted_shape(val),
                                  "dtype": str(val.dtype).removeprefix("torch."),
                                  "gradient_bytes": hinted_bytes(val), "anchor_bytes": hinted_bytes(example_value(h))})

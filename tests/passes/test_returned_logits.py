@@ -70,22 +70,28 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("bias,train_w,decompose,softcap", [
-    (False, False, False, None), (True, True, False, None), (False, True, True, None),
-    (False, False, False, 3.0), (True, True, True, 3.0),
+@pytest.mark.parametrize("bias,train_w,decompose,softcap,autocast", [
+    (False, False, False, None, False), (True, True, False, None, False), (False, True, True, None, False),
+    (False, False, False, 3.0, False), (True, True, True, 3.0, False),
+    # fp32 weights under bf16 autocast (Hugging Face's Trainer with bf16=True): the projection ran in bf16
+    (True, True, False, None, True), (False, True, True, 3.0, True),
 ])
-def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train_w, decompose, softcap):
+def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train_w, decompose, softcap, autocast):
     x, labels = _data()
     eager, module, seen = Head(bias, train_w, softcap), Head(bias, train_w, softcap), []
     compiled = _compile(module, seen, decompose)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
 
-    loss, logits = compiled(x, labels)
+    with amp:
+        loss, logits = compiled(x, labels)
+    assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
     assert seen[0]["counters"] == {"rewritten": 1, "skipped": 0, "other_outputs": 0, "other_bytes": 0}
     assert logits.requires_grad
     with Zeros() as zeros:
         loss.backward()
     assert (2, 6, V) not in zeros.shapes and (2, 6, H) in zeros.shapes  # the projection's input instead
-    expected_loss, _ = eager(x, labels)
+    with amp:
+        expected_loss, _ = eager(x, labels)
     expected_loss.backward()
     # aot_eager runs eager's ops: bit for bit; decomposed ops round differently.
     same = torch.equal if not decompose else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -96,17 +102,20 @@ def test_logits_come_back_without_a_zero_gradient_and_with_their_own(bias, train
     # A loss on the returned logits reaches the body and the projection. Changing them in place is
     # refused (the graph may have saved their storage), never read back silently.
     eager.zero_grad(), module.zero_grad()
-    loss, logits = compiled(x, labels)
+    with amp:
+        loss, logits = compiled(x, labels)
     with pytest.raises(RuntimeError, match="view"):
         logits.mul_(2)
     logits = logits * 2
-    (loss + logits.square().mean()).backward()
-    expected_loss, expected_logits = eager(x, labels)
-    (expected_loss + (2 * expected_logits).square().mean()).backward()
+    (loss + logits.float().square().mean()).backward()
+    with amp:
+        expected_loss, expected_logits = eager(x, labels)
+    (expected_loss + (2 * expected_logits).float().square().mean()).backward()
     expected, got = _grads(eager), _grads(module)
     assert expected.keys() == got.keys()
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    for k in expected:  # under autocast: the same bf16 matmuls, summed before or after them (bf16 round-off)
+        atol = 1e-2 * expected[k].abs().max().item() if autocast else 1e-6
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-2 if autocast else 1e-5, atol=atol)
 
 
 def test_a_projection_no_larger_than_its_input_is_left_alone_and_reported():
@@ -119,11 +128,13 @@ def test_a_projection_no_larger_than_its_input_is_left_alone_and_reported():
     torch.testing.assert_close(x.grad, module.weight.sum(0).expand(3, H))
 
 
-def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on, lengths):
+def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on, lengths, autocast=False):
     torch.compiler.reset()
     if not pass_on:
         monkeypatch.setattr(pipeline, "PRE_AOT", tuple(p for p in pipeline.PRE_AOT if p.name != "returned_logits"))
-    model = models.tiny_lora_llama().to(torch.bfloat16)
+    # autocast: fp32 weights, bf16 matmuls (Hugging Face's Trainer with bf16=True); a vocabulary whose
+    # bf16 logits outweigh the fp32 hidden states
+    model = models.tiny_lora_llama(vocab=512) if autocast else models.tiny_lora_llama().to(torch.bfloat16)
     model.config.use_cache = False
     options = {"activation": "velora", "fused_cross_entropy": fused, "compiler": compiler}
     if compile_mode == "regional":
@@ -134,7 +145,8 @@ def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on, lengths):
     losses, grads, zeros_seen = [], [], []
     for t in lengths:  # a second length compiles the graphs again, for a symbolic length
         ids = models.batch(t=t)
-        out = forward(input_ids=ids, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(input_ids=ids, labels=ids)
         with Zeros() as zeros:
             out.loss.backward()
         zeros_seen.append((tuple(out.logits.shape), zeros.shapes))
@@ -145,16 +157,17 @@ def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on, lengths):
     return losses, grads, zeros_seen, rewritten
 
 
-@pytest.mark.parametrize("compile_mode,fused,compiler,lengths", [
-    ("whole", True, "inductor", (12,)), ("regional", False, "inductor", (12, 16)),
-    ("whole", False, "aot_eager_decomp", (12,)),  # the estimate's: min-cut saves the bf16 logits the model returns
+@pytest.mark.parametrize("compile_mode,fused,compiler,lengths,autocast", [
+    ("whole", True, "inductor", (12,), False), ("regional", False, "inductor", (12, 16), False),
+    ("whole", False, "aot_eager_decomp", (12,), False),  # the estimate's: min-cut saves the bf16 logits returned
+    ("whole", True, "aot_eager", (12,), True),
 ])
-def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, compiler, lengths,
+def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, compiler, lengths, autocast,
                                                                        monkeypatch):
-    """bf16, VeLoRA: the loss's gradients are bit for bit those of the same compile without the pass,
-    and the backward no longer fills the logits' size with zeros."""
-    on = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=True, lengths=lengths)
-    off = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=False, lengths=lengths)
+    """bf16 (or fp32 under bf16 autocast), VeLoRA: the loss's gradients are bit for bit those of the same
+    compile without the pass, and the backward no longer fills the logits' size with zeros."""
+    on = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=True, lengths=lengths, autocast=autocast)
+    off = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=False, lengths=lengths, autocast=autocast)
     assert on[3] >= 1 and off[3] == 0
     for logits_shape, shapes in on[2]:
         assert logits_shape not in shapes
