@@ -122,7 +122,7 @@ class ReturnedLogitsResult(PassResult):
                                                       p.cast)
             del out[outputs:]
             if self.watch and not self.warned and torch.is_grad_enabled():
-                _watch_missing_grads(out, self._found_zeros)
+                _watch_missing_grads(out, args, self._found_zeros)
             return tuple(out) if isinstance(raw, tuple) else out
 
         return run
@@ -143,12 +143,13 @@ class ReturnedLogitsResult(PassResult):
 WARN_ZEROS_BYTES = 1 << 20  # zeros below this cost nothing worth a warning
 
 
-def _watch_missing_grads(outs: list, on_missing: Callable[[int, int], None]) -> None:
+def _watch_missing_grads(outs: list, args: tuple, on_missing: Callable[[int, int], None]) -> None:
     """Call ``on_missing(bytes, count)`` when a backward reaches the compiled function without a gradient
     for some of ``outs`` (before autograd fills them with zeros). A returned view counts as its base, the
-    output the compiled function made."""
+    output the compiled function made; an input returned as it is (``args``) is not the function's."""
     tensors = [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
-    nodes = {t.grad_fn for t in tensors if t._base is None and t.grad_fn is not None}
+    inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+    nodes = {t.grad_fn for t in tensors if t._base is None and t.grad_fn is not None and id(t) not in inputs}
     sizes: dict = {}
     for t in tensors:
         src = t if t._base is None else t._base
