@@ -164,8 +164,9 @@ def _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on, lengths, au
 ])
 def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mode, fused, compiler, lengths, autocast,
                                                                        monkeypatch):
-    """bf16 (or fp32 under bf16 autocast), VeLoRA: the loss's gradients are bit for bit those of the same
-    compile without the pass, and the backward no longer fills the logits' size with zeros."""
+    """bf16 (or fp32 under bf16 autocast), VeLoRA: the loss's gradients are those of the same compile
+    without the pass (bit for bit where the graphs run in Python), and the backward no longer fills the
+    logits' size with zeros."""
     on = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=True, lengths=lengths, autocast=autocast)
     off = _llama_step(compile_mode, fused, compiler, monkeypatch, pass_on=False, lengths=lengths, autocast=autocast)
     assert on[3] >= 1 and off[3] == 0
@@ -173,10 +174,16 @@ def test_backend_returns_the_logits_detached_and_changes_no_gradient(compile_mod
         assert logits_shape not in shapes
     for logits_shape, shapes in off[2]:
         assert logits_shape in shapes  # what the pass removes: fails if it does not fire
+    # Bit for bit where the graphs run in Python. Under Inductor on this CPU, the compile without the pass
+    # has given a loss 2.5e-6 (relative) off in about one fresh process in four, with the same generated
+    # code: bf16 round-off that varies between runs, not the pass's, so round-off is allowed there.
+    same = torch.equal if compiler != "inductor" else (
+        lambda x, y: torch.allclose(x.float(), y.float(), rtol=1e-4 if x.dtype == torch.float32 else 2e-2,
+                                    atol=1e-5))
     for a, b in zip(on[0], off[0]):
-        assert torch.equal(a, b)
+        assert same(a, b)
     for a, b in zip(on[1], off[1]):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
