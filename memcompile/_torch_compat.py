@@ -373,8 +373,8 @@ def partitioner_config_digest() -> str:
 
 def raise_recompile_limit(at_least: int) -> int | None:
     """Raise Dynamo's per-function recompile limit to ``at_least`` (never lower it); returns the old
-    limit when it was raised. Blocks compiled with ``Module.compile`` share one code object (Hugging
-    Face's layers, one ``__call__``), so every list of blocks draws on the same limit."""
+    limit when it was raised. Hugging Face's layer classes share one forward code object (the
+    checkpointing wrapper each class's forward gets), so every list of blocks draws on the same limit."""
     old = torch._dynamo.config.recompile_limit
     if old >= at_least:
         return None

@@ -13,12 +13,18 @@ Dynamo resumes after it with the projection and the loss, and the blocks inside 
 
 Compression state (VeLoRA's vector, CompAct's step counter and seed) lives on each layer's own
 weights (``memcompile.activation_state``), so the shared graph keeps every layer's state apart.
+
+Each compiled module's ``forward`` is replaced by ``torch.compile`` of its own, which a call that passes
+a KV cache (``generate``) skips: generation keeps no activations, and the cache's per-layer index would
+recompile the block for every layer.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
+import sys
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,6 +32,7 @@ import torch
 
 from memcompile import _torch_compat as tc
 from memcompile import reporting
+from memcompile._warn import warn
 from memcompile.config import MemtrainConfig, to_config
 from memcompile.marks import mark_grad_approximation
 
@@ -70,23 +77,65 @@ class BlockBackend:
         return compiled
 
 
-class _EagerForward:
-    """A module's forward that Dynamo does not trace (``torch.compiler.disable``): set as the decoder
-    body's ``forward``, its call ends the graph of the compiled forward around it. It holds the forward
-    the module had (the class's, bound, or an instance one such as an ``accelerate`` hook's) rather than
-    a closure, so a ``copy.deepcopy`` of the model binds the copy's to its own body."""
+class _Forward:
+    """A module's forward set in its place as an instance attribute. It holds the forward the module had
+    (the class's, bound, or an instance one such as an ``accelerate`` hook's) rather than a closure, so a
+    ``copy.deepcopy`` of the model binds the copy's to its own module."""
 
     def __init__(self, module: torch.nn.Module):
-        self.inner = module.forward
+        inner = module.__dict__.get("forward")
+        self.inner = inner.inner if isinstance(inner, _Forward) else module.forward  # compile_blocks again
 
     @property
     def __signature__(self) -> inspect.Signature:
         # The forward's own: Hugging Face and trainers read a forward's parameters to route arguments.
         return inspect.signature(self.inner)
 
+
+class _EagerForward(_Forward):
+    """A forward that Dynamo does not trace (``torch.compiler.disable``): set as the decoder body's
+    ``forward``, its call ends the graph of the compiled forward around it."""
+
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         return self.inner(*args, **kwargs)
+
+
+# The keywords a Hugging Face layer or model takes its KV cache by.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
+
+
+def _passes_kv_cache(args: tuple, kwargs: dict) -> bool:
+    if any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return True
+    cache_utils = sys.modules.get("transformers.cache_utils")  # no cache class without transformers loaded
+    cache = getattr(cache_utils, "Cache", None)
+    return cache is not None and any(isinstance(v, cache) for v in (*args, *kwargs.values()))
+
+
+class _CompiledForward(_Forward):
+    """A compiled region's forward (``torch.compile`` of the module's own), run as it is when the call
+    passes a KV cache: generation, where each layer's cache index and each new length would otherwise
+    recompile the block once per layer, past Dynamo's recompile limit (after which even training steps
+    that need a new graph run eager, uncompressed), and where there are no activations to save. A deep
+    copy of the model is not compiled, as after ``Module.compile``."""
+
+    def __init__(self, module: torch.nn.Module, backend: str | Callable, dynamic: bool | None, region: str):
+        super().__init__(module)
+        self.compiled = torch.compile(self.inner, backend=backend, dynamic=dynamic)
+        self.region = region
+
+    def __call__(self, *args, **kwargs):
+        if not _passes_kv_cache(args, kwargs):
+            return self.compiled(*args, **kwargs)
+        if torch.is_grad_enabled():
+            # Once per region and line: the message names the layer class, not the layer.
+            warn(f"memtrain: {self.region} (compile_blocks) got a KV cache with gradients on, so it runs "
+                 "eager, without memtrain's passes; training needs no cache: pass use_cache=False", UserWarning)
+        return self.inner(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self.inner, memo)
 
 
 def repeated_blocks(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -189,7 +238,8 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         block_backend = (BlockBackend(config, {name: modules[name] for name in layers}, shares=shares)
                          if backend == "memtrain" else backend)
         for name in layers:
-            modules[name].compile(backend=block_backend, dynamic=dynamic)
+            module = modules[name]
+            module.forward = _CompiledForward(module, block_backend, dynamic, type(module).__name__)
     if head is not None:
         _compile_head(*head, config, backend, dynamic, shares)
     return blocks
@@ -229,6 +279,5 @@ def _compile_head(owner: torch.nn.Module, bodies: Sequence[torch.nn.Module], con
     # Disabled, a body's call is a graph break in the owner's forward: Dynamo compiles what follows it
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
     for body in bodies:
-        if not isinstance(body.__dict__.get("forward"), _EagerForward):  # compile_blocks called again
-            body.forward = _EagerForward(body)
-    owner.compile(backend=head_backend, dynamic=dynamic)
+        body.forward = _EagerForward(body)
+    owner.forward = _CompiledForward(owner, head_backend, dynamic, f"{name}'s output head")

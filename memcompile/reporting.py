@@ -384,8 +384,9 @@ def report() -> StepReport | None:
 
 
 def _frame(rep: GraphReport):
-    # Blocks compiled with Module.compile share one frame (nn.Module's call): what they serve tells an
-    # encoder's block graph from a decoder's, and a recompile of one block from another block.
+    # Hugging Face's layer classes share one forward frame (the checkpointing wrapper each class's forward
+    # gets): what they serve tells an encoder's block graph from a decoder's, and a recompile of one block
+    # from another block.
     return (rep.frame_id, rep.served) if rep.frame_id is not None else ("graph", rep.graph_id)
 
 

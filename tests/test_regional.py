@@ -396,8 +396,8 @@ def test_without_the_loss_only_the_blocks_compile_and_the_head_stays_eager():
     model = models.tiny_lora_llama(layers=2)
     body = model.base_model.model.model
     memcompile.compile_blocks(model, opts, loss=False)
-    # With the loss, the body's forward is wrapped to run eager and its owner is compiled: neither here.
-    assert "forward" not in vars(body) and getattr(model.base_model.model, "_compiled_call_impl", None) is None
+    # With the loss, the body's forward is wrapped to run eager and its owner's is compiled: neither here.
+    assert "forward" not in vars(body) and "forward" not in vars(model.base_model.model)
     graphs = tc.dynamo_graph_count()
     regional = _train(model, model, 2)
     assert tc.dynamo_graph_count() - graphs == 1
@@ -426,7 +426,7 @@ def test_the_head_is_apart_when_the_model_calls_its_decoder_past_a_wrapper():
 
 def test_an_encoder_decoder_counts_both_block_lists_and_they_share_the_target():
     """A sequence-to-sequence model has two lists of blocks (Bart: 2 encoder layers, 3 decoder layers),
-    compiled as one Module.compile frame each: the step's report counts both block graphs, and under
+    compiled in the one forward frame they share: the step's report counts both block graphs, and under
     memory_target every layer's run of either graph and the head's graph plan for target / 6, so the
     step keeps at most the target, with the unplanned run's loss and gradients."""
     import transformers
@@ -550,3 +550,32 @@ def test_an_encoder_decoder_under_inductor_with_changing_lengths_and_a_target():
     counters = rep.passes["memory_plan"]["counters"]
     assert counters["recompute"] > 0 and counters["offload"] > 0 and rep.bytes_after <= target
     _assert_same(planned, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_generation_runs_eager_and_leaves_the_recompile_limit_to_training():
+    """``generate`` after training passes every layer a KV cache, whose per-layer index would recompile
+    the block once per layer: past Dynamo's limit (8) with 10 layers, after which a training step that
+    needs a new graph ran eager, uncompressed. Calls with a cache run the model's own forward: the tokens
+    are eager's, nothing compiles, and the next new length compiles its block and head. Training with a
+    cache warns, at the caller's line."""
+    opts = {"compiler": "aot_eager", "activation": "velora"}
+    model = models.tiny_lora_llama(layers=10)
+    twin = models.tiny_lora_llama(layers=10)
+    memcompile.compile_blocks(model, opts)
+    ids = models.batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    twin.load_state_dict(model.state_dict())
+    model.eval(), twin.eval()
+    graphs = tc.dynamo_graph_count()
+    for prompt, new in ((8, 6), (5, 3)):
+        out = model.generate(ids[:, :prompt], max_new_tokens=new, do_sample=False)
+        assert torch.equal(out, twin.generate(ids[:, :prompt], max_new_tokens=new, do_sample=False))
+    assert tc.dynamo_graph_count() == graphs
+    model.train()
+    model(input_ids=ids[:, :12], labels=ids[:, :12]).loss.backward()
+    assert tc.dynamo_graph_count() - graphs == 2  # the block's graph and the head's, for the new length
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per message and line
+        model(input_ids=ids, labels=ids, use_cache=True).loss.backward()
+    # once for the 10 layers, at this file's line
+    assert [w.filename for w in caught if "KV cache with gradients on" in str(w.message)] == [__file__]
