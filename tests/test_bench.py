@@ -390,3 +390,47 @@ def test_compile_time_runs_each_variant_cold_then_warm(tmp_path):
     assert warm["saved_bytes"] == cold["saved_bytes"]
     # Inductor compiled four graphs cold: the block's and the loss's, forward and backward
     assert len(cold["graph_compiles_s"]) == 4 and cold["compile_threads"] >= 1
+
+
+_TUNED_KERNEL = '''
+import triton
+import triton.language as tl
+
+TIMES = {1024: 2.0, 2048: 1.0}  # ms each config "takes"
+
+
+def bench(kernel_call, quantiles):
+    kernel_call()
+    return [TIMES[bench.block.pop(0)]] * 3
+
+
+bench.block = [1024, 2048]
+
+
+@triton.autotune([triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8)],
+                 key=["n"], do_bench=bench)
+@triton.jit
+def _fill(out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, 1.0, mask=offs < n)
+'''
+
+
+def test_kernel_rows_say_what_the_autotuner_chose(tmp_path, monkeypatch):
+    """The kernels mode records, for an autotuned kernel's first call at a size, the config it chose and
+    each config's time, and the GPU report shows them."""
+    from memcompile.bench import gpu_report, kernels
+
+    (tmp_path / "tuned_kernel_example.py").write_text(_TUNED_KERNEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tuned_kernel_example as mod
+
+    out = torch.zeros(3000)
+    mod._fill[lambda meta: (-(-3000 // meta["BLOCK"]),)](out, 3000)
+    assert torch.equal(out, torch.ones(3000))
+    tuning = kernels._tuning("tuned_kernel_example")
+    assert list(tuning) == ["_fill"] and "BLOCK: 2048" in tuning["_fill"]["best"]
+    assert sorted(tuning["_fill"]["ms"].values()) == [1.0, 2.0]
+    row = {"op": "fill", "size": "3000", "impl": "triton", "status": "ok", "first_call_s": 0.5, "tuning": tuning}
+    table = "\n".join(gpu_report.tuning_table({"kernels": [row, {"op": "other", "status": "ok"}]}))
+    assert "| fill | 3000 | 0.500 | _fill |" in table and "BLOCK: 2048" in table and "other" not in table

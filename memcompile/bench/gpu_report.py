@@ -241,6 +241,21 @@ def kernel_table(run: dict) -> list[str]:
     return rows
 
 
+def tuning_table(run: dict) -> list[str]:
+    """The Triton kernels' first call at each size (compile and autotuning), with the config the
+    autotuner chose and each config's time; empty for runs before it was recorded."""
+    tuned = [r for r in run["kernels"] if r.get("first_call_s") is not None]
+    if not tuned:
+        return []
+    rows = ["| op | size | first call s | kernel | tuning s | chosen | each config, ms |", "| --- | --- | ---: | --- | ---: | --- | --- |"]
+    for r in tuned:
+        for kernel, t in (r.get("tuning") or {"": None}).items():
+            each = "; ".join(f"{c}: {ms:.4f}" for c, ms in t["ms"].items()) if t else ""
+            rows.append(f"| {r['op']} | {r.get('size', '')} | {r['first_call_s']:.3f} | {kernel} | "
+                        f"{t['seconds'] if t else ''} | {t['best'] if t else ''} | {each} |")
+    return rows
+
+
 def step_table(run: dict) -> list[str]:
     rows = ["| step | status | seconds | limit |", "| --- | --- | ---: | ---: |"]
     for s in run["steps"]:
@@ -317,6 +332,10 @@ def section(run: dict | None) -> str:
                   "`docs/gpu/peak-<setup>.txt`):", "", *peaks, ""]
     if run["kernels"]:
         lines += ["Kernels (`python -m memcompile.bench kernels`):", "", *kernel_table(run), ""]
+        tuning = tuning_table(run)
+        if tuning:
+            lines += ["Each Triton kernel's first call at that size (its compile, and for an autotuned kernel the "
+                      "timing of every config):", "", *tuning, ""]
     total = run["plan"].get("total_s")
     lines += [f"Steps of the run (limit: each step's, cut to what was left of the {total or 0:.0f} s):", "",
               *step_table(run)]

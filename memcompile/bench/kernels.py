@@ -26,7 +26,8 @@ KERNEL_PACKAGES = ("memcompile.kernels", "memcompile.quant")
 
 
 def discover() -> tuple[dict[str, str], dict[str, str]]:
-    """``({op: module}, {module: import error})`` over ``KERNEL_PACKAGES`` and their sub-packages."""
+    """``({op: module's full name}, {module: import error})`` over ``KERNEL_PACKAGES`` and their
+    sub-packages."""
     ops, broken = {}, {}
     for pkg_name in KERNEL_PACKAGES:
         pkg = importlib.import_module(pkg_name)
@@ -41,14 +42,14 @@ def discover() -> tuple[dict[str, str], dict[str, str]]:
                 continue
             for attr, value in vars(module).items():
                 if attr.endswith("_ref") and callable(value) and getattr(value, "__module__", None) == info.name:
-                    ops[attr.removesuffix("_ref")] = short
+                    ops[attr.removesuffix("_ref")] = info.name
     return ops, broken
 
 
 def _seconds(fn, device) -> float:
     from torch.utils.benchmark import Timer
 
-    fn()  # the first call compiles the Triton kernel
+    fn()  # warm: the first call compiles the Triton kernel
     timer = Timer("fn()", globals={"fn": fn})  # synchronises CUDA around the timed calls
     if device.type == "cuda":
         return timer.blocked_autorange(min_run_time=0.3).median  # ~45 rows inside the GPU check's 55 s step
@@ -75,6 +76,37 @@ def _host_seconds(fn, device) -> float:
     return statistics.median(times)
 
 
+def _first_call(fn, device) -> tuple[object, float]:
+    """``fn``'s output and the seconds of its first call: the Triton kernel's compile and, for an
+    autotuned kernel, the timing of each config at this size."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _tuning(module_name: str) -> dict:
+    """For each autotuned kernel of ``module_name`` that has tuned: the config it chose for the size it
+    tuned last, each config's median time (ms) and the seconds the tuning took (compiles included)."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
+    out = {}
+    for name, value in vars(importlib.import_module(module_name)).items():
+        timings = getattr(value, "configs_timings", None) if isinstance(value, Autotuner) else None
+        if timings:
+            out[name] = {"best": str(value.best_config), "seconds": round(getattr(value, "bench_time", 0.0), 3),
+                         "ms": {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 5)
+                                for c, t in timings.items()}}
+    return out
+
+
 def _max_diff(a, b) -> float | None:
     import torch
 
@@ -88,7 +120,8 @@ def measure(device, tiny: bool) -> list[dict]:
 
     ops, broken = discover()
     rows = [{"op": m, "status": f"import failed: {why}"} for m, why in broken.items()]
-    for op, module in sorted(ops.items()):
+    for op, full_name in sorted(ops.items()):
+        module = full_name.rpartition(".")[2]
         if op not in CASES:
             rows.append({"op": op, "module": module, "status": "no inputs in memcompile/bench/kernel_cases.py"})
             continue
@@ -107,7 +140,9 @@ def measure(device, tiny: bool) -> list[dict]:
             for impl, fn in case.impls.items():
                 row = {"op": op, "module": module, "size": case.size, "impl": impl}
                 try:
-                    out = fn()
+                    out, first = _first_call(fn, device)
+                    if impl == "triton":  # the bare launcher's first call at this size compiles (and tunes)
+                        row.update(first_call_s=round(first, 4), tuning=_tuning(full_name))
                     row.update(status="ok", seconds=_seconds(fn, device), host_seconds=_host_seconds(fn, device),
                                max_diff=None if impl in case.differ else _max_diff(out, ref))
                 except Exception as e:  # one implementation failing leaves the others' times
@@ -143,6 +178,8 @@ def main(args) -> list[dict]:
         ("op", lambda r: r["op"]), ("size", lambda r: r.get("size", "")), ("impl", lambda r: r.get("impl", "")),
         ("status", lambda r: r["status"]), ("ms", lambda r: _ms(r.get("seconds"))),
         ("host µs a call", lambda r: "" if r.get("host_seconds") is None else f"{r['host_seconds'] * 1e6:.0f}"),
+        ("first call s", lambda r: "" if r.get("first_call_s") is None else f"{r['first_call_s']:.3f}"),
+        ("autotuned to", lambda r: "; ".join(t["best"] for t in (r.get("tuning") or {}).values())),
         ("speed vs torch", lambda r: "" if r.get("vs_torch") is None else f"{r['vs_torch']:.2f}x"),
         ("max |diff| vs torch", lambda r: "" if r.get("max_diff") is None else f"{r['max_diff']:.3g}"),
     ]
