@@ -6,6 +6,7 @@ touches one file. Checked on torch 2.11 and 2.13 (see the design notes).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable
 
 import torch
@@ -371,10 +372,21 @@ def partitioner_config_digest() -> str:
     return repr(sorted((k, t) for k, v in items if (t := text(v)) is not None))
 
 
+# Whether torch.compile can keep a compiled region's recompiles apart (torch 2.13 can).
+ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compile_region(fn: Callable, backend, dynamic: bool | None) -> Callable:
+    """``torch.compile(fn)`` whose frames, those Dynamo compiles inside its calls included, keep their
+    compiled graphs and recompile count apart from every other ``torch.compile`` of the same code
+    (``isolate_recompiles``, where torch has it, as 2.13 does)."""
+    isolate = {"isolate_recompiles": True} if ISOLATES else {}
+    return torch.compile(fn, backend=backend, dynamic=dynamic, **isolate)
+
+
 def raise_recompile_limit(at_least: int) -> int | None:
     """Raise Dynamo's per-function recompile limit to ``at_least`` (never lower it); returns the old
-    limit when it was raised. Hugging Face's layer classes share one forward code object (the
-    checkpointing wrapper each class's forward gets), so every list of blocks draws on the same limit."""
+    limit when it was raised."""
     old = torch._dynamo.config.recompile_limit
     if old >= at_least:
         return None

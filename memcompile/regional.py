@@ -14,9 +14,11 @@ Dynamo resumes after it with the projection and the loss, and the blocks inside 
 Compression state (VeLoRA's vector, CompAct's step counter and seed) lives on each layer's own
 weights (``memcompile.activation_state``), so the shared graph keeps every layer's state apart.
 
-Each compiled module's ``forward`` is replaced by ``torch.compile`` of its own, which a call that passes
-a KV cache (``generate``) skips: generation keeps no activations, and the cache's per-layer index would
-recompile the block for every layer.
+Each compiled module's ``forward`` is replaced by its compiled region's (``_CompiledForward``): one per
+list of blocks and one for the head, each with its own graphs and recompile limit, so models compiled one
+after another in a process do not share them. A call that passes a KV cache (``generate``) runs the
+module's own forward: generation keeps no activations, and the cache's per-layer index would recompile
+the block for every layer.
 """
 from __future__ import annotations
 
@@ -114,25 +116,44 @@ def _passes_kv_cache(args: tuple, kwargs: dict) -> bool:
 
 
 class _CompiledForward(_Forward):
-    """A compiled region's forward (``torch.compile`` of the module's own), run as it is when the call
-    passes a KV cache: generation, where each layer's cache index and each new length would otherwise
-    recompile the block once per layer, past Dynamo's recompile limit (after which even training steps
-    that need a new graph run eager, uncompressed), and where there are no activations to save. A deep
-    copy of the model is not compiled, as after ``Module.compile``."""
+    """A compiled region's forward, run as it is when the call passes a KV cache: generation, where each
+    layer's cache index and each new length would otherwise recompile the block once per layer, past
+    Dynamo's recompile limit (after which even training steps that need a new graph run eager,
+    uncompressed), and where there are no activations to save. A deep copy of the model is not
+    compiled, as after ``Module.compile``.
 
-    def __init__(self, module: torch.nn.Module, backend: str | Callable, dynamic: bool | None, region: str):
+    What is compiled is the forward's function, called with the module (Dynamo names the parameters
+    from its ``self``, as when it compiles the forward), once for every module of a region
+    (``regions``: function -> compiled), so the region's layers share their graphs. A region is
+    compiled apart (``isolate_recompiles``): every model of a class runs the same forward code, on which
+    Dynamo counts recompiles against its limit (8), so the third model compiled in one process (a
+    notebook's rerun, a sweep) trained eager, uncompressed."""
+
+    def __init__(self, module: torch.nn.Module, regions: dict, backend: str | Callable, dynamic: bool | None,
+                 region: str):
         super().__init__(module)
-        self.compiled = torch.compile(self.inner, backend=backend, dynamic=dynamic)
         self.region = region
+        self.module = weakref.ref(module)  # the module holds this object
+        fn = self.inner.__func__ if inspect.ismethod(self.inner) and self.inner.__self__ is module else None
+        if fn is None:  # an instance's own forward (a hook's): compiled as it is
+            self.compiled = torch.compile(self.inner, backend=backend, dynamic=dynamic)
+        else:
+            self.fn = fn
+            if fn not in regions:
+                regions[fn] = tc.compile_region(fn, backend, dynamic)
+            self.compiled = regions[fn]
 
     def __call__(self, *args, **kwargs):
-        if not _passes_kv_cache(args, kwargs):
-            return self.compiled(*args, **kwargs)
-        if torch.is_grad_enabled():
-            # Once per region and line: the message names the layer class, not the layer.
-            warn(f"memtrain: {self.region} (compile_blocks) got a KV cache with gradients on, so it runs "
-                 "eager, without memtrain's passes; training needs no cache: pass use_cache=False", UserWarning)
-        return self.inner(*args, **kwargs)
+        if _passes_kv_cache(args, kwargs):
+            if torch.is_grad_enabled():
+                # Once per region and line: the message names the layer class, not the layer.
+                warn(f"memtrain: {self.region} (compile_blocks) got a KV cache with gradients on, so it runs "
+                     "eager, without memtrain's passes; training needs no cache: pass use_cache=False",
+                     UserWarning)
+            return self.inner(*args, **kwargs)
+        if hasattr(self, "fn"):
+            return self.compiled(self.module(), *args, **kwargs)
+        return self.compiled(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         return copy.deepcopy(self.inner, memo)
@@ -219,15 +240,13 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
             p.is_cuda for p in model.parameters()):
         # Before the first step: the pool warms while the caller loads data and Dynamo traces.
         tc.warm_kernel_build_pool()
-    if len(blocks) > 1:
-        # Each list's block draws on the one code object's limit (an encoder's and a decoder's, each with
-        # a graph for a first layer that differs, a recompile for a changing length, an evaluation's):
-        # past it Dynamo runs the rest eager, uncompressed. Each list gets what one function would.
-        limit = 8 * len(blocks)  # Dynamo's default, per list
-        old = tc.raise_recompile_limit(limit)
+    if len(blocks) > 1 and not tc.ISOLATES:
+        # Without isolated regions an encoder's and a decoder's blocks draw on one limit (their Hugging
+        # Face forwards share one code object): each list gets what one function would.
+        old = tc.raise_recompile_limit(8 * len(blocks))
         if old is not None:
             log.info("memtrain: compile_blocks raises Dynamo's recompile_limit from %d to %d for %d lists of blocks",
-                     old, limit, len(blocks))
+                     old, 8 * len(blocks), len(blocks))
     modules = dict(model.named_modules())
     head = _head(model, blocks, modules) if loss else None
     # memory_target is the step's: every layer's run of its block's graph, and the head's graph, plan for
@@ -237,9 +256,10 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     for layers in blocks.values():
         block_backend = (BlockBackend(config, {name: modules[name] for name in layers}, shares=shares)
                          if backend == "memtrain" else backend)
+        regions: dict = {}  # the list's layers share their region's graphs
         for name in layers:
             module = modules[name]
-            module.forward = _CompiledForward(module, block_backend, dynamic, type(module).__name__)
+            module.forward = _CompiledForward(module, regions, block_backend, dynamic, type(module).__name__)
     if head is not None:
         _compile_head(*head, config, backend, dynamic, shares)
     return blocks
@@ -280,4 +300,4 @@ def _compile_head(owner: torch.nn.Module, bodies: Sequence[torch.nn.Module], con
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
     for body in bodies:
         body.forward = _EagerForward(body)
-    owner.forward = _CompiledForward(owner, head_backend, dynamic, f"{name}'s output head")
+    owner.forward = _CompiledForward(owner, {}, head_backend, dynamic, f"{name}'s output head")

@@ -384,9 +384,7 @@ def report() -> StepReport | None:
 
 
 def _frame(rep: GraphReport):
-    # Hugging Face's layer classes share one forward frame (the checkpointing wrapper each class's forward
-    # gets): what they serve tells an encoder's block graph from a decoder's, and a recompile of one block
-    # from another block.
+    # Within a frame, what the graphs serve tells a recompile of one block from another block.
     return (rep.frame_id, rep.served) if rep.frame_id is not None else ("graph", rep.graph_id)
 
 
