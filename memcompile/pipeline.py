@@ -253,13 +253,15 @@ def _partition_later(joint: fx.GraphModule, joint_inputs, base: Callable, ctx: C
     under the fake mode and the partitioner's configs of this compile."""
     untouched = tc.copy_graph_module(joint)
     fake_mode, configs, inputs_held = tc.fake_mode_of(joint.graph), tc.partitioner_configs(), ctx.inputs_held
+    # Not the context: the reports outlive the model, and its example inputs are the model's parameters.
+    cache_key, report = ctx.cache_key, ctx.report
 
     def before() -> list:
         with tc.compile_phase("memtrain.report_before"), configs(), fake_mode:
             fw_before, _ = base(untouched, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
         saved = report_mod.saved_tensors(fw_before, num_fwd_outputs, inputs_held)
-        if ctx.cache_key is not None:  # for the compiles AOTAutograd's cache will serve
-            report_cache.store_before(ctx.cache_key, ctx.report, saved)
+        if cache_key is not None:  # for the compiles AOTAutograd's cache will serve
+            report_cache.store_before(cache_key, report, saved)
         return saved
 
     return before
@@ -330,6 +332,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Memtrain
         # the abandoned attempt's report describes no graph that runs.
         report_mod.discard(ctx.report)
         raise
+    finally:
+        # The compiled function keeps the context (its backward's compiler, the partitioner hook), and
+        # Dynamo keeps the function on the forward's code, which outlives the model: the example inputs
+        # are the model's parameters, which would then never be freed. Nothing reads them past here.
+        ctx.example_inputs = ()
 
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: CompileContext) -> Callable:

@@ -172,3 +172,47 @@ def test_prepare_takes_peft_lora_on_gpt2_conv1d():
     prepared = memcompile.prepare(model, {"lora": {"targets": ["c_attn", "c_fc"], "r_max": 4, "quant": "none"}})
     with torch.no_grad():
         torch.testing.assert_close(prepared(input_ids=ids).logits, want)
+
+
+_FREED = """
+import gc, sys, weakref
+import torch
+import memcompile
+from tests import models
+
+how, compiler = sys.argv[1:]
+model = models.tiny_lora_llama(layers=2)
+weight = weakref.ref(model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight)
+opts = {"compiler": compiler, "activation": "velora", "fused_cross_entropy": True}
+if how == "blocks":
+    memcompile.compile_blocks(model, opts)
+    step = model
+else:
+    step = torch.compile(model, backend="memtrain", options=opts)
+ids = models.batch()
+for t in (16, 12):  # a static graph and a dynamic one
+    step(input_ids=ids[:, :t], labels=ids[:, :t]).loss.backward()
+assert memcompile.report().bytes_after > 0  # the report is read: its deferred partition has run
+del model, step
+gc.collect()
+print("freed" if weight() is None else "kept")
+"""
+
+
+@pytest.mark.parametrize("how,compiler", [("whole", "aot_eager"), ("blocks", "aot_eager"), ("blocks", "inductor")])
+def test_a_deleted_model_is_freed(how, compiler):
+    """Dynamo keeps a compiled function on the forward's code, which outlives the model; the function held
+    memtrain's compile context (its backward's compiler, the report's deferred partition), whose example
+    inputs are the model's parameters: a model deleted after training stayed in memory, and on a GPU a
+    second model loaded in its place (a notebook's rerun) ran out of memory. Plain torch.compile frees it.
+    In a fresh process: pytest's log capture holds objects of a test's first compile until it ends."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", _FREED, how, compiler], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "freed"
