@@ -135,10 +135,10 @@ class _CompiledForward(_Forward):
         self.region = region
         self.module = weakref.ref(module)  # the module holds this object
         fn = self.inner.__func__ if inspect.ismethod(self.inner) and self.inner.__self__ is module else None
+        self.takes_module = fn is not None
         if fn is None:  # an instance's own forward (a hook's): compiled as it is
             self.compiled = torch.compile(self.inner, backend=backend, dynamic=dynamic)
         else:
-            self.fn = fn
             if fn not in regions:
                 regions[fn] = tc.compile_region(fn, backend, dynamic)
             self.compiled = regions[fn]
@@ -151,9 +151,7 @@ class _CompiledForward(_Forward):
                      "eager, without memtrain's passes; training needs no cache: pass use_cache=False",
                      UserWarning)
             return self.inner(*args, **kwargs)
-        if hasattr(self, "fn"):
-            return self.compiled(self.module(), *args, **kwargs)
-        return self.compiled(*args, **kwargs)
+        return self.compiled(*((self.module(),) if self.takes_module else ()), *args, **kwargs)
 
     def __deepcopy__(self, memo):
         return copy.deepcopy(self.inner, memo)
