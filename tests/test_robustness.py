@@ -205,7 +205,9 @@ def test_a_deleted_model_is_freed(how, compiler):
     memtrain's compile context (its backward's compiler, the report's deferred partition), whose example
     inputs are the model's parameters: a model deleted after training stayed in memory, and on a GPU a
     second model loaded in its place (a notebook's rerun) ran out of memory. Plain torch.compile frees it.
-    In a fresh process: pytest's log capture holds objects of a test's first compile until it ends."""
+    In a fresh process: pytest keeps a test's log records until it ends, and bitsandbytes, imported during
+    a process's first compile, logs a warning with its exception, whose traceback holds that compile's
+    frames."""
     import os
     import subprocess
     import sys
