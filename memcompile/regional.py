@@ -241,10 +241,11 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
     if len(blocks) > 1 and not tc.ISOLATES:
         # Without isolated regions an encoder's and a decoder's blocks draw on one limit (their Hugging
         # Face forwards share one code object): each list gets what one function would.
-        old = tc.raise_recompile_limit(8 * len(blocks))
+        limit = 8 * len(blocks)  # Dynamo's default, per list
+        old = tc.raise_recompile_limit(limit)
         if old is not None:
             log.info("memtrain: compile_blocks raises Dynamo's recompile_limit from %d to %d for %d lists of blocks",
-                     old, 8 * len(blocks), len(blocks))
+                     old, limit, len(blocks))
     modules = dict(model.named_modules())
     head = _head(model, blocks, modules) if loss else None
     # memory_target is the step's: every layer's run of its block's graph, and the head's graph, plan for

@@ -47,9 +47,9 @@ def discover() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _seconds(fn, device) -> float:
+    """``fn``'s time a call, after its first call (``_first_call``, which compiles the Triton kernel)."""
     from torch.utils.benchmark import Timer
 
-    fn()  # warm: the first call compiles the Triton kernel
     timer = Timer("fn()", globals={"fn": fn})  # synchronises CUDA around the timed calls
     if device.type == "cuda":
         return timer.blocked_autorange(min_run_time=0.3).median  # ~45 rows inside the GPU check's 55 s step
