@@ -9,6 +9,10 @@ keeps each layer's own ``v`` and step counter, two models with the same module n
 and a ``.to()`` moves ``v`` with the next call. Checkpoint it with ``state_dict(model)`` /
 ``load_state_dict(model, state)``, keyed by the model's parameter names.
 
+A graph that serves several blocks (``compile_blocks``) cannot know which block runs it; the block's
+compiled forward says so at run time (``running_block``), for state that depends on the block's
+position (CompAct's seed).
+
 Which fields a layer's state has is up to the methods (``memcompile.passes.compression``): each
 registers its own with ``register_state``; their ops read and write them under ``LOCK``.
 
@@ -21,6 +25,8 @@ estimated from the process's own batch): save it per process.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import threading
 import weakref
@@ -34,6 +40,7 @@ _ATTR = "_memtrain_activation_state"
 _OWNERS: dict[int, weakref.ref] = {}
 _FIELDS: dict[str, Any] = {}  # field -> its value before the first step, from every method
 _RESETS: list[Callable[[], None]] = []  # what methods keep for the whole process, to forget on reset()
+_BLOCK: contextvars.ContextVar[int | None] = contextvars.ContextVar("memtrain_block", default=None)
 
 
 def register_state(fields: dict[str, Any], on_reset: Callable[[], None] | None = None) -> None:
@@ -42,6 +49,22 @@ def register_state(fields: dict[str, Any], on_reset: Callable[[], None] | None =
     _FIELDS.update(fields)
     if on_reset is not None:
         _RESETS.append(on_reset)
+
+
+@contextlib.contextmanager
+def running_block(index: int):
+    """Within it, ``block_index()`` is ``index``: the position, in its list, of the block whose compiled
+    graph runs (a graph that serves every block of a list has no constant for it)."""
+    token = _BLOCK.set(index)
+    try:
+        yield
+    finally:
+        _BLOCK.reset(token)
+
+
+def block_index() -> int | None:
+    """The position of the block now running its shared graph (``running_block``), else ``None``."""
+    return _BLOCK.get()
 
 
 class LayerState:

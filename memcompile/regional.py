@@ -12,7 +12,9 @@ the decoder body (the module whose forward runs the blocks) left to run as it is
 Dynamo resumes after it with the projection and the loss, and the blocks inside run their own graph.
 
 Compression state (VeLoRA's vector, CompAct's step counter and seed) lives on each layer's own
-weights (``memcompile.activation_state``), so the shared graph keeps every layer's state apart.
+weights (``memcompile.activation_state``), so the shared graph keeps every layer's state apart; a
+block's forward tells the state ops its position in its list, from which CompAct draws the block's
+seed as a whole-model compile does.
 
 Each compiled module's ``forward`` is replaced by its compiled region's (``_CompiledForward``): one per
 list of blocks and one for the head, each with its own graphs and recompile limit, so models compiled one
@@ -33,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from memcompile import _torch_compat as tc
-from memcompile import reporting
+from memcompile import activation_state, reporting
 from memcompile._warn import warn
 from memcompile.config import MemtrainConfig, to_config
 from memcompile.marks import mark_grad_approximation
@@ -130,9 +132,9 @@ class _CompiledForward(_Forward):
     notebook's rerun, a sweep) trained eager, uncompressed."""
 
     def __init__(self, module: torch.nn.Module, regions: dict, backend: str | Callable, dynamic: bool | None,
-                 region: str):
+                 region: str, index: int | None = None):
         super().__init__(module)
-        self.region = region
+        self.region, self.index = region, index  # index: a block's position in its list
         self.module = weakref.ref(module)  # the module holds this object
         fn = self.inner.__func__ if inspect.ismethod(self.inner) and self.inner.__self__ is module else None
         self.takes_module = fn is not None
@@ -151,7 +153,11 @@ class _CompiledForward(_Forward):
                      "eager, without memtrain's passes; training needs no cache: pass use_cache=False",
                      UserWarning)
             return self.inner(*args, **kwargs)
-        return self.compiled(*((self.module(),) if self.takes_module else ()), *args, **kwargs)
+        args = (self.module(), *args) if self.takes_module else args
+        if self.index is None:
+            return self.compiled(*args, **kwargs)
+        with activation_state.running_block(self.index):  # for state drawn per block (CompAct's seed)
+            return self.compiled(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         return copy.deepcopy(self.inner, memo)
@@ -256,9 +262,9 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
         block_backend = (BlockBackend(config, {name: modules[name] for name in layers}, shares=shares)
                          if backend == "memtrain" else backend)
         regions: dict = {}  # the list's layers share their region's graphs
-        for name in layers:
+        for index, name in enumerate(layers):
             module = modules[name]
-            module.forward = _CompiledForward(module, regions, block_backend, dynamic, type(module).__name__)
+            module.forward = _CompiledForward(module, regions, block_backend, dynamic, type(module).__name__, index)
     if head is not None:
         _compile_head(*head, config, backend, dynamic, shares)
     return blocks

@@ -146,6 +146,42 @@ def test_two_models_with_the_same_names_keep_their_own_state():
     assert not torch.equal(velora.vectors(first)[next(iter(got))], got[next(iter(got))])
 
 
+def test_compact_seeds_follow_the_block_position_not_the_models_compiled_before():
+    """CompAct draws each block's projection from its position in its list: a Bart compiled block by
+    block gets the whole-model compile's seeds (its encoder's and decoder's blocks counted apart), and
+    so does a second Bart compiled after it in the same process, with no ``activation_state.reset()``."""
+    import transformers
+
+    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=3,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64)
+    opts = {"activation": "compact", "compiler": "aot_eager", "targets": "*", "compact": {"rank": 8}}
+    ids = models.batch(t=12)
+
+    def seeds(regional):
+        torch.manual_seed(0)
+        model = transformers.BartForConditionalGeneration(config)
+        if regional:
+            memcompile.compile_blocks(model, opts)
+            forward = model
+        else:
+            forward = torch.compile(model, backend="memtrain", options=opts)
+        forward(input_ids=ids, labels=ids).loss.backward()
+        return {name: s["compact_seed"] for name, s in activation_state.state_dict(model).items()}
+
+    whole = seeds(regional=False)
+    torch.compiler.reset()
+    activation_state.reset()
+    first, second = seeds(regional=True), seeds(regional=True)
+    assert len(whole) >= 5 * 3  # every encoder and decoder layer compressed (q, k, v shared; fc1; fc2; ...)
+    # The whole graph has every decoder layer's cross-attention keys and values share one group, as they
+    # read one input (the encoder's output); a block's graph gets that input as its own.
+    assert set(first) - set(whole) == {f"model.decoder.layers.{i}.encoder_attn.k_proj.weight" for i in (1, 2)}
+    assert {n: first[n] for n in whole} == whole and second == first
+    decoder = {n: v for n, v in whole.items() if ".decoder.layers." in n}
+    assert len({v for n, v in decoder.items() if n.endswith("self_attn.q_proj.weight")}) == 3
+
+
 def test_recompute_budget_advances_the_state_once_per_step():
     opts = {"activation": "compact", "compiler": "aot_eager", "targets": ["*"], "recompute_budget": 0.05}
     model = models.tiny_lora_llama()

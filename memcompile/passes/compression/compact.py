@@ -47,7 +47,7 @@ class CompActConfig:
 
 
 # How many blocks have drawn a seed for each (name inside the block, base seed), when one compiled
-# block serves them all.
+# block serves them all and no block position is known (each layer compiled by hand).
 _SEEDS_DRAWN: dict[tuple[str, int], int] = {}
 # this layer's base seed (None until the first step), and its forward calls so far
 activation_state.register_state({"compact_seed": None, "compact_calls": 0}, on_reset=_SEEDS_DRAWN.clear)
@@ -77,15 +77,20 @@ def compact_seed(x: torch.Tensor, owner: torch.Tensor, name: str, layer: int, ba
     CPU); counts one step per call.
 
     ``name`` is the group's name inside its block and ``layer`` the block's index. One compiled block
-    that serves every layer cannot know the index, and passes -1: the layers then count in the order
-    they first run (0, 1, 2, ... for a decoder), which is the index the whole-model compile reads from
-    the names. ``x`` only orders the call inside the forward. The seed is saved for the backward, so
-    the backward regenerates the very ``P`` its forward used even if another forward ran in between.
+    that serves every layer cannot know the index, and passes -1: the index is then the running block's
+    position in its list (``compile_blocks`` says it), which is the index the whole-model compile reads
+    from the names, so a model draws the same seeds however it is compiled and however many models
+    the process compiled before. Layers compiled one by one without ``compile_blocks`` count in the
+    order they first run instead. ``x`` only orders the call inside the forward. The seed is saved for
+    the backward, so the backward regenerates the very ``P`` its forward used even if another forward
+    ran in between.
     """
     with activation_state.LOCK:
         state = activation_state.state_of(owner)
         if state.compact_seed is None:
             if layer < 0:
+                layer = activation_state.block_index()
+            if layer is None:
                 layer = _SEEDS_DRAWN.get((name, base_seed), 0)
                 _SEEDS_DRAWN[(name, base_seed)] = layer + 1
             state.compact_seed = layer_seed(name, base_seed, layer)
