@@ -6,7 +6,10 @@ touches one file. Checked on torch 2.11 and 2.13 (see the design notes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import itertools
+import types
 from typing import Callable
 
 import torch
@@ -374,21 +377,37 @@ def partitioner_config_digest() -> str:
 
 # Whether torch.compile can keep a compiled region's recompiles apart (torch 2.13 can).
 ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+_REGIONS = itertools.count()
 
 
 def compile_region(fn: Callable, backend, dynamic: bool | None) -> Callable:
     """``torch.compile(fn)`` whose frames, those Dynamo compiles inside its calls included, keep their
-    compiled graphs and recompile count apart from every other ``torch.compile`` of the same code
-    (``isolate_recompiles``, where torch has it, as 2.13 does)."""
-    isolate = {"isolate_recompiles": True} if ISOLATES else {}
-    return torch.compile(fn, backend=backend, dynamic=dynamic, **isolate)
+    compiled graphs and recompile count apart from every other ``torch.compile`` of the same code:
+    ``isolate_recompiles`` where torch has it (2.13); before, a copy of ``fn`` whose code objects are its
+    own (``_with_own_code``), since Dynamo keeps both on the code object."""
+    if ISOLATES:
+        return torch.compile(fn, backend=backend, dynamic=dynamic, isolate_recompiles=True)
+    return torch.compile(_with_own_code(fn, f"memtrain region {next(_REGIONS)}"), backend=backend, dynamic=dynamic)
 
 
-def raise_recompile_limit(at_least: int) -> int | None:
-    """Raise Dynamo's per-function recompile limit to ``at_least`` (never lower it); returns the old
-    limit when it was raised."""
-    old = torch._dynamo.config.recompile_limit
-    if old >= at_least:
-        return None
-    torch._dynamo.config.recompile_limit = at_least
-    return old
+def _with_own_code(fn: types.FunctionType, tag: object) -> types.FunctionType:
+    """A copy of ``fn`` with a new code object, and so for the function it wraps (``__wrapped__``, which a
+    decorator's wrapper calls from its closure: a graph break inside makes that a frame of its own).
+    ``tag``, an unused constant, makes the copies' code unequal to the original's, as Dynamo finds the
+    functions that resume after a graph break by code equality. Other closure cells stay as they are
+    (a wrapper may compare itself with the class's ``forward``)."""
+    inner, cells = getattr(fn, "__wrapped__", None), fn.__closure__
+    if isinstance(inner, types.FunctionType) and cells:
+        own_inner = _with_own_code(inner, tag)
+        cells = tuple(types.CellType(own_inner) if _holds(cell, inner) else cell for cell in cells)
+    code = fn.__code__.replace(co_consts=(*fn.__code__.co_consts, tag))
+    own = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return functools.update_wrapper(own, fn)
+
+
+def _holds(cell, value) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False

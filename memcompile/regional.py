@@ -127,7 +127,7 @@ class _CompiledForward(_Forward):
     What is compiled is the forward's function, called with the module (Dynamo names the parameters
     from its ``self``, as when it compiles the forward), once for every module of a region
     (``regions``: function -> compiled), so the region's layers share their graphs. A region is
-    compiled apart (``isolate_recompiles``): every model of a class runs the same forward code, on which
+    compiled apart (``_torch_compat.compile_region``): every model of a class runs the same forward code, on which
     Dynamo counts recompiles against its limit (8), so the third model compiled in one process (a
     notebook's rerun, a sweep) trained eager, uncompressed."""
 
@@ -244,14 +244,6 @@ def compile_blocks(model: torch.nn.Module, options: MemtrainConfig | Mapping[str
             p.is_cuda for p in model.parameters()):
         # Before the first step: the pool warms while the caller loads data and Dynamo traces.
         tc.warm_kernel_build_pool()
-    if len(blocks) > 1 and not tc.ISOLATES:
-        # Without isolated regions an encoder's and a decoder's blocks draw on one limit (their Hugging
-        # Face forwards share one code object): each list gets what one function would.
-        limit = 8 * len(blocks)  # Dynamo's default, per list
-        old = tc.raise_recompile_limit(limit)
-        if old is not None:
-            log.info("memtrain: compile_blocks raises Dynamo's recompile_limit from %d to %d for %d lists of blocks",
-                     old, limit, len(blocks))
     modules = dict(model.named_modules())
     head = _head(model, blocks, modules) if loss else None
     # memory_target is the step's: every layer's run of its block's graph, and the head's graph, plan for

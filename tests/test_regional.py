@@ -618,11 +618,15 @@ def test_generation_runs_eager_and_leaves_the_recompile_limit_to_training():
     assert [w.filename for w in caught if "KV cache with gradients on" in str(w.message)] == [__file__]
 
 
-def test_models_built_one_after_another_each_compile_their_own_graphs():
+@pytest.mark.parametrize("isolates", [True, False], ids=["isolate_recompiles", "own_code"])
+def test_models_built_one_after_another_each_compile_their_own_graphs(isolates, monkeypatch):
     """A notebook's rerun, a sweep: every model compile_blocks compiles in one process gets its own
     graphs and its own recompile limit. The layers' forward code is shared by every model of the class,
     and Dynamo counts recompiles per code object: from the third model on, no graph was compiled and
-    the model trained eager, uncompressed."""
+    the model trained eager, uncompressed. Also as on a torch without ``isolate_recompiles`` (< 2.13)."""
+    if isolates and not tc.ISOLATES:
+        pytest.skip("this torch has no isolate_recompiles")
+    monkeypatch.setattr(tc, "ISOLATES", isolates)
     ids = models.batch()
     added = []
     for _ in range(4):
