@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench inspect clean gpu-check gpu-check-dry gpu-render
+.PHONY: demo test test-torch install bench inspect clean gpu-check gpu-check-dry gpu-render
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check memcompile tests examples
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The tests that depend most on torch's internals, against another supported torch (2.11 to 2.14): its own
+# environment, the other pins kept. make test-torch TORCH=2.11.0 TRITON=3.6.0 [PYTEST_ARGS=...]
+TORCH ?= 2.11.0
+TRITON ?= 3.6.0
+TORCH_VENV := .venv-torch$(TORCH)
+TORCH_TESTS ?= tests/test_regional.py tests/test_robustness.py tests/test_trainers.py
+$(TORCH_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(TORCH_VENV)/bin/python || python3 -m venv $(TORCH_VENV)
+	grep -v -i -E '^(torch|triton)==' constraints.txt > $(TORCH_VENV)/constraints.txt
+	printf 'torch==$(TORCH)\ntriton==$(TRITON)\n' >> $(TORCH_VENV)/constraints.txt
+	$(TORCH_VENV)/bin/python -m pip install -q -c $(TORCH_VENV)/constraints.txt -e '.[test]'
+	touch $@
+
+test-torch: $(TORCH_VENV)/.installed
+	TRITON_INTERPRET=1 $(TORCH_VENV)/bin/python -m pytest -q $(or $(PYTEST_ARGS),$(TORCH_TESTS))
 
 bench: $(STAMP)
 	$(PY) -m memcompile.bench $(ARGS)
@@ -45,4 +61,4 @@ gpu-render: $(STAMP)
 	$(PY) -m memcompile.bench render-gpu $(RUN)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-torch* build *.egg-info
