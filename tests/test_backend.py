@@ -1,4 +1,5 @@
 """End-to-end: tiny Hugging Face models compiled with backend="memtrain" against eager."""
+import functools
 import os
 import subprocess
 import sys
@@ -135,6 +136,32 @@ def test_velora_full_training_reports_shared_inputs_that_free_nothing():
     assert len(v) == 2
     assert all("q_proj (not compressed)" in s["reason"] and "k_proj" in s["reason"] for s in v)
     assert "frees nothing" in str(rep)
+
+
+def test_layers_keep_their_names_through_a_decorated_forward():
+    """A forward wrapped as ``def wrapper(*args, **kwargs)`` (transformers 5.24's models) reaches Dynamo
+    with the module as ``L['args'][0]``: its layers keep the names they have under ``L['self']``, which
+    CompAct's seeds and the report are keyed by."""
+    def passthrough(forward):
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            return forward(*args, **kwargs)
+        return wrapper
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
+
+        @passthrough
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net()
+    x = torch.randn(4, 8)
+    torch.compile(net, backend="memtrain", options={"activation": "compact", "compiler": "aot_eager",
+                                                     "targets": "*", "compact": {"rank": 0.25}})(x).sum().backward()
+    assert [l for g in _groups(memcompile.report()) for l in g["layers"]] == ["body.1"]
 
 
 def test_gpt2_conv1d_velora_with_padding():
