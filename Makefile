@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-torch install bench inspect clean gpu-check gpu-check-dry gpu-render
+.PHONY: demo test test-with test-torch install bench inspect clean gpu-check gpu-check-dry gpu-render
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,21 +20,29 @@ test: $(STAMP)
 	$(PY) -m ruff check memcompile tests examples
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The tests that depend most on torch's internals, against another supported torch (2.11 to 2.14): its own
-# environment, the other pins kept. make test-torch TORCH=2.11.0 TRITON=3.6.0 [PYTEST_ARGS=...]
+# Against other supported versions of the dependencies: an environment of their own, the other pins kept.
+#   make test-with PINS="transformers==5.24.0" [PYTEST_ARGS=tests]
+#   make test-torch TORCH=2.11.0 TRITON=3.6.0   (the same, for torch and Triton)
+# Without PYTEST_ARGS: the tests that depend most on torch's and transformers' internals.
 TORCH ?= 2.11.0
 TRITON ?= 3.6.0
-TORCH_VENV := .venv-torch$(TORCH)
-TORCH_TESTS ?= tests/test_regional.py tests/test_robustness.py tests/test_trainers.py
-$(TORCH_VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(TORCH_VENV)/bin/python || python3 -m venv $(TORCH_VENV)
-	grep -v -i -E '^(torch|triton)==' constraints.txt > $(TORCH_VENV)/constraints.txt
-	printf 'torch==$(TORCH)\ntriton==$(TRITON)\n' >> $(TORCH_VENV)/constraints.txt
-	$(TORCH_VENV)/bin/python -m pip install -q -c $(TORCH_VENV)/constraints.txt -e '.[test]'
+PINS ?= torch==$(TORCH) triton==$(TRITON)
+empty :=
+space := $(empty) $(empty)
+PINS_VENV := .venv-with-$(subst $(space),-,$(subst ==,,$(strip $(PINS))))
+PINNED := $(subst $(space),|,$(foreach p,$(PINS),$(firstword $(subst ==, ,$(p)))))
+PINS_TESTS ?= tests/test_regional.py tests/test_robustness.py tests/test_trainers.py
+$(PINS_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PINS_VENV)/bin/python || python3 -m venv $(PINS_VENV)
+	grep -v -i -E '^($(PINNED))==' constraints.txt > $(PINS_VENV)/constraints.txt
+	printf '%s\n' $(PINS) >> $(PINS_VENV)/constraints.txt
+	$(PINS_VENV)/bin/python -m pip install -q -c $(PINS_VENV)/constraints.txt -e '.[test]'
 	touch $@
 
-test-torch: $(TORCH_VENV)/.installed
-	TRITON_INTERPRET=1 $(TORCH_VENV)/bin/python -m pytest -q $(or $(PYTEST_ARGS),$(TORCH_TESTS))
+test-with: $(PINS_VENV)/.installed
+	TRITON_INTERPRET=1 $(PINS_VENV)/bin/python -m pytest -q $(or $(PYTEST_ARGS),$(PINS_TESTS))
+
+test-torch: test-with
 
 bench: $(STAMP)
 	$(PY) -m memcompile.bench $(ARGS)
