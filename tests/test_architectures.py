@@ -44,13 +44,15 @@ def _check(model, options, arch):
     if torch.equal(loss_c, loss_e) and all(torch.equal(grads_c[n], grads_e[n]) for n in exact):
         return approximated
     # torch's compile alone changes round-off on some architectures (Mamba's scan, JetMoE's experts):
-    # then memtrain must reproduce that compile bit for bit, and eager within fp32 round-off.
+    # then memtrain must reproduce that compile bit for bit, and eager within fp32 round-off. Under
+    # Inductor, memtrain's rewritten graph fuses otherwise than torch's, which moves round-off too.
     torch._dynamo.reset()
     loss_p, grads_p = _step(torch.compile(model, backend=compiler), model, ids)
-    torch.testing.assert_close(loss_c, loss_p, rtol=0, atol=0, msg="loss against torch's compile")
+    exactly = {"rtol": 0, "atol": 0} if compiler == "aot_eager" else {}
+    torch.testing.assert_close(loss_c, loss_p, **exactly, msg="loss against torch's compile")
     torch.testing.assert_close(loss_c, loss_e, msg="loss against eager")
     for name in exact:
-        torch.testing.assert_close(grads_c[name], grads_p[name], rtol=0, atol=0, msg=f"{name} against torch's compile")
+        torch.testing.assert_close(grads_c[name], grads_p[name], **exactly, msg=f"{name} against torch's compile")
         torch.testing.assert_close(grads_c[name], grads_e[name], msg=f"{name} against eager")
     return approximated
 
