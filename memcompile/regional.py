@@ -105,8 +105,8 @@ class _EagerForward(_Forward):
         return self.inner(*args, **kwargs)
 
 
-# The keywords a Hugging Face layer or model takes its KV cache by.
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
+# The keywords a Hugging Face layer or model takes its KV cache by (``cache`` since transformers 5.24).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_params")
 
 
 def _passes_kv_cache(args: tuple, kwargs: dict) -> bool:
