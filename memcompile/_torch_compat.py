@@ -166,7 +166,7 @@ def dynamo_input_names(gm: torch.fx.GraphModule) -> list[str]:
         tokens = [t for t in tokens if t not in ("_modules", "_parameters", "_buffers", "__dict__")]
         # A decorated forward (``def wrapper(*args, **kwargs)``, transformers 5.24) receives the module
         # as ``L['args'][0]``: its attributes are the module's, named from the module as under ``L['self']``.
-        if len(tokens) > 2 and tokens[1].isdigit() and not tokens[2].isdigit():
+        if re.match(r"\w+\['args'\]\[\d+\]\.", text):
             tokens = tokens[1:]
         names.append(".".join(tokens[1:]) if len(tokens) > 1 else n.name)
     return names
