@@ -173,11 +173,15 @@ def test_compact_seeds_follow_the_block_position_not_the_models_compiled_before(
     torch.compiler.reset()
     activation_state.reset()
     first, second = seeds(regional=True), seeds(regional=True)
+    assert second == first and len(first) >= 5 * 3
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 23):
+        pytest.skip("before transformers 5.23 Bart's layers break Dynamo's graph (a data-dependent branch), so "
+                    "its whole-model compile counts their blocks in the order they run")
     assert len(whole) >= 5 * 3  # every encoder and decoder layer compressed (q, k, v shared; fc1; fc2; ...)
     # The whole graph has every decoder layer's cross-attention keys and values share one group, as they
     # read one input (the encoder's output); a block's graph gets that input as its own.
     assert set(first) - set(whole) == {f"model.decoder.layers.{i}.encoder_attn.k_proj.weight" for i in (1, 2)}
-    assert {n: first[n] for n in whole} == whole and second == first
+    assert {n: first[n] for n in whole} == whole
     decoder = {n: v for n, v in whole.items() if ".decoder.layers." in n}
     assert len({v for n, v in decoder.items() if n.endswith("self_attn.q_proj.weight")}) == 3
 
