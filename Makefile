@@ -21,7 +21,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Against other supported versions of the dependencies: an environment of their own, the other pins kept.
-#   make test-with PINS="transformers==5.24.0" [PYTEST_ARGS=tests]
+#   make test-with PINS="transformers==5.17.0" [PYTEST_ARGS=tests]
 #   make test-torch TORCH=2.11.0 TRITON=3.6.0   (the same, for torch and Triton)
 # Without PYTEST_ARGS: the tests that depend most on torch's and transformers' internals.
 TORCH ?= 2.11.0
