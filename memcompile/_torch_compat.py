@@ -384,30 +384,49 @@ ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 _REGIONS = itertools.count()
 
 
-def compile_region(fn: Callable, backend, dynamic: bool | None) -> Callable:
+def compile_region(fn: Callable, backend, dynamic: bool | None, eager_decorators: bool = False) -> Callable:
     """``torch.compile(fn)`` whose frames, those Dynamo compiles inside its calls included, keep their
     compiled graphs and recompile count apart from every other ``torch.compile`` of the same code:
     ``isolate_recompiles`` where torch has it (2.13); before, a copy of ``fn`` whose code objects are its
-    own (``_with_own_code``), since Dynamo keeps both on the code object."""
+    own (``_with_own_code``), since Dynamo keeps both on the code object.
+
+    ``eager_decorators``: where ``fn`` is a decorator's wrapper, only the function it wraps is compiled
+    and the wrappers run as they are. A graph break inside (the head's, at the eager decoder body) makes
+    Dynamo trace each enclosing frame to the break, restart, and trace the next one in: on CPU 0.5 s of
+    the head's compile for transformers 5.24's two wrappers of a model's ``forward``."""
+    inner = _wrapped_function(fn)
+    if eager_decorators and inner is not None:
+        return _rewrapped(fn, inner, compile_region(inner, backend, dynamic, eager_decorators))
     if ISOLATES:
         return torch.compile(fn, backend=backend, dynamic=dynamic, isolate_recompiles=True)
     return torch.compile(_with_own_code(fn, f"memtrain region {next(_REGIONS)}"), backend=backend, dynamic=dynamic)
+
+
+def _wrapped_function(fn: Callable) -> types.FunctionType | None:
+    """The function a decorator's wrapper ``fn`` calls from its closure (``__wrapped__``), if any."""
+    inner = getattr(fn, "__wrapped__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    return inner if isinstance(inner, types.FunctionType) and any(_holds(c, inner) for c in cells) else None
+
+
+def _rewrapped(fn: types.FunctionType, inner: Callable, replacement: Callable, code=None) -> types.FunctionType:
+    """A copy of ``fn`` (with ``code``, if given) whose closure calls ``replacement`` where it called
+    ``inner``. Other closure cells stay as they are (a wrapper may compare itself with the class's
+    ``forward``)."""
+    cells = fn.__closure__ and tuple(types.CellType(replacement) if _holds(c, inner) else c for c in fn.__closure__)
+    own = types.FunctionType(code or fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return functools.update_wrapper(own, fn)
 
 
 def _with_own_code(fn: types.FunctionType, tag: str) -> types.FunctionType:
     """A copy of ``fn`` with a new code object, and so for the function it wraps (``__wrapped__``, which a
     decorator's wrapper calls from its closure: a graph break inside makes that a frame of its own).
     ``tag``, an unused constant, makes the copies' code unequal to the original's, as Dynamo finds the
-    functions that resume after a graph break by code equality. Other closure cells stay as they are
-    (a wrapper may compare itself with the class's ``forward``)."""
-    inner, cells = getattr(fn, "__wrapped__", None), fn.__closure__
-    if isinstance(inner, types.FunctionType) and cells:
-        own_inner = _with_own_code(inner, tag)
-        cells = tuple(types.CellType(own_inner) if _holds(cell, inner) else cell for cell in cells)
+    functions that resume after a graph break by code equality."""
+    inner = _wrapped_function(fn)
     code = fn.__code__.replace(co_consts=(*fn.__code__.co_consts, tag))
-    own = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, cells)
-    own.__kwdefaults__ = fn.__kwdefaults__
-    return functools.update_wrapper(own, fn)
+    return _rewrapped(fn, inner, _with_own_code(inner, tag) if inner is not None else None, code)
 
 
 def _holds(cell, value) -> bool:

@@ -132,7 +132,7 @@ class _CompiledForward(_Forward):
     notebook's rerun, a sweep) trained eager, uncompressed."""
 
     def __init__(self, module: torch.nn.Module, regions: dict, backend: str | Callable, dynamic: bool | None,
-                 region: str, index: int | None = None):
+                 region: str, index: int | None = None, eager_decorators: bool = False):
         super().__init__(module)
         self.region, self.index = region, index  # index: a block's position in its list
         self.module = weakref.ref(module)  # the module holds this object
@@ -142,7 +142,7 @@ class _CompiledForward(_Forward):
             self.compiled = torch.compile(self.inner, backend=backend, dynamic=dynamic)
         else:
             if fn not in regions:
-                regions[fn] = tc.compile_region(fn, backend, dynamic)
+                regions[fn] = tc.compile_region(fn, backend, dynamic, eager_decorators)
             self.compiled = regions[fn]
 
     def __call__(self, *args, **kwargs):
@@ -297,4 +297,6 @@ def _compile_head(owner: torch.nn.Module, bodies: Sequence[torch.nn.Module], con
     # (projection and loss) as one graph, and the blocks inside the body run their own compiled graph.
     for body in bodies:
         body.forward = _EagerForward(body)
-    owner.forward = _CompiledForward(owner, {}, head_backend, dynamic, f"{name}'s output head")
+    # Its decorators (transformers' kwarg and return-type wrappers) run eagerly around the compiled forward:
+    # the break at the decoder body would otherwise make Dynamo trace and restart each of them.
+    owner.forward = _CompiledForward(owner, {}, head_backend, dynamic, f"{name}'s output head", eager_decorators=True)

@@ -1,6 +1,7 @@
 """Regional compilation: one compiled block for every layer, each layer keeping its own compression
 state, against the whole model compiled at once."""
 import copy
+import functools
 import inspect
 import os
 import subprocess
@@ -620,6 +621,37 @@ def test_generation_runs_eager_and_leaves_the_recompile_limit_to_training():
         model(input_ids=ids, labels=ids, use_cache=True).loss.backward()
     # once for the 10 layers, at this file's line
     assert [w.filename for w in caught if "KV cache with gradients on" in str(w.message)] == [__file__]
+
+
+@pytest.mark.parametrize("isolates", [True, False], ids=["isolate_recompiles", "own_code"])
+def test_the_heads_decorators_run_outside_dynamo(isolates, monkeypatch):
+    """The head's region compiles the function its decorators wrap (transformers 5.24 wraps a model's
+    ``forward`` twice) and runs the wrappers as they are: a graph break inside would make Dynamo trace
+    each wrapper's frame to it and restart. The result is the same."""
+    monkeypatch.setattr(tc, "ISOLATES", isolates and tc.ISOLATES)
+    if isolates and not tc.ISOLATES:
+        pytest.skip("this torch has no isolate_recompiles")
+    compiling = []
+
+    def recording(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            compiling.append(torch.compiler.is_compiling())
+            return f(*args, **kwargs)
+        return wrapper
+
+    @recording
+    @recording
+    def fn(x):
+        return torch.sin(x) + 1
+
+    x = torch.randn(4)
+    torch.compiler.reset()
+    assert torch.equal(tc.compile_region(fn, "eager", None, eager_decorators=True)(x), torch.sin(x) + 1)
+    assert compiling == [False, False]
+    torch.compiler.reset()
+    tc.compile_region(fn, "eager", None)(x)  # without: Dynamo traces the wrappers
+    assert compiling[2:] == [True, True]
 
 
 @pytest.mark.parametrize("isolates", [True, False], ids=["isolate_recompiles", "own_code"])
