@@ -91,6 +91,8 @@ class CompileContext:
         self.report = report_mod.new_report(compiler=config.compiler, partitioner=config.partitioner,
                                             activation=config.activation, frame_id=tc.current_frame_id())
         self.report.served, self.report.region = tuple(served), region
+        self.report.unheld_inputs = tuple(i for i, (held, x) in enumerate(zip(self.inputs_held, self.example_inputs))
+                                          if not held and isinstance(x, torch.Tensor))
         self.served = tuple(served)
         self.in_block = bool(served)
         self.target_shares = shares
@@ -355,7 +357,9 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence, ctx: Compile
                  ctx.report.graph_id)
         compiled, caught = _inductor(gm, example_inputs, ctx, cache=False)
     if not ctx.partitioned:
-        ctx.report.inference = not torch.is_grad_enabled()
+        # No backward to partition: under no_grad, or no input requires grad (a sequence-to-sequence
+        # model's label shift under compile_blocks), as AOTAutograd's inference compiler says elsewhere.
+        ctx.report.inference = True
     report_cache.store(ctx.cache_key, ctx.report, caught)
     return compiled
 

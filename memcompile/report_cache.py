@@ -28,7 +28,7 @@ from memcompile._warn import warn
 from memcompile.reporting import GraphReport
 
 log = logging.getLogger(__name__)
-VERSION = 1  # of the entry's layout
+VERSION = 2  # of the entry's layout
 FOLDER = "memtrain_reports"
 # The report's fields a compile fills (the rest are runtime counts or filled before the compile).
 FIELDS = ("saved_after", "passes", "approximated", "overhead_seconds", "inference")

@@ -34,6 +34,9 @@ class SavedTensor:
     is_input: bool  # an input the caller holds anyway (parameter, buffer, batch): costs nothing extra
     alias_of: str | None = None  # a view of another saved tensor: shares its storage, costs nothing extra
     on_host: bool = False  # offloaded (``memtrain::offload``): in pinned host memory, not on the device
+    # The graph input it is (or views) where the caller does not hold that input: an activation made
+    # before the graph, which another graph's run may save too (``StepReport`` counts it once).
+    input_index: int | None = None
 
 
 @dataclass
@@ -45,7 +48,7 @@ class GraphReport:
     saved_after: list[SavedTensor] = field(default_factory=list)
     passes: dict[str, PassResult] = field(default_factory=dict)  # by pass name, in the order they ran
     quantized_layers: list[dict] = field(default_factory=list)
-    inference: bool = False  # compiled under no_grad: no backward, nothing saved
+    inference: bool = False  # no backward (under no_grad, or nothing requires grad): nothing saved
     num_tokens: int | None = None
     frame_id: int | None = None  # Dynamo's frame: a recompile replaces the graph of the same frame
     served: tuple[str, ...] = ()  # the modules one compiled block runs for (regional compilation)
@@ -56,6 +59,11 @@ class GraphReport:
     # Runs of the compiled forward in step ``step`` (``count_runs``).
     step: int = 0
     step_runs: int = 0
+    # The inputs the caller does not hold (``SavedTensor.input_index``), and for each run in ``step`` which
+    # tensors they were, so that an input several runs save (the encoder output every decoder block of a
+    # sequence-to-sequence model reads) counts once in the step.
+    unheld_inputs: tuple[int, ...] = ()
+    step_inputs: list[dict[int, tuple]] = field(default_factory=list, repr=False)
     from_cache: bool = False  # AOTAutograd's cache served the graphs; this is the report its compile wrote
     # What the same partitioner saves without the passes: computed when first read (``saved_before``).
     _saved_before: list[SavedTensor] | None = field(default=None, repr=False)
@@ -125,7 +133,8 @@ class GraphReport:
         elif self.region:
             lines.append(f"  {self.region}")
         if self.inference:
-            lines.append("  inference graph (no_grad): no backward, nothing saved, passes not applied")
+            lines.append("  inference graph (no_grad, or nothing in it requires grad): no backward, nothing saved, "
+                         "passes not applied")
             return "\n".join(lines)
         if self.from_cache:
             lines.append("  served by AOTAutograd's compile cache: this report is what the compile that stored it"
@@ -165,8 +174,10 @@ def count_runs(compiled: Callable, rep: GraphReport) -> Callable:
             _STEPS.step += 1
             _STEPS.backward_ran = False
         if rep.step != _STEPS.step:
-            rep.step, rep.step_runs = _STEPS.step, 0
+            rep.step, rep.step_runs, rep.step_inputs = _STEPS.step, 0, []
         rep.step_runs += 1
+        if rep.unheld_inputs:
+            rep.step_inputs.append({i: _tensor_key(args[i]) for i in rep.unheld_inputs if i < len(args)})
         out = compiled(*args)
         if not rep.inference:  # a step of inference graphs alone (an evaluation) is not a training step
             _STEPS.trained = _STEPS.step
@@ -177,6 +188,15 @@ def count_runs(compiled: Callable, rep: GraphReport) -> Callable:
         return out
 
     return run
+
+
+def _tensor_key(t) -> tuple | None:
+    # Which tensor: its memory and layout. Saved, it stays alive until the backward, so within a step's
+    # forward no other tensor takes its address.
+    try:
+        return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+    except Exception:  # not a plain tensor (a symbolic size, a tensor subclass without storage)
+        return None
 
 
 def _backward_ran(grad_outputs):
@@ -212,6 +232,7 @@ def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int,
     inputs = [n for n in fw_module.graph.nodes if n.op == "placeholder"]
     held = set(inputs) if caller_held is None or len(caller_held) != len(inputs) else \
         {n for n, h in zip(inputs, caller_held) if h}
+    index = {n: i for i, n in enumerate(inputs)}
     saved, first_of_storage = [], {}
     for n in out[num_fwd_outputs:]:
         val = n.meta.get("val") if isinstance(n, fx.Node) else None
@@ -225,7 +246,8 @@ def saved_tensors(fw_module: fx.GraphModule, num_fwd_outputs: int,
         saved.append(SavedTensor(n.name, shape,
                                  str(val.dtype).removeprefix("torch."), int(nbytes), base in held,
                                  None if alias_of == n.name else alias_of,
-                                 on_host=str(base.target) == "memtrain.offload.default"))
+                                 on_host=str(base.target) == "memtrain.offload.default",
+                                 input_index=None if base in held else index.get(base)))
     return saved
 
 
@@ -263,6 +285,7 @@ class StepReport:
     # the modules a compiled block serves -> its graphs' runs in the step, where fewer than the modules:
     # the other layers ran without a compiled graph (past Dynamo's recompile limit, say), uncompressed.
     short_blocks: dict[tuple[str, ...], int] = field(default_factory=dict)
+    step: int = 0  # the step whose runs were counted (0: none has run)
 
     def runs(self, g: GraphReport) -> int:
         return self.runs_per_step.get(g.graph_id, g.calls_per_step)
@@ -273,13 +296,32 @@ class StepReport:
             return None
         return sum(v * k for v, k in values)
 
+    def repeated_input_bytes(self, which: str = "after") -> int:
+        """Bytes the per-graph sums count more than once: an input that several runs in the step save
+        (the encoder output each decoder block reads) is kept once. ``which``: "before" or "after"."""
+        seen, repeated = set(), 0
+        for g in self.graphs:
+            saved = g.saved_before if which == "before" else g.saved_after
+            if g.inference or g.step != self.step or saved is None:
+                continue
+            inputs = [t for t in saved if t.input_index is not None and t.alias_of is None and not t.on_host]
+            for run in g.step_inputs if inputs else ():
+                for t in inputs:
+                    key = run.get(t.input_index)
+                    if key in seen:
+                        repeated += t.bytes
+                    elif key is not None:
+                        seen.add(key)
+        return repeated
+
     @property
     def bytes_before(self) -> int | None:
-        return self._sum("bytes_before")
+        total = self._sum("bytes_before")
+        return None if total is None else total - self.repeated_input_bytes("before")
 
     @property
     def bytes_after(self) -> int:
-        return self._sum("bytes_after") or 0
+        return (self._sum("bytes_after") or 0) - self.repeated_input_bytes("after")
 
     @property
     def predicted_saving(self) -> int:
@@ -324,6 +366,10 @@ class StepReport:
         if before is not None:
             lines.append(f"  saved activations per step: {fmt_bytes(before)} -> {fmt_bytes(after)}; predicted saving "
                          f"{fmt_bytes(self.predicted_saving)}, measured {fmt_bytes(before - after)}")
+        shared = (self.repeated_input_bytes("before") if before is not None else 0, self.repeated_input_bytes("after"))
+        if any(shared):
+            lines.append(f"  inputs that several graph runs save (an encoder output every decoder block reads) count once:"
+                         f" {fmt_bytes(shared[0])} before and {fmt_bytes(shared[1])} after, less than the graphs' sums")
         planned = [g for g in self.graphs if "memory_plan" in g.passes and not g.inference]
         if planned:
             target = max(g.passes["memory_plan"].counters.get("step_target", 0) for g in planned)
@@ -380,7 +426,7 @@ def report() -> StepReport | None:
         for g in gs:
             if g.step == step:
                 ran[g.served] = ran.get(g.served, 0) + g.step_runs
-    return StepReport(graphs, runs, {served: n for served, n in ran.items() if n < len(served)})
+    return StepReport(graphs, runs, {served: n for served, n in ran.items() if n < len(served)}, step)
 
 
 def _frame(rep: GraphReport):
