@@ -296,11 +296,12 @@ class StepReport:
             return None
         return sum(v * k for v, k in values)
 
-    def repeated_input_bytes(self, which: str = "after") -> int:
+    def repeated_input_bytes(self, which: str = "after", graphs: Sequence[GraphReport] | None = None) -> int:
         """Bytes the per-graph sums count more than once: an input that several runs in the step save
-        (the encoder output each decoder block reads) is kept once. ``which``: "before" or "after"."""
+        (the encoder output each decoder block reads) is kept once. ``which``: "before" or "after";
+        ``graphs``: among these of the step's (all of them by default)."""
         seen, repeated = set(), 0
-        for g in self.graphs:
+        for g in self.graphs if graphs is None else graphs:
             saved = g.saved_before if which == "before" else g.saved_after
             if g.inference or g.step != self.step or saved is None:
                 continue
@@ -373,7 +374,7 @@ class StepReport:
         planned = [g for g in self.graphs if "memory_plan" in g.passes and not g.inference]
         if planned:
             target = max(g.passes["memory_plan"].counters.get("step_target", 0) for g in planned)
-            kept = sum(g.bytes_after * self.runs(g) for g in planned)
+            kept = sum(g.bytes_after * self.runs(g) for g in planned) - self.repeated_input_bytes("after", planned)
             held = "within it" if kept <= target else "over it"
             alone = sum(not g.region for g in planned)
             how = (f"graph breaks split it into {alone} graphs, each planned against the whole target" if alone > 1
