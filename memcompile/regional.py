@@ -117,6 +117,14 @@ def _passes_kv_cache(args: tuple, kwargs: dict) -> bool:
     return cache is not None and any(isinstance(v, cache) for v in (*args, *kwargs.values()))
 
 
+@torch.compiler.disable  # run, not traced, by the enclosing compile: the warning comes at run time
+def _compiled_already(region: str) -> None:
+    warn(f"memtrain: {region} was compiled by memcompile.compile_blocks, with its options; an enclosing "
+         "torch.compile (of the whole model, or a trainer's) does not compile it again, and its backend and "
+         "options do not apply to it. To change the options, call memcompile.compile_blocks(model, options=...) "
+         "again instead", UserWarning)
+
+
 class _CompiledForward(_Forward):
     """A compiled region's forward, run as it is when the call passes a KV cache: generation, where each
     layer's cache index and each new length would otherwise recompile the block once per layer, past
@@ -146,6 +154,8 @@ class _CompiledForward(_Forward):
             self.compiled = regions[fn]
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # an enclosing torch.compile is tracing the model
+            _compiled_already(self.region)
         if _passes_kv_cache(args, kwargs):
             if torch.is_grad_enabled():
                 # Once per region and line: the message names the layer class, not the layer.

@@ -425,6 +425,27 @@ def test_the_head_is_compiled_apart_from_the_body_and_a_deep_copy_runs_its_own_b
     torch.testing.assert_close(model(input_ids=ids, labels=ids).logits, logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("loss", [True, False], ids=["head", "blocks_only"])
+def test_a_compile_around_compiled_blocks_warns_that_its_options_do_not_reach_them(loss):
+    """``torch.compile`` of a model whose blocks ``compile_blocks`` compiled (a trainer's, or a second
+    try with other options) traces around them: their graphs, and their options, stay the first ones.
+    That is said, not silent."""
+    model = models.tiny_lora_llama(layers=2)
+    memcompile.compile_blocks(model, {"compiler": "aot_eager", "activation": "compact"}, loss=loss)
+    ids = models.batch()
+    first = model(input_ids=ids, labels=ids).loss.detach()
+    outer = torch.compile(model, backend="memtrain", options={"compiler": "aot_eager", "activation": "velora"})
+    with pytest.warns(UserWarning, match="was compiled by memcompile.compile_blocks, with its options; an "
+                                         "enclosing torch.compile"):
+        again = outer(input_ids=ids, labels=ids).loss
+    again.backward()
+    blocks = [r for r in memcompile.reports() if r.served]
+    assert blocks and all(r.activation == "compact" for r in blocks)
+    if loss:  # the head is compiled_blocks' too: nothing of the enclosing compile's runs
+        assert all(r.activation == "compact" for r in memcompile.reports())
+        torch.testing.assert_close(again.detach(), first, rtol=0, atol=0)
+
+
 def test_without_the_loss_only_the_blocks_compile_and_the_head_stays_eager():
     """``loss=False``: one graph for every layer, the head and its loss run eager (the model's own
     forward, untouched), and loss and gradients are the whole-model compile's."""
