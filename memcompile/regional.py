@@ -117,7 +117,10 @@ def _passes_kv_cache(args: tuple, kwargs: dict) -> bool:
     return cache is not None and any(isinstance(v, cache) for v in (*args, *kwargs.values()))
 
 
-@torch.compiler.disable  # run, not traced, by the enclosing compile: the warning comes at run time
+# Run, not traced, by the enclosing compile: the warning comes at run time. Under fullgraph=True the
+# enclosing compile stops here instead, and Dynamo's error gives the reason.
+@torch.compiler.disable(reason="a region memcompile.compile_blocks compiled, which an enclosing torch.compile "
+                               "does not compile again; its backend and options do not apply to it")
 def _compiled_already(region: str) -> None:
     warn(f"memtrain: {region} was compiled by memcompile.compile_blocks, with its options; an enclosing "
          "torch.compile (of the whole model, or a trainer's) does not compile it again, and its backend and "
