@@ -444,10 +444,11 @@ def test_a_compile_around_compiled_blocks_warns_that_its_options_do_not_reach_th
     if loss:  # the head is compiled_blocks' too: nothing of the enclosing compile's runs
         assert all(r.activation == "compact" for r in memcompile.reports())
         torch.testing.assert_close(again.detach(), first, rtol=0, atol=0)
-    # fullgraph=True cannot trace around them: Dynamo's error says why
-    strict = torch.compile(model, backend="memtrain", fullgraph=True, options={"compiler": "aot_eager"})
-    with pytest.raises(Exception, match="a region memcompile.compile_blocks compiled"):
-        strict(input_ids=ids, labels=ids)
+        # fullgraph=True cannot trace around the head's region, its first call: Dynamo's error says why
+        # (without the head, the first break is the model's own embedding hook on torch 2.11's Dynamo)
+        strict = torch.compile(model, backend="memtrain", fullgraph=True, options={"compiler": "aot_eager"})
+        with pytest.raises(Exception, match="a region memcompile.compile_blocks compiled"):
+            strict(input_ids=ids, labels=ids)
 
 
 def test_without_the_loss_only_the_blocks_compile_and_the_head_stays_eager():
