@@ -16,7 +16,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/finetune.py $(ARGS)
 
-# Two test processes (pytest-xdist): a fresh clone's suite on two cores took 29 to 31 minutes, in one process
+# Two test processes (pytest-xdist): a fresh clone's suite on two cores took 25 to 31 minutes, in one process
 # it was four fifths through at 35.
 # TEST_WORKERS=0 runs it in this process (a debugger, -x on the first failure in order).
 TEST_WORKERS ?= 2
